@@ -1,6 +1,33 @@
+//! `virtio-iommu-driver`: a `#![no_std]` guest driver for the virtio-iommu device (virtio v1.3
+//! §5.13) on top of `virtio-drivers`.
+//!
+//! - [`wire`]: the wire format, shared with the device model.
+//! - [`VirtIOIommu`]: the device driver (feature negotiation, config, ATTACH/DETACH/MAP/UNMAP/
+//!   PROBE, event queue) on any virtio-drivers `Transport` and `Hal`.
+//! - [`parse`]: decoding of PROBE properties and fault events.
+//! - [`topology`] (feature `alloc`): which IOMMU and endpoint ID serve a PCI requester or a
+//!   platform device, from the devicetree.
+//! - [`dma`] (feature `alloc`): run virtio-drivers device drivers behind the IOMMU.
 #![no_std]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+mod device;
+mod error;
+pub mod parse;
+pub mod wire;
+
+#[cfg(feature = "alloc")]
+pub mod dma;
 #[cfg(feature = "alloc")]
 pub mod topology;
+
+pub use device::{
+    EventStats, IommuConfig, IommuOptions, VirtIOIommu, WaitPolicy, EVENTQ_SIZE, EVENT_BUFFER_SIZE,
+    MAX_PROBE_SIZE, REQUESTQ_SIZE,
+};
+pub use error::IommuError;
+pub use parse::{FaultEvent, FaultReason, ProbeProperty, ReservedRegion, ResvMemKind};

@@ -1,0 +1,125 @@
+//! The driver's error type.
+
+use crate::wire::{Features, Status};
+use core::fmt;
+
+/// Everything that can go wrong talking to a virtio-iommu. No variant is ever produced by a
+/// panic: every device response, used length and property is checked and mapped here.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum IommuError {
+    /// The device completed the request with an error status (§5.13.6): `S_IOERR`, `S_UNSUPP`,
+    /// `S_DEVERR`, `S_INVAL`, `S_RANGE`, `S_NOENT`, `S_FAULT` or `S_NOMEM`. Never `Status::Ok`.
+    Status(Status),
+    /// The device wrote a status value the spec does not define (9..=255).
+    UnknownStatus(u8),
+    /// The device returned the request with used length 0: per §5.13.6 (driver requirement
+    /// "SHOULD treat as failure") the request failed without a status — what a device does for
+    /// a request type it does not know.
+    NoResponse,
+    /// The used length is impossible for this request: larger than the writable part, or too
+    /// short to hold the tail. `used` and `expected` are in bytes.
+    BadUsedLength {
+        /// Used length reported by the device.
+        used: u32,
+        /// Length of the device-writable part the driver posted.
+        expected: u32,
+    },
+    /// The device used a buffer the driver had not posted (or not in order).
+    DeviceProtocol,
+    /// The device did not complete the request within the wait budget ([`crate::WaitPolicy`]).
+    /// The driver is then unusable until re-created: the buffers stay owned by it.
+    Timeout,
+    /// The device set DEVICE_NEEDS_RESET (virtio §2.1); the driver is unusable until reset.
+    DeviceNeedsReset,
+    /// An earlier fatal error (timeout, protocol error, needs-reset) left the driver unusable.
+    Broken,
+    /// The transport does not present a virtio-iommu (device type other than 23).
+    WrongDeviceType,
+    /// The device does not offer features the driver requires (`VERSION_1`, `MAP_UNMAP`).
+    MissingFeatures(Features),
+    /// The device did not keep FEATURES_OK after the driver wrote its features.
+    FeaturesRejected,
+    /// The device configuration is unusable: `page_size_mask` 0 (D3), an inverted
+    /// `input_range` or `domain_range`, or a `probe_size` above [`crate::MAX_PROBE_SIZE`].
+    InvalidConfig(&'static str),
+    /// The request needs a feature that was not negotiated (e.g. PROBE, BYPASS_CONFIG, MMIO).
+    NotNegotiated(Features),
+    /// The domain ID is outside the negotiated `domain_range` (§5.13.6 driver requirement).
+    DomainOutOfRange(u32),
+    /// The IOVA range is not inside the negotiated `input_range` (§5.13.6 driver requirement).
+    IovaOutOfRange {
+        /// First IOVA of the request.
+        start: u64,
+        /// Last IOVA of the request (inclusive).
+        end: u64,
+    },
+    /// `virt_end` is not strictly greater than `virt_start` (§5.13.6.3 driver requirement), or a
+    /// size is zero or overflows the 64-bit IOVA space.
+    InvalidRange,
+    /// An address or size is not a multiple of the granule (lowest set bit of
+    /// `page_size_mask`), §5.13.6.3.
+    Unaligned {
+        /// The offending value (an address, or `virt_end + 1`).
+        value: u64,
+        /// Granule in bytes.
+        granule: u64,
+    },
+    /// Flag bits the spec does not define, or a flag whose feature was not negotiated.
+    InvalidFlags(u32),
+    /// A PROBE property list the driver cannot walk: a property that runs past `probe_size`,
+    /// or a RESV_MEM shorter than its fields or with `start > end`. `offset` is in bytes from
+    /// the start of `properties`.
+    MalformedProbe {
+        /// Byte offset of the offending property header.
+        offset: usize,
+    },
+    /// The caller's buffer is too small or too large for the request.
+    BufferSize,
+    /// DMA memory could not be allocated through the `Hal`.
+    DmaAlloc,
+    /// An error from the virtio-drivers transport or virtqueue.
+    Transport(virtio_drivers::Error),
+}
+
+impl fmt::Display for IommuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status(s) => write!(f, "device returned {}", s.name()),
+            Self::UnknownStatus(s) => write!(f, "device returned undefined status {s}"),
+            Self::NoResponse => write!(f, "device returned the request with used length 0"),
+            Self::BadUsedLength { used, expected } => {
+                write!(f, "used length {used} for a {expected}-byte writable part")
+            }
+            Self::DeviceProtocol => write!(f, "device used a buffer that was not posted"),
+            Self::Timeout => write!(f, "request timed out"),
+            Self::DeviceNeedsReset => write!(f, "device needs reset"),
+            Self::Broken => write!(f, "driver unusable after an earlier fatal error"),
+            Self::WrongDeviceType => write!(f, "not a virtio-iommu"),
+            Self::MissingFeatures(m) => write!(f, "device lacks required features {m:?}"),
+            Self::FeaturesRejected => write!(f, "device rejected the negotiated features"),
+            Self::InvalidConfig(why) => write!(f, "invalid device config: {why}"),
+            Self::NotNegotiated(m) => write!(f, "feature {m:?} not negotiated"),
+            Self::DomainOutOfRange(d) => write!(f, "domain {d} outside domain_range"),
+            Self::IovaOutOfRange { start, end } => {
+                write!(f, "IOVA range {start:#x}..={end:#x} outside input_range")
+            }
+            Self::InvalidRange => write!(f, "empty, inverted or overflowing range"),
+            Self::Unaligned { value, granule } => {
+                write!(f, "{value:#x} not aligned to the {granule:#x}-byte granule")
+            }
+            Self::InvalidFlags(fl) => write!(f, "invalid flags {fl:#x}"),
+            Self::MalformedProbe { offset } => write!(f, "malformed PROBE property at {offset}"),
+            Self::BufferSize => write!(f, "buffer size does not fit the request"),
+            Self::DmaAlloc => write!(f, "DMA allocation failed"),
+            Self::Transport(e) => write!(f, "transport: {e}"),
+        }
+    }
+}
+
+impl From<virtio_drivers::Error> for IommuError {
+    fn from(e: virtio_drivers::Error) -> Self {
+        Self::Transport(e)
+    }
+}
+
+impl core::error::Error for IommuError {}
