@@ -98,6 +98,12 @@ struct DmaBuffer<H: Hal> {
     _hal: PhantomData<H>,
 }
 
+// SAFETY: the buffer is exclusively owned memory (like a `Box<[u8]>`); the raw pointer is only
+// dereferenced through `&mut self`.
+unsafe impl<H: Hal> Send for DmaBuffer<H> {}
+// SAFETY: no `&self` method dereferences the pointer.
+unsafe impl<H: Hal> Sync for DmaBuffer<H> {}
+
 impl<H: Hal> DmaBuffer<H> {
     fn new(bytes: usize) -> Result<Self, IommuError> {
         let pages = bytes.div_ceil(PAGE_SIZE).max(1);
