@@ -1,0 +1,65 @@
+//! The only place with inline assembly: tiny wrappers around the AArch64 system registers and
+//! instructions the rest of the firmware needs.
+
+use core::arch::asm;
+
+/// Reads a system register that has no side effects.
+macro_rules! read_sysreg {
+    ($name:literal) => {{
+        let value: u64;
+        // SAFETY: reading this system register at EL1 has no side effects and touches no memory.
+        unsafe {
+            asm!(concat!("mrs {}, ", $name), out(reg) value, options(nomem, nostack, preserves_flags));
+        }
+        value
+    }};
+}
+
+/// `CNTPCT_EL0`: the physical count of the generic timer. Preceded by an `isb` so the read is not
+/// hoisted above earlier instructions.
+pub fn cntpct_el0() -> u64 {
+    isb();
+    read_sysreg!("cntpct_el0")
+}
+
+/// `CNTFRQ_EL0`: the generic timer frequency in Hz, as programmed by the platform.
+pub fn cntfrq_el0() -> u64 {
+    read_sysreg!("cntfrq_el0")
+}
+
+/// `ESR_EL1`: syndrome of the last exception taken to EL1.
+pub fn esr_el1() -> u64 {
+    read_sysreg!("esr_el1")
+}
+
+/// `FAR_EL1`: faulting virtual address of the last abort taken to EL1.
+pub fn far_el1() -> u64 {
+    read_sysreg!("far_el1")
+}
+
+/// `CurrentEL` shifted down: the exception level (0-3).
+pub fn current_el() -> u64 {
+    (read_sysreg!("CurrentEL") >> 2) & 3
+}
+
+/// `SCTLR_EL1`: system control register (MMU/cache enables).
+pub fn sctlr_el1() -> u64 {
+    read_sysreg!("sctlr_el1")
+}
+
+/// `TCR_EL1`: translation control register.
+pub fn tcr_el1() -> u64 {
+    read_sysreg!("tcr_el1")
+}
+
+/// Instruction synchronisation barrier.
+pub fn isb() {
+    // SAFETY: a barrier has no effect other than ordering.
+    unsafe { asm!("isb", options(nostack, preserves_flags)) };
+}
+
+/// Waits for an interrupt (used to park the CPU when nothing else is possible).
+pub fn wfi() {
+    // SAFETY: `wfi` only suspends execution until an interrupt or other wake-up event.
+    unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
+}

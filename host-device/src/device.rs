@@ -1,0 +1,659 @@
+//! The transport-independent virtio-iommu device: feature negotiation, device status, the two
+//! virtqueues (virtio-queue's [`Queue`]), the configuration space, request processing, the
+//! fault event queue, and translation on behalf of endpoints.
+//!
+//! A transport (e.g. [`crate::mmio::MmioDevice`]) maps its registers onto the methods here.
+//! Share the device between the transport and the DMA-issuing device models as a
+//! [`SharedDevice`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_iommu_driver::wire::{self, Features, EVENTQ, REQUESTQ};
+use virtio_queue::{Queue, QueueT, Writer};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use zerocopy::IntoBytes;
+
+use crate::config::DeviceConfig;
+use crate::request::{handle_request, Outcome};
+use crate::state::{Access, FaultRecord, IommuState, Piece, TranslateError};
+
+/// Device status bits (virtio §2.1).
+pub mod status {
+    /// ACKNOWLEDGE (1).
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// DRIVER (2).
+    pub const DRIVER: u8 = 2;
+    /// DRIVER_OK (4): requests are processed only with it (and FEATURES_OK) set.
+    pub const DRIVER_OK: u8 = 4;
+    /// FEATURES_OK (8): kept only if the driver features are acceptable.
+    pub const FEATURES_OK: u8 = 8;
+    /// DEVICE_NEEDS_RESET (64): set by the device on an unrecoverable error.
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    /// FAILED (128): set by the driver; the device then stops processing.
+    pub const FAILED: u8 = 128;
+}
+
+/// Interrupt status bit: a used buffer was added (virtio-mmio `InterruptStatus` bit 0).
+pub const INT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration changed, or DEVICE_NEEDS_RESET was set (bit 1).
+pub const INT_CONFIG: u32 = 2;
+
+/// Number of virtqueues: requestq (0) and eventq (1) (§5.13.2).
+pub const NUM_QUEUES: usize = 2;
+
+/// Size in bytes of a fault report, `struct virtio_iommu_fault`.
+pub const FAULT_SIZE: usize = 24;
+
+/// The device shared between its transport and the endpoints that translate through it.
+pub type SharedDevice<M> = Arc<Mutex<IommuDevice<M>>>;
+
+/// Locks a [`SharedDevice`]; a poisoned lock (a panic elsewhere while holding it) is recovered,
+/// as the device state is consistent between method calls.
+pub fn lock<M: GuestMemoryBackend>(device: &SharedDevice<M>) -> MutexGuard<'_, IommuDevice<M>> {
+    device.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Cumulative counters (never reset, not even by a device reset).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct Counters {
+    /// Requests answered with a status.
+    pub requests_completed: u64,
+    /// Requests answered with a status other than `S_OK`.
+    pub requests_failed: u64,
+    /// Requests returned unwritten because their type is unknown (D7) or PROBE is not
+    /// offered (D35).
+    pub requests_unknown_type: u64,
+    /// Chains returned unwritten because of a framing error.
+    pub requests_malformed: u64,
+    /// Notifications after which requests were left in the queue because of
+    /// [`crate::Caps::max_requests_per_notify`].
+    pub requests_deferred: u64,
+    /// Translation faults raised (delivered, pending or dropped).
+    pub faults_raised: u64,
+    /// Fault reports written into eventq buffers.
+    pub faults_delivered: u64,
+    /// Fault reports dropped because [`crate::Caps::max_pending_faults`] were already waiting.
+    pub faults_dropped: u64,
+    /// eventq buffers returned unused (used length 0) because they could not hold 24 bytes or
+    /// had device-readable descriptors.
+    pub event_buffers_skipped: u64,
+    /// Accesses refused without a report (unknown endpoint, access wrapping past 2^64).
+    pub accesses_refused_unreported: u64,
+    /// Used-buffer notifications raised (interrupt status bit 0 set).
+    pub interrupts: u64,
+    /// Times DEVICE_NEEDS_RESET was set.
+    pub needs_reset: u64,
+}
+
+/// Addresses and size of a virtqueue, as the driver configures them (virtio §4.2.2 QueueNum,
+/// QueueDesc, QueueDriver, QueueDevice). Addresses are guest-physical.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct QueueSetup {
+    /// Number of descriptors (a power of two, at most `QueueNumMax`).
+    pub size: u16,
+    /// Descriptor table address (16-byte aligned).
+    pub desc_table: u64,
+    /// Driver area / available ring address (2-byte aligned).
+    pub avail_ring: u64,
+    /// Device area / used ring address (4-byte aligned).
+    pub used_ring: u64,
+}
+
+/// Why [`IommuDevice::activate_queue`] refused a queue configuration.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum QueueError {
+    /// Queue index other than 0 (requestq) or 1 (eventq).
+    NoSuchQueue(u16),
+    /// Size 0, not a power of two, or above the maximum.
+    InvalidSize(u16),
+    /// A ring address breaks its alignment constraint.
+    Misaligned,
+    /// A ring is not entirely inside guest memory.
+    NotInMemory,
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSuchQueue(q) => write!(f, "no queue {q}"),
+            Self::InvalidSize(s) => write!(f, "invalid queue size {s}"),
+            Self::Misaligned => write!(f, "misaligned ring address"),
+            Self::NotInMemory => write!(f, "ring outside guest memory"),
+        }
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+/// Error creating an [`IommuDevice`].
+#[derive(Debug)]
+pub struct DeviceError(virtio_queue::Error);
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot create the virtqueues: {}", self.0)
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+/// A virtio-iommu device over guest memory `M` (where its own virtqueues live; the IOMMU's own
+/// accesses are not translated).
+pub struct IommuDevice<M: GuestMemoryBackend> {
+    config: Arc<DeviceConfig>,
+    mem: M,
+    state: IommuState,
+    driver_features: u64,
+    status: u8,
+    queues: [Queue; NUM_QUEUES],
+    pending: VecDeque<FaultRecord>,
+    counters: Counters,
+    interrupt_status: u32,
+    config_generation: u32,
+    irq: Option<Box<dyn FnMut(u32) + Send>>,
+}
+
+impl<M: GuestMemoryBackend> fmt::Debug for IommuDevice<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IommuDevice")
+            .field("status", &self.status)
+            .field("driver_features", &self.driver_features)
+            .field("state", &self.state)
+            .field("pending_faults", &self.pending.len())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: GuestMemoryBackend> IommuDevice<M> {
+    /// A device in the reset state, with `bypass` at its boot value.
+    ///
+    /// Errors: [`DeviceError`] if virtio-queue refuses the queue size (cannot happen with a
+    /// validated [`DeviceConfig`]).
+    pub fn new(config: DeviceConfig, mem: M) -> Result<Self, DeviceError> {
+        let size = config.queue_size();
+        let queues = [
+            Queue::new(size).map_err(DeviceError)?,
+            Queue::new(size).map_err(DeviceError)?,
+        ];
+        let config = Arc::new(config);
+        Ok(Self {
+            state: IommuState::new(config.clone()),
+            config,
+            mem,
+            driver_features: 0,
+            status: 0,
+            queues,
+            pending: VecDeque::new(),
+            counters: Counters::default(),
+            interrupt_status: 0,
+            config_generation: 0,
+            irq: None,
+        })
+    }
+
+    /// [`Self::new`] wrapped for sharing.
+    ///
+    /// Errors: as [`Self::new`].
+    pub fn new_shared(config: DeviceConfig, mem: M) -> Result<SharedDevice<M>, DeviceError> {
+        Ok(Arc::new(Mutex::new(Self::new(config, mem)?)))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<DeviceConfig> {
+        &self.config
+    }
+
+    /// The guest memory the device's queues live in.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// The domains, mappings and attachments.
+    pub fn state(&self) -> &IommuState {
+        &self.state
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Number of fault reports waiting for an eventq buffer.
+    pub fn pending_faults(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Installs a callback run (with the interrupt status bits just raised) whenever the device
+    /// raises an interrupt: used buffers added (bit 0) or configuration change /
+    /// DEVICE_NEEDS_RESET (bit 1). It runs with the device locked: it must not lock it again.
+    pub fn set_irq_handler(&mut self, handler: Option<Box<dyn FnMut(u32) + Send>>) {
+        self.irq = handler;
+    }
+
+    /// The offered feature bits (`DeviceFeatures`).
+    pub fn device_features(&self) -> u64 {
+        self.config.offered().bits()
+    }
+
+    /// The feature bits written by the driver (`DriverFeatures`).
+    pub fn driver_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    /// Writes 32 bits of the driver features: `select` 0 for bits 0-31, 1 for bits 32-63 (other
+    /// values ignored). Ignored once FEATURES_OK is set (virtio §3.1.1: features are fixed
+    /// then).
+    pub fn write_driver_features(&mut self, select: u32, value: u32) {
+        if self.status & status::FEATURES_OK != 0 {
+            return;
+        }
+        let v = u64::from(value);
+        self.driver_features = match select {
+            0 => (self.driver_features & !0xffff_ffff) | v,
+            1 => (self.driver_features & 0xffff_ffff) | (v << 32),
+            _ => self.driver_features,
+        };
+    }
+
+    /// The negotiated features: the driver features once FEATURES_OK was accepted, else empty.
+    pub fn negotiated_features(&self) -> Features {
+        self.state.negotiated()
+    }
+
+    /// The device status byte.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Whether DEVICE_NEEDS_RESET is set.
+    pub fn needs_reset(&self) -> bool {
+        self.status & status::DEVICE_NEEDS_RESET != 0
+    }
+
+    /// Driver write of the device status (virtio §2.1, §3.1.1).
+    ///
+    /// - 0 resets the device ([`Self::reset`]).
+    /// - Bits are only added (the driver must not clear bits; a cleared bit is ignored), and
+    ///   the driver cannot set DEVICE_NEEDS_RESET.
+    /// - FEATURES_OK is kept only if the driver features are a subset of the offered ones and
+    ///   include VERSION_1; they are then the negotiated features.
+    /// - Setting DRIVER_OK delivers any pending fault reports.
+    pub fn write_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        let mut new = old | (value & !status::DEVICE_NEEDS_RESET);
+        if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
+            let offered = self.config.offered().bits();
+            let wanted = self.driver_features;
+            if wanted & !offered == 0 && wanted & Features::VERSION_1.bits() != 0 {
+                self.state
+                    .set_negotiated(Features::from_bits_retain(wanted));
+            } else {
+                new &= !status::FEATURES_OK;
+            }
+        }
+        self.status = new;
+        if new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 {
+            self.deliver_events();
+        }
+    }
+
+    /// Device reset (status 0 written): every endpoint detached and every domain destroyed
+    /// (§5.13.5), queues reset, negotiated features and pending faults forgotten, interrupt
+    /// status cleared. `bypass` is not changed (D4); counters are kept.
+    pub fn reset(&mut self) {
+        self.state.reset();
+        self.status = 0;
+        self.driver_features = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.pending.clear();
+        self.interrupt_status = 0;
+    }
+
+    /// System reset: [`Self::reset`], and `bypass` restored to its boot value (D4).
+    pub fn system_reset(&mut self) {
+        self.reset();
+        let before = self.state.bypass();
+        self.state.system_reset();
+        if before != self.state.bypass() {
+            self.config_generation = self.config_generation.wrapping_add(1);
+        }
+    }
+
+    /// Sets DEVICE_NEEDS_RESET and raises a configuration-change interrupt (virtio §2.1.2).
+    /// The device then processes nothing until reset.
+    pub fn set_needs_reset(&mut self) {
+        if !self.needs_reset() {
+            self.status |= status::DEVICE_NEEDS_RESET;
+            self.counters.needs_reset += 1;
+            self.raise(INT_CONFIG);
+        }
+    }
+
+    fn raise(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        if let Some(irq) = self.irq.as_mut() {
+            irq(bits);
+        }
+    }
+
+    /// Interrupt status bits ([`INT_VRING`], [`INT_CONFIG`]).
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    /// Clears the given interrupt status bits (`InterruptACK`).
+    pub fn ack_interrupt(&mut self, bits: u32) {
+        self.interrupt_status &= !bits;
+    }
+
+    /// The configuration generation counter (`ConfigGeneration`), changed whenever `bypass`
+    /// changes.
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
+    }
+
+    fn can_process(&self) -> bool {
+        let s = self.status;
+        s & status::DRIVER_OK != 0
+            && s & status::FEATURES_OK != 0
+            && s & (status::DEVICE_NEEDS_RESET | status::FAILED) == 0
+    }
+
+    /// The queue `index` (0 requestq, 1 eventq).
+    pub fn queue(&self, index: u16) -> Option<&Queue> {
+        self.queues.get(usize::from(index))
+    }
+
+    /// Configures queue `index` from `setup` and marks it ready (`QueueReady = 1`). The rings
+    /// must be aligned and inside guest memory.
+    ///
+    /// Errors: [`QueueError`]; the queue is then left not ready.
+    pub fn activate_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), QueueError> {
+        let max = self.config.queue_size();
+        let q = self
+            .queues
+            .get_mut(usize::from(index))
+            .ok_or(QueueError::NoSuchQueue(index))?;
+        q.reset();
+        if setup.size == 0 || setup.size > max {
+            return Err(QueueError::InvalidSize(setup.size));
+        }
+        q.try_set_size(setup.size)
+            .map_err(|_| QueueError::InvalidSize(setup.size))?;
+        q.try_set_desc_table_address(GuestAddress(setup.desc_table))
+            .and_then(|()| q.try_set_avail_ring_address(GuestAddress(setup.avail_ring)))
+            .and_then(|()| q.try_set_used_ring_address(GuestAddress(setup.used_ring)))
+            .map_err(|_| QueueError::Misaligned)?;
+        q.set_event_idx(false);
+        q.set_ready(true);
+        if !q.is_valid(&self.mem) {
+            q.reset();
+            return Err(QueueError::NotInMemory);
+        }
+        Ok(())
+    }
+
+    /// Resets queue `index` to not ready (`QueueReady = 0`).
+    pub fn deactivate_queue(&mut self, index: u16) {
+        if let Some(q) = self.queues.get_mut(usize::from(index)) {
+            q.reset();
+        }
+    }
+
+    /// A driver notification of queue `index`: requestq ⇒ [`Self::process_requestq`], eventq
+    /// ⇒ [`Self::deliver_events`]; other indexes are ignored.
+    pub fn notify(&mut self, index: u16) {
+        match index {
+            REQUESTQ => {
+                self.process_requestq();
+            }
+            EVENTQ => self.deliver_events(),
+            _ => {}
+        }
+    }
+
+    /// Checks the available index of queue `index` against the queue size; a driver that
+    /// claims more chains than the queue holds breaks the queue (virtio §2.7.6).
+    fn avail_sane(&mut self, index: usize) -> bool {
+        let Some(q) = self.queues.get(index) else {
+            return false;
+        };
+        match q.avail_idx(&self.mem, Ordering::Acquire) {
+            Ok(idx) => (idx - Wrapping(q.next_avail())).0 <= q.size(),
+            Err(_) => false,
+        }
+    }
+
+    fn has_avail(&self, index: usize) -> bool {
+        self.queues.get(index).is_some_and(|q| {
+            q.avail_idx(&self.mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+        })
+    }
+
+    /// Processes up to [`crate::Caps::max_requests_per_notify`] requestq chains, each answered
+    /// and returned in the used ring (see [`crate::request`]). Does nothing unless DRIVER_OK
+    /// and FEATURES_OK are set, DEVICE_NEEDS_RESET and FAILED are not, and the queue is ready.
+    /// Returns the number of chains processed; chains left over stay in the queue for the next
+    /// notification (or call).
+    ///
+    /// An available ring claiming more chains than the queue size, or a used ring write that
+    /// fails, sets DEVICE_NEEDS_RESET.
+    pub fn process_requestq(&mut self) -> usize {
+        let idx = usize::from(REQUESTQ);
+        if !self.can_process() || !self.queues[idx].ready() {
+            return 0;
+        }
+        if !self.avail_sane(idx) {
+            self.set_needs_reset();
+            return 0;
+        }
+        let max = self.config.caps().max_requests_per_notify;
+        let mut done = 0;
+        while done < max {
+            let Self {
+                queues, mem, state, ..
+            } = self;
+            let Some(chain) = queues[idx].pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let handled = handle_request(state, &*mem, chain);
+            match handled.outcome {
+                Outcome::Completed { status, .. } => {
+                    self.counters.requests_completed += 1;
+                    if status != wire::Status::Ok {
+                        self.counters.requests_failed += 1;
+                    }
+                }
+                Outcome::UnknownType(_) | Outcome::ProbeNotOffered => {
+                    self.counters.requests_unknown_type += 1;
+                }
+                Outcome::Malformed(_) => self.counters.requests_malformed += 1,
+            }
+            done += 1;
+            if self.queues[idx]
+                .add_used(&self.mem, head, handled.used_len)
+                .is_err()
+            {
+                self.set_needs_reset();
+                break;
+            }
+        }
+        if done == max && self.has_avail(idx) {
+            self.counters.requests_deferred += 1;
+        }
+        if done > 0 {
+            self.signal_used(idx);
+        }
+        done
+    }
+
+    fn signal_used(&mut self, idx: usize) {
+        let notify = self
+            .queues
+            .get_mut(idx)
+            .map(|q| q.needs_notification(&self.mem).unwrap_or(true))
+            .unwrap_or(false);
+        if notify {
+            self.counters.interrupts += 1;
+            self.raise(INT_VRING);
+        }
+    }
+
+    /// Reports a fault on the event queue: delivered at once if an eventq buffer is available,
+    /// else kept (at most [`crate::Caps::max_pending_faults`], then dropped and counted) until
+    /// buffers arrive. For embedders whose own translation faults; [`Self::translate`] calls
+    /// it for its own faults.
+    pub fn report_fault(&mut self, fault: FaultRecord) {
+        if self.pending.len() >= self.config.caps().max_pending_faults {
+            self.counters.faults_dropped += 1;
+            return;
+        }
+        self.pending.push_back(fault);
+        self.deliver_events();
+    }
+
+    /// Writes pending fault reports into available eventq buffers, one 24-byte report per
+    /// buffer, used length 24 (§5.13.6.7). A buffer shorter than 24 bytes, or with a
+    /// device-readable descriptor, is returned with used length 0 and the next one is tried:
+    /// reports are never split over buffers (D50). Does nothing unless the device is running
+    /// (as for [`Self::process_requestq`]) and the eventq is ready.
+    pub fn deliver_events(&mut self) {
+        let idx = usize::from(EVENTQ);
+        if self.pending.is_empty() || !self.can_process() || !self.queues[idx].ready() {
+            return;
+        }
+        if !self.avail_sane(idx) {
+            self.set_needs_reset();
+            return;
+        }
+        let mut added = false;
+        while let Some(fault) = self.pending.front().copied() {
+            let Self { queues, mem, .. } = self;
+            let Some(chain) = queues[idx].pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let all_writable = chain.clone().all(|d| d.is_write_only());
+            let used = match Writer::new(&*mem, chain) {
+                Ok(mut w) if all_writable && w.available_bytes() >= FAULT_SIZE => {
+                    match std::io::Write::write_all(&mut w, fault.to_wire().as_bytes()) {
+                        Ok(()) => FAULT_SIZE as u32,
+                        Err(_) => 0,
+                    }
+                }
+                _ => 0,
+            };
+            if used == 0 {
+                self.counters.event_buffers_skipped += 1;
+            } else {
+                self.pending.pop_front();
+                self.counters.faults_delivered += 1;
+            }
+            added = true;
+            if self.queues[idx].add_used(&self.mem, head, used).is_err() {
+                self.set_needs_reset();
+                break;
+            }
+        }
+        if added {
+            self.signal_used(idx);
+        }
+    }
+
+    /// Translates an access by `endpoint` (see [`IommuState::translate`]); a translation fault
+    /// is reported on the event queue ([`Self::report_fault`]) and returned.
+    ///
+    /// Errors: [`TranslateError`].
+    pub fn translate(
+        &mut self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Vec<Piece>, TranslateError> {
+        let r = self.state.translate(endpoint, iova, len, access);
+        match &r {
+            Err(TranslateError::Fault(f)) => {
+                self.counters.faults_raised += 1;
+                self.report_fault(*f);
+            }
+            Err(_) => self.counters.accesses_refused_unreported += 1,
+            Ok(_) => {}
+        }
+        r
+    }
+
+    /// The 40-byte `struct virtio_iommu_config` as currently presented (§5.13.4). Fields of
+    /// features that are not offered read as their value anyway (a driver ignores them).
+    pub fn config_space(&self) -> wire::Config {
+        let c = &self.config;
+        wire::Config {
+            page_size_mask: c.page_size_mask().into(),
+            input_range: wire::Range64 {
+                start: c.input_range().0.into(),
+                end: c.input_range().1.into(),
+            },
+            domain_range: wire::Range32 {
+                start: c.domain_range().0.into(),
+                end: c.domain_range().1.into(),
+            },
+            probe_size: c.probe_size().into(),
+            bypass: u8::from(self.state.bypass()),
+            reserved: [0; 3],
+        }
+    }
+
+    /// Reads `data.len()` bytes of the configuration space at byte `offset`. Bytes beyond the
+    /// 40-byte structure read as 0.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_space();
+        let bytes = cfg.as_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Writes the configuration space at byte `offset` (§5.13.4). Only a one-byte write of 0 or
+    /// 1 to `bypass`, with BYPASS_CONFIG negotiated, is valid (R2, R3); it changes `bypass`
+    /// (and the generation counter if the value changed). Any other write inside the 40-byte
+    /// structure (another field, a wider access, a value above 1, BYPASS_CONFIG not
+    /// negotiated) sets DEVICE_NEEDS_RESET and changes nothing. Writes wholly beyond the
+    /// structure are ignored.
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let size = std::mem::size_of::<wire::Config>() as u64;
+        if offset >= size || data.is_empty() {
+            return;
+        }
+        let valid = offset == wire::config_offset::BYPASS as u64
+            && data.len() == 1
+            && data[0] <= 1
+            && self.state.negotiated().contains(Features::BYPASS_CONFIG);
+        if !valid {
+            self.set_needs_reset();
+            return;
+        }
+        let bypass = data[0] == 1;
+        if bypass != self.state.bypass() {
+            self.state.set_bypass(bypass);
+            self.config_generation = self.config_generation.wrapping_add(1);
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Boots the firmware in QEMU in several configurations and checks its results.
+//!
+//! Nothing is skipped when QEMU is missing: the runner installs it (root) or the test fails.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use virtio_iommu_runner::{
+    firmware_elf, parse_tap, problems, reported_disk_sha256, run, sha256_file, summary, QemuChoice,
+    RunConfig,
+};
+
+/// Whether to require the firmware's `disk-sha256` to match the host's hash of the image.
+/// (Set to `false` only while testing with a placeholder `cases` module that reads no disk.)
+const CHECK_DISK_SHA256: bool = true;
+
+/// The firmware ELF, built once for all tests of this binary (or `$VIOMMU_FIRMWARE_ELF`).
+fn firmware() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| firmware_elf().unwrap_or_else(|e| panic!("building the firmware: {e}")))
+}
+
+/// Boots with `config` and asserts every pass criterion.
+fn boot(name: &str, config: RunConfig) {
+    let outcome =
+        run(&config, firmware()).unwrap_or_else(|e| panic!("{name}: running QEMU failed: {e}"));
+    let found = problems(&outcome, CHECK_DISK_SHA256);
+    // The individual checks, spelled out (`problems` covers them too, with one message).
+    let (passed, failed) = summary(&outcome.output).unwrap_or((0, 0));
+    let tap = parse_tap(&outcome.output);
+    assert!(
+        found.is_empty(),
+        "{name}: {found:#?}\n(exit {}, {passed} passed, {failed} failed, {} TAP lines)\n--- stderr ---\n{}",
+        outcome.exit_code,
+        tap.len(),
+        outcome.stderr
+    );
+    assert_eq!(outcome.exit_code, 0, "{name}: exit status");
+    assert!(
+        passed > 0 && failed == 0,
+        "{name}: {passed} passed, {failed} failed"
+    );
+    assert!(tap.iter().all(|l| l.ok), "{name}: a TAP line is `not ok`");
+    if CHECK_DISK_SHA256 {
+        assert_eq!(
+            reported_disk_sha256(&outcome.output).as_deref(),
+            Some(outcome.disk_sha256.as_str()),
+            "{name}: disk SHA-256 reported by the firmware vs host"
+        );
+    }
+    eprintln!(
+        "{name}: {passed} passed in {:.2} s (QEMU {})",
+        outcome.duration.as_secs_f64(),
+        outcome.qemu.display()
+    );
+}
+
+/// A configuration with the given extra QEMU arguments.
+fn with_args(args: &[&str]) -> RunConfig {
+    RunConfig {
+        extra_args: args.iter().map(|s| s.to_string()).collect(),
+        ..RunConfig::default()
+    }
+}
+
+#[test]
+fn default_qemu_from_path() {
+    boot("default", RunConfig::default());
+}
+
+#[test]
+fn qemu_7_2_from_debian() {
+    boot(
+        "qemu-7.2",
+        RunConfig {
+            qemu: QemuChoice::Debian72,
+            ..RunConfig::default()
+        },
+    );
+}
+
+#[test]
+fn highmem_off() {
+    // A second `-M` is merged into the runner's `-M virt` by QEMU (later values win).
+    boot("highmem=off", with_args(&["-M", "virt,highmem=off"]));
+}
+
+#[test]
+fn granule_64k() {
+    boot(
+        "granule=64k",
+        with_args(&["-global", "virtio-iommu-pci.granule=64k"]),
+    );
+}
+
+#[test]
+fn aw_bits_39() {
+    boot(
+        "aw-bits=39",
+        with_args(&["-global", "virtio-iommu-pci.aw-bits=39"]),
+    );
+}
+
+#[test]
+fn devices_in_other_slots() {
+    boot(
+        "other slots",
+        RunConfig {
+            iommu_addr: Some("0x5".into()),
+            blk_addr: Some("0x1e".into()),
+            edu_addr: Some("0x3".into()),
+            ..RunConfig::default()
+        },
+    );
+}
+
+#[test]
+fn other_disk_image() {
+    // 1 MiB + 512 bytes of a deterministic pattern (not a power of two, not the default size).
+    let dir = std::env::temp_dir().join(format!("viommu-runner-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("pattern.img");
+    let data: Vec<u8> = (0..(1u32 << 20) + 512)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 ^ (i >> 9) as u8)
+        .collect();
+    std::fs::write(&path, &data).expect("write disk image");
+    let host_sha = sha256_file(&path).expect("hash");
+    boot(
+        "other disk",
+        RunConfig {
+            disk: Some(path.clone()),
+            ..RunConfig::default()
+        },
+    );
+    assert_eq!(
+        sha256_file(&path).expect("hash"),
+        host_sha,
+        "the image was modified"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn invalid_disk_is_refused() {
+    let dir = std::env::temp_dir().join(format!("viommu-runner-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("short.img");
+    std::fs::write(&path, vec![0u8; (1 << 20) + 100]).expect("write");
+    let result = run(
+        &RunConfig {
+            disk: Some(path),
+            ..RunConfig::default()
+        },
+        firmware(),
+    );
+    assert!(
+        matches!(result, Err(virtio_iommu_runner::Error::InvalidDisk { .. })),
+        "a disk of 1 MiB + 100 bytes must be refused"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
