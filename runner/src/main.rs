@@ -6,13 +6,29 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use virtio_iommu_runner::QemuChoice;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let Some(elf) = args.next().map(PathBuf::from) else {
         eprintln!("usage: virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]");
+        eprintln!("       virtio-iommu-runner install-qemu");
         return ExitCode::from(2);
     };
+    if elf.as_os_str() == "install-qemu" {
+        // Both QEMUs the tests use: 10.0 on PATH (installed with apt when missing) and 7.2
+        // unpacked into target/qemu-7.2.
+        for choice in [QemuChoice::System, QemuChoice::Debian72] {
+            match virtio_iommu_runner::resolve_qemu(&choice) {
+                Ok(path) => println!("runner: {choice:?}: {}", path.display()),
+                Err(e) => {
+                    eprintln!("runner: {choice:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     let mut config = match virtio_iommu_runner::RunConfig::from_env() {
         Ok(config) => config,
         Err(e) => {

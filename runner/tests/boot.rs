@@ -9,9 +9,39 @@ use virtio_iommu_runner::{
     RunConfig,
 };
 
-/// Whether to require the firmware's `disk-sha256` to match the host's hash of the image.
-/// (Set to `false` only while testing with a placeholder `cases` module that reads no disk.)
-const CHECK_DISK_SHA256: bool = true;
+/// Cases every boot must report as `ok` (by name prefix): the whole end-to-end path.
+const REQUIRED_CASES: &[&str] = &[
+    "virtio-iommu found through the devicetree",
+    "virtio-iommu initialised",
+    "PROBE every endpoint",
+    "virtio-blk: attached to a domain",
+    "virtio-blk: read the entire disk through IOVAs",
+    "virtio-blk: write and read back a scratch region",
+    "virtio-blk: every buffer unmapped again",
+    "edu: DMA RAM -> device -> RAM",
+    "edu: DMA from an unmapped IOVA faults",
+    "edu: device write into a read-only mapping faults",
+    "re-ATTACH to another domain",
+    "DETACH: the endpoint leaves its domain",
+    "bypass=0 blocks an unattached endpoint",
+    "bypass domain (ATTACH_F_BYPASS)",
+    "ATTACH of an endpoint that does not exist -> S_NOENT",
+    "ATTACH with an undefined flag bit -> S_INVAL",
+    "MAP overlapping an existing mapping -> S_INVAL",
+    "MAP into a domain that does not exist -> S_NOENT",
+    "MAP with an undefined flag bit -> S_INVAL",
+    "UNMAP that would split a mapping -> S_RANGE",
+    "UNMAP of a range without mappings -> S_OK",
+    "UNMAP in a domain that does not exist -> S_NOENT",
+    "MAP and UNMAP on a bypass domain -> S_INVAL",
+    "DETACH from a domain the endpoint is not in -> S_INVAL",
+    "DETACH of an endpoint that does not exist -> S_NOENT",
+    "DETACH, then DETACH again",
+    "MAP after the last endpoint left",
+    "PROBE of an endpoint that does not exist -> S_NOENT",
+    "unknown request type",
+    "driver refuses unaligned, inverted and out-of-range requests",
+];
 
 /// The firmware ELF, built once for all tests of this binary (or `$VIOMMU_FIRMWARE_ELF`).
 fn firmware() -> &'static Path {
@@ -23,7 +53,7 @@ fn firmware() -> &'static Path {
 fn boot(name: &str, config: RunConfig) {
     let outcome =
         run(&config, firmware()).unwrap_or_else(|e| panic!("{name}: running QEMU failed: {e}"));
-    let found = problems(&outcome, CHECK_DISK_SHA256);
+    let found = problems(&outcome, true);
     // The individual checks, spelled out (`problems` covers them too, with one message).
     let (passed, failed) = summary(&outcome.output).unwrap_or((0, 0));
     let tap = parse_tap(&outcome.output);
@@ -40,11 +70,15 @@ fn boot(name: &str, config: RunConfig) {
         "{name}: {passed} passed, {failed} failed"
     );
     assert!(tap.iter().all(|l| l.ok), "{name}: a TAP line is `not ok`");
-    if CHECK_DISK_SHA256 {
-        assert_eq!(
-            reported_disk_sha256(&outcome.output).as_deref(),
-            Some(outcome.disk_sha256.as_str()),
-            "{name}: disk SHA-256 reported by the firmware vs host"
+    assert_eq!(
+        reported_disk_sha256(&outcome.output).as_deref(),
+        Some(outcome.disk_sha256.as_str()),
+        "{name}: disk SHA-256 reported by the firmware vs host"
+    );
+    for required in REQUIRED_CASES {
+        assert!(
+            tap.iter().any(|l| l.ok && l.name.starts_with(required)),
+            "{name}: case `{required}` missing or failed"
         );
     }
     eprintln!(
@@ -75,6 +109,34 @@ fn qemu_7_2_from_debian() {
             qemu: QemuChoice::Debian72,
             ..RunConfig::default()
         },
+    );
+}
+
+#[test]
+fn qemu_7_2_highmem_off_other_slots() {
+    boot(
+        "qemu-7.2 highmem=off, other slots",
+        RunConfig {
+            qemu: QemuChoice::Debian72,
+            extra_args: vec!["-M".into(), "virt,highmem=off".into()],
+            iommu_addr: Some("0x7".into()),
+            blk_addr: Some("0x2".into()),
+            edu_addr: Some("0x11".into()),
+            ..RunConfig::default()
+        },
+    );
+}
+
+#[test]
+fn granule_16k_highmem_off() {
+    boot(
+        "granule=16k highmem=off",
+        with_args(&[
+            "-M",
+            "virt,highmem=off",
+            "-global",
+            "virtio-iommu-pci.granule=16k",
+        ]),
     );
 }
 
