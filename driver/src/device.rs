@@ -26,6 +26,8 @@ pub const EVENT_BUFFER_SIZE: usize = 64;
 pub const MAX_PROBE_SIZE: u32 = 1 << 20;
 
 const TAIL: usize = size_of::<ReqTail>();
+/// Most descriptors per direction in [`VirtIOIommu::request_raw`].
+const MAX_RAW_PARTS: usize = 16;
 const PROBE_HEAD: usize = size_of::<ReqProbe>();
 
 /// How long the driver waits for the device to complete a request.
@@ -471,20 +473,30 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         Ok(v)
     }
 
-    /// Sends a request exactly as given, with no validation: `readable` is the device-readable
-    /// part, and `writable.len()` bytes are posted as the device-writable part and copied back
-    /// into `writable`. Returns the used length in bytes. For conformance tests and
-    /// diagnostics; it checks nothing about the reply, so the caller must.
+    /// Sends a request exactly as given, with no validation: each entry of `readable` becomes
+    /// one device-readable descriptor (in order), and each entry of `writable_lens` one
+    /// device-writable descriptor of that many bytes (zeroed), so a request can be split over
+    /// descriptors at any byte. The device-writable bytes are copied back into `writable`
+    /// (which must be exactly their total size). Returns the used length in bytes as the device
+    /// reported it — 0 included, and not compared with the posted size. For conformance tests
+    /// and diagnostics: the caller checks the reply.
     ///
-    /// Errors: [`IommuError::BufferSize`] when both parts do not fit the request buffer
-    /// (`max(4096, 72 + probe_size + 4)` bytes) or `writable` is empty; the transport errors.
-    pub fn request_raw(&mut self, readable: &[u8], writable: &mut [u8]) -> Result<u32, IommuError> {
-        if writable.is_empty() {
+    /// Errors: [`IommuError::BufferSize`] for an empty part, more than 16 parts per
+    /// direction, no part at all, `writable.len()` not the sum of `writable_lens`, or more
+    /// bytes than the request buffer (`max(4096, 72 + probe_size + 4)` bytes); the transport
+    /// errors.
+    pub fn request_raw(
+        &mut self,
+        readable: &[&[u8]],
+        writable_lens: &[usize],
+        writable: &mut [u8],
+    ) -> Result<u32, IommuError> {
+        if writable.len() != writable_lens.iter().sum::<usize>() {
             return Err(IommuError::BufferSize);
         }
-        let used = self.submit(readable, writable.len())?;
+        let used = self.submit_parts(readable, writable_lens)?;
+        let start: usize = readable.iter().map(|p| p.len()).sum();
         let n = writable.len();
-        let start = readable.len();
         writable.copy_from_slice(&self.request_buffer.bytes()[start..start + n]);
         Ok(used)
     }
@@ -572,37 +584,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// request buffer, notifies and waits. Returns the used length, which is checked to be
     /// non-zero and at most `writable_len`.
     fn submit(&mut self, readable: &[u8], writable_len: usize) -> Result<u32, IommuError> {
-        self.usable()?;
-        let total = readable.len() + writable_len;
-        if readable.is_empty() || writable_len == 0 || total > self.request_buffer.len() {
+        if readable.is_empty() || writable_len == 0 {
             return Err(IommuError::BufferSize);
         }
-        let (out, rest) = self.request_buffer.bytes().split_at_mut(readable.len());
-        out.copy_from_slice(readable);
-        let inp = &mut rest[..writable_len];
-        inp.fill(0);
-        let out: &[u8] = out;
-        // SAFETY: both slices belong to `self.request_buffer`, which outlives any use by the
-        // device (on timeout the driver is marked broken and the buffer is only freed after
-        // the device reset in `drop`). They are not accessed until `pop_used` below.
-        let token = unsafe { self.requestq.add(&[out], &mut [inp]) }?;
-        if self.requestq.should_notify() {
-            self.transport.notify(REQUESTQ);
-        }
-        self.wait_used()?;
-        let (out, rest) = self.request_buffer.bytes().split_at_mut(readable.len());
-        let inp = &mut rest[..writable_len];
-        let out: &[u8] = out;
-        // SAFETY: the same buffers as passed to `add` with this token.
-        let used = unsafe { self.requestq.pop_used(token, &[out], &mut [inp]) };
-        let used = match used {
-            Ok(u) => u,
-            Err(virtio_drivers::Error::WrongToken) => {
-                self.broken = true;
-                return Err(IommuError::DeviceProtocol);
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let used = self.submit_parts(&[readable], &[writable_len])?;
         if used == 0 {
             return Err(IommuError::NoResponse);
         }
@@ -613,6 +598,58 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             });
         }
         Ok(used)
+    }
+
+    /// Posts one descriptor per readable part (copied, in order, into the request buffer) and
+    /// one zeroed device-writable descriptor per entry of `writable_lens`, right after them;
+    /// notifies and waits. Returns the used length as the device reported it, unchecked.
+    fn submit_parts(
+        &mut self,
+        readable: &[&[u8]],
+        writable_lens: &[usize],
+    ) -> Result<u32, IommuError> {
+        self.usable()?;
+        let r_total: usize = readable.iter().map(|p| p.len()).sum();
+        let w_total: usize = writable_lens.iter().sum();
+        if readable.len() > MAX_RAW_PARTS
+            || writable_lens.len() > MAX_RAW_PARTS
+            || readable.len() + writable_lens.len() == 0
+            || readable.iter().any(|p| p.is_empty())
+            || writable_lens.contains(&0)
+            || r_total + w_total > self.request_buffer.len()
+        {
+            return Err(IommuError::BufferSize);
+        }
+        let buf = self.request_buffer.bytes();
+        let mut at = 0;
+        for part in readable {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        buf[at..at + w_total].fill(0);
+        let token = {
+            let (ins, mut outs) = split_parts(self.request_buffer.bytes(), readable, writable_lens);
+            let (ins, outs) = (&ins[..readable.len()], &mut outs[..writable_lens.len()]);
+            // SAFETY: every slice belongs to `self.request_buffer`, which outlives any use by
+            // the device (on timeout the driver is marked broken and the buffer is only freed
+            // after the device reset in `drop`). They are not accessed until `pop_used` below.
+            unsafe { self.requestq.add(ins, outs) }?
+        };
+        if self.requestq.should_notify() {
+            self.transport.notify(REQUESTQ);
+        }
+        self.wait_used()?;
+        let (ins, mut outs) = split_parts(self.request_buffer.bytes(), readable, writable_lens);
+        let (ins, outs) = (&ins[..readable.len()], &mut outs[..writable_lens.len()]);
+        // SAFETY: the same buffers as passed to `add` with this token.
+        match unsafe { self.requestq.pop_used(token, ins, outs) } {
+            Ok(u) => Ok(u),
+            Err(virtio_drivers::Error::WrongToken) => {
+                self.broken = true;
+                Err(IommuError::DeviceProtocol)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn wait_used(&mut self) -> Result<(), IommuError> {
@@ -705,6 +742,28 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
         self.transport.queue_unset(REQUESTQ);
         self.transport.queue_unset(EVENTQ);
     }
+}
+
+/// Cuts `buf` into the readable parts (sizes of `readable`) followed by the writable parts.
+fn split_parts<'a>(
+    buf: &'a mut [u8],
+    readable: &[&[u8]],
+    writable_lens: &[usize],
+) -> ([&'a [u8]; MAX_RAW_PARTS], [&'a mut [u8]; MAX_RAW_PARTS]) {
+    let mut ins: [&[u8]; MAX_RAW_PARTS] = [&[]; MAX_RAW_PARTS];
+    let mut outs: [&mut [u8]; MAX_RAW_PARTS] = Default::default();
+    let mut rest = buf;
+    for (slot, part) in ins.iter_mut().zip(readable) {
+        let (head, tail) = core::mem::take(&mut rest).split_at_mut(part.len());
+        *slot = head;
+        rest = tail;
+    }
+    for (slot, &len) in outs.iter_mut().zip(writable_lens) {
+        let (head, tail) = core::mem::take(&mut rest).split_at_mut(len);
+        *slot = head;
+        rest = tail;
+    }
+    (ins, outs)
 }
 
 fn status_of(byte: u8) -> Result<(), IommuError> {
