@@ -18,7 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use zerocopy::IntoBytes;
 
 use crate::config::DeviceConfig;
-use crate::request::{handle_request, Outcome};
+use crate::request::{handle_request, validate_chain, Outcome};
 use crate::state::{Access, FaultRecord, IommuState, Piece, TranslateError};
 
 /// Device status bits (virtio §2.1).
@@ -469,7 +469,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
                 break;
             };
             let head = chain.head_index();
-            let handled = handle_request(state, &*mem, chain);
+            let handled = handle_request(state, &*mem, chain, usize::from(queues[idx].size()));
             match handled.outcome {
                 Outcome::Completed { status, .. } => {
                     self.counters.requests_completed += 1;
@@ -526,8 +526,9 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     }
 
     /// Writes pending fault reports into available eventq buffers, one 24-byte report per
-    /// buffer, used length 24 (§5.13.6.7). A buffer shorter than 24 bytes, or with a
-    /// device-readable descriptor, is returned with used length 0 and the next one is tried:
+    /// buffer, used length 24 (§5.13.6.7). A buffer shorter than 24 bytes, with a
+    /// device-readable descriptor, or malformed (see [`crate::request::validate_chain`]), is
+    /// returned with used length 0 and the next one is tried:
     /// reports are never split over buffers (D50). Does nothing unless the device is running
     /// (as for [`Self::process_requestq`]) and the eventq is ready.
     pub fn deliver_events(&mut self) {
@@ -546,9 +547,10 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
                 break;
             };
             let head = chain.head_index();
-            let all_writable = chain.clone().all(|d| d.is_write_only());
+            let max = usize::from(queues[idx].size());
+            let well_formed = validate_chain(&chain, max).is_ok_and(|l| l.readable == 0);
             let used = match Writer::new(&*mem, chain) {
-                Ok(mut w) if all_writable && w.available_bytes() >= FAULT_SIZE => {
+                Ok(mut w) if well_formed && w.available_bytes() >= FAULT_SIZE => {
                     match std::io::Write::write_all(&mut w, fault.to_wire().as_bytes()) {
                         Ok(()) => FAULT_SIZE as u32,
                         Err(_) => 0,

@@ -7,7 +7,8 @@
 //!   same byte is what the driver touches.
 //! - [`TestHal`]: virtio-drivers' `Hal`. `Hal` methods take no `self`, so the RAM they allocate
 //!   from is a thread-local "current" RAM: each test thread has its own, so parallel tests do
-//!   not interfere. `dma_alloc` hands out zeroed pages of it; `share` gives buffers already in
+//!   not interfere (so use a bench and the drivers made from it on one thread). `dma_alloc`
+//!   hands out zeroed pages of it; `share` gives buffers already in
 //!   guest RAM their guest-physical address, and copies other buffers into bounce pages that
 //!   `unshare` copies back (device-writable directions) and frees.
 //! - [`InProcessTransport`]: virtio-drivers' `Transport`, whose register accesses go to a
@@ -69,7 +70,8 @@ pub struct GuestRam {
     mem: GuestMem,
     base: u64,
     size: u64,
-    /// Host address of the first byte, as an integer (the mapping lives as long as `mem`).
+    /// Host address of the first byte, as an integer, only compared with the addresses of
+    /// buffers given to `share` (the mapping lives as long as `mem`).
     host_base: usize,
     inner: Mutex<RamInner>,
 }
@@ -198,8 +200,7 @@ impl GuestRam {
 
     /// Host pointer of guest-physical `paddr`, if inside the RAM.
     fn host_of(&self, paddr: u64) -> Option<NonNull<u8>> {
-        let off = paddr.checked_sub(self.base).filter(|&o| o < self.size)?;
-        NonNull::new((self.host_base + usize::try_from(off).ok()?) as *mut u8)
+        NonNull::new(self.mem.get_host_address(GuestAddress(paddr)).ok()?)
     }
 
     /// Guest-physical address of `len` bytes at host address `host`, if all inside the RAM.
@@ -272,6 +273,8 @@ unsafe impl Hal for TestHal {
         0
     }
 
+    /// The in-process transport has no MMIO BARs; this returns the RAM pointer when `paddr..+size`
+    /// is RAM and panics otherwise (a test-bench misuse, not guest-controlled).
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
         let host = current_ram().and_then(|ram| {
             ram.guest_of(ram.host_of(paddr)?.as_ptr() as usize, size)?;

@@ -7,7 +7,9 @@
 //! at any byte boundary.
 //!
 //! Framing rules, in order:
-//! 1. a readable descriptor after a writable one, or a descriptor outside guest memory ⇒
+//! 1. a readable descriptor after a writable one, a descriptor outside guest memory, a chain
+//!    longer than the queue size (virtio §2.7.5.3.1) or one that virtio-queue had to cut short
+//!    (a loop, a `next` index outside the table, an unreadable indirect table) ⇒
 //!    [`Malformed`], used length 0, nothing written;
 //! 2. readable part shorter than the 4-byte head, or writable part shorter than the 4-byte tail
 //!    ⇒ used length 0, nothing written (§5.13.6 "request too small to find the tail");
@@ -51,6 +53,11 @@ pub const MAX_WRITABLE_SLACK: usize = 4096;
 pub enum Malformed {
     /// A device-readable descriptor follows a device-writable one (virtio §2.7.4.2).
     DescriptorOrder,
+    /// The chain has more descriptors than the queue size.
+    TooLong,
+    /// The chain ended on a descriptor with the NEXT flag: virtio-queue stopped following it
+    /// (a loop, a `next` index outside the table, an unreadable or nested indirect table).
+    Truncated,
     /// A descriptor points outside guest memory (or the chain overflows).
     BadDescriptor,
     /// The readable part is shorter than the 4-byte head.
@@ -97,6 +104,43 @@ fn malformed(m: Malformed) -> Handled {
     }
 }
 
+/// Descriptor counts of a well-formed chain.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct ChainLayout {
+    /// Number of device-readable descriptors (all before the writable ones).
+    pub readable: usize,
+    /// Number of device-writable descriptors.
+    pub writable: usize,
+}
+
+/// Checks the shape of a chain without touching its buffers: at most `max_descriptors`
+/// descriptors ([`Malformed::TooLong`]), readable ones first ([`Malformed::DescriptorOrder`]),
+/// and not cut short by virtio-queue ([`Malformed::Truncated`]). Indirect tables are followed.
+pub fn validate_chain<M: GuestMemory>(
+    chain: &DescriptorChain<&M>,
+    max_descriptors: usize,
+) -> Result<ChainLayout, Malformed> {
+    let mut layout = ChainLayout::default();
+    let mut last_has_next = false;
+    for desc in chain.clone() {
+        if layout.readable + layout.writable >= max_descriptors {
+            return Err(Malformed::TooLong);
+        }
+        last_has_next = desc.has_next();
+        if desc.is_write_only() {
+            layout.writable += 1;
+        } else if layout.writable > 0 {
+            return Err(Malformed::DescriptorOrder);
+        } else {
+            layout.readable += 1;
+        }
+    }
+    if last_has_next {
+        return Err(Malformed::Truncated);
+    }
+    Ok(layout)
+}
+
 /// Reads a request's fixed-size device-readable part, whose head was already consumed.
 /// `None` when the readable part is too short.
 fn read_body<T: FromBytes + IntoBytes>(
@@ -111,20 +155,16 @@ fn read_body<T: FromBytes + IntoBytes>(
 }
 
 /// Parses, executes and answers the request in `chain` (whose buffers are in `mem`) against
-/// `state`. Never panics, whatever the chain holds: every framing error is
+/// `state`; a chain of more than `max_descriptors` descriptors is refused. Never panics, whatever the chain holds: every framing error is
 /// an [`Outcome`]. See the module documentation for the rules.
 pub fn handle_request<'a, M: GuestMemory>(
     state: &mut IommuState,
     mem: &'a M,
     chain: DescriptorChain<&'a M>,
+    max_descriptors: usize,
 ) -> Handled {
-    let mut seen_writable = false;
-    for desc in chain.clone() {
-        if desc.is_write_only() {
-            seen_writable = true;
-        } else if seen_writable {
-            return malformed(Malformed::DescriptorOrder);
-        }
+    if let Err(m) = validate_chain(&chain, max_descriptors) {
+        return malformed(m);
     }
     let Ok(mut reader) = Reader::new(mem, chain.clone()) else {
         return malformed(Malformed::BadDescriptor);

@@ -291,15 +291,12 @@ fn raw_requests_through_the_driver() {
     let bed = TestBed::new(qemu_like());
     let mut drv = bed.driver().unwrap();
     drv.attach(1, 8).unwrap();
-    // Unknown type: returned with used length 0 (D7), which the driver reads as failure (R7).
+    // Unknown type: returned with used length 0 (D7), nothing written.
     let mut bad = wire::ReqDetach::default();
     bad.head.type_ = 0x42;
     let mut tail = [0xffu8; 4];
-    assert_eq!(
-        drv.request_raw(bad.as_bytes(), &mut tail),
-        Err(IommuError::NoResponse)
-    );
-    assert_eq!(tail, [0xff; 4], "not written");
+    assert_eq!(drv.request_raw(&[bad.as_bytes()], &[4], &mut tail), Ok(0));
+    assert_eq!(tail, [0; 4], "the driver's zeroed buffer, untouched");
     // Unaligned MAP, which the driver itself refuses to send: S_RANGE (D22).
     let req = wire::ReqMap {
         head: wire::ReqHead::new(wire::RequestType::Map),
@@ -309,7 +306,7 @@ fn raw_requests_through_the_driver() {
         phys_start: 0x4000_0000.into(),
         flags: 3.into(),
     };
-    assert_eq!(drv.request_raw(req.as_bytes(), &mut tail), Ok(4));
+    assert_eq!(drv.request_raw(&[req.as_bytes()], &[4], &mut tail), Ok(4));
     assert_eq!(tail, [Status::Range as u8, 0, 0, 0]);
     // ATTACH with reserved bytes set: S_INVAL (D10).
     let mut a = wire::ReqAttach {
@@ -319,16 +316,79 @@ fn raw_requests_through_the_driver() {
         ..Default::default()
     };
     a.reserved = [9, 0, 0, 0];
-    assert_eq!(drv.request_raw(a.as_bytes(), &mut tail), Ok(4));
+    assert_eq!(drv.request_raw(&[a.as_bytes()], &[4], &mut tail), Ok(4));
     assert_eq!(tail[0], Status::Inval as u8);
     // A longer writable part: the tail is at its end.
     let mut long = [0xffu8; 8];
     a.reserved = [0; 4];
-    assert_eq!(drv.request_raw(a.as_bytes(), &mut long), Ok(8));
+    assert_eq!(drv.request_raw(&[a.as_bytes()], &[8], &mut long), Ok(8));
     assert_eq!(long, [0, 0, 0, 0, Status::Ok as u8, 0, 0, 0]);
+    // Short tail and short head: used length 0.
+    let mut three = [0u8; 3];
+    assert_eq!(drv.request_raw(&[a.as_bytes()], &[3], &mut three), Ok(0));
+    assert_eq!(
+        drv.request_raw(&[&a.as_bytes()[..3]], &[4], &mut tail),
+        Ok(0)
+    );
     // The driver still works.
     drv.detach(2, 16).unwrap();
     assert!(!drv.is_broken());
+}
+
+#[test]
+fn requests_split_by_the_driver_over_many_descriptors() {
+    let bed = TestBed::new(qemu_like());
+    let mut drv = bed.driver().unwrap();
+    drv.attach(1, 8).unwrap();
+    let pa = bed.alloc(0x1000).unwrap();
+    let mut n = 0u64;
+    for parts in 1..=16usize {
+        for w_parts in 1..=4usize {
+            let iova = 0x10_0000 + n * 0x1000;
+            n += 1;
+            let req = wire::ReqMap {
+                head: wire::ReqHead::new(wire::RequestType::Map),
+                domain: 1.into(),
+                virt_start: iova.into(),
+                virt_end: (iova + 0xfff).into(),
+                phys_start: pa.into(),
+                flags: 3.into(),
+            };
+            let bytes = req.as_bytes();
+            // `parts` pieces of the 36 readable bytes, the last taking the remainder.
+            let step = bytes.len() / parts;
+            let mut pieces: Vec<&[u8]> = (0..parts - 1)
+                .map(|i| &bytes[i * step..(i + 1) * step])
+                .collect();
+            pieces.push(&bytes[(parts - 1) * step..]);
+            let mut lens = vec![1usize; w_parts - 1];
+            lens.push(4 - (w_parts - 1));
+            let mut tail = [0xffu8; 4];
+            assert_eq!(
+                drv.request_raw(&pieces, &lens, &mut tail),
+                Ok(4),
+                "{parts}/{w_parts}"
+            );
+            assert_eq!(tail, [0, 0, 0, 0], "S_OK");
+        }
+    }
+    assert_eq!(bed.device().state().mapping_count(), 64);
+    // PROBE with the properties split in two and the tail in its own descriptor.
+    let p = wire::ReqProbe {
+        endpoint: 16.into(),
+        ..Default::default()
+    };
+    let mut reply = vec![0u8; 516];
+    assert_eq!(
+        drv.request_raw(
+            &[&p.as_bytes()[..40], &p.as_bytes()[40..]],
+            &[100, 412, 4],
+            &mut reply
+        ),
+        Ok(516)
+    );
+    assert_eq!(&reply[..4], &[1, 0, 20, 0]);
+    assert_eq!(reply[512], 0);
 }
 
 #[test]

@@ -455,8 +455,21 @@ fn descriptor_loop_terminates() {
     h.rq.add_desc_chains(&[d0, d1], 0).unwrap();
     h.dev.notify(0);
     assert_eq!(h.rq_used_idx(), before.wrapping_add(1));
-    assert_eq!(h.rq_used(before).1, 0, "no writable part: used 0");
+    assert_eq!(h.rq_used(before).1, 0, "cut short by virtio-queue: used 0");
+    assert_eq!(h.dev.counters().requests_malformed, 1);
     assert!(!h.dev.needs_reset());
+    // A `next` index outside the table: cut short too.
+    let wr = h.buffer(4, POISON);
+    let d0 = RawDescriptor::from(Descriptor::new(rd, 20, F_NEXT, 1));
+    let d1 = RawDescriptor::from(Descriptor::new(wr, 4, F_WRITE | F_NEXT, 999));
+    h.rq.add_desc_chains(&[d0, d1], 0).unwrap();
+    h.dev.notify(0);
+    assert_eq!(h.rq_used(before.wrapping_add(1)).1, 0);
+    let mut b = [0u8; 4];
+    mem.read_slice(&mut b, GuestAddress(wr)).unwrap();
+    assert_eq!(b, [POISON; 4], "not written");
+    assert_eq!(h.dev.counters().requests_malformed, 2);
+    assert_eq!(h.status(&req), OK, "the device still works");
 }
 
 #[test]
@@ -738,4 +751,70 @@ fn fault_events_fill_buffers_skip_small_ones_and_wait_for_buffers() {
     assert_eq!(h.eq_used_idx(), 6);
     assert_eq!(h.dev.counters().faults_delivered, 4);
     assert_eq!(h.dev.counters().event_buffers_skipped, 2);
+}
+
+#[test]
+fn chains_longer_than_the_queue_size_are_refused() {
+    let mem = mem();
+    let mut h = Harness::new(&mem, config());
+    let req = bytes(&attach(1, 8, 0));
+    let rd = h.buffer(req.len(), 0);
+    mem.write_slice(&req, GuestAddress(rd)).unwrap();
+    let wr = h.buffer(4, POISON);
+    // An indirect table of QSIZE + 1 descriptors: the 20 request bytes, then zero-length
+    // readable descriptors, then the tail.
+    let n = usize::from(QSIZE) + 1;
+    let table = h.buffer(16 * n, 0);
+    let mut t = Vec::new();
+    for i in 0..n {
+        let (addr, len, flags) = match i {
+            0 => (rd, 20u32, F_NEXT),
+            _ if i == n - 1 => (wr, 4, F_WRITE),
+            _ => (rd, 0, F_NEXT),
+        };
+        t.extend_from_slice(&addr.to_le_bytes());
+        t.extend_from_slice(&len.to_le_bytes());
+        t.extend_from_slice(&flags.to_le_bytes());
+        t.extend_from_slice(&((i + 1) as u16).to_le_bytes());
+    }
+    mem.write_slice(&t, GuestAddress(table)).unwrap();
+    let r = h.submit(
+        &[D {
+            addr: table,
+            len: (16 * n) as u32,
+            flags: F_INDIRECT,
+        }],
+        &[(wr, 4)],
+    );
+    assert_eq!(
+        r,
+        Reply {
+            used: 0,
+            written: vec![POISON; 4]
+        }
+    );
+    assert_eq!(h.dev.state().domain_count(), 0);
+    // QSIZE descriptors is fine.
+    let m = usize::from(QSIZE);
+    let mut t = t[..16 * (m - 1)].to_vec();
+    t.extend_from_slice(&wr.to_le_bytes());
+    t.extend_from_slice(&4u32.to_le_bytes());
+    t.extend_from_slice(&F_WRITE.to_le_bytes());
+    t.extend_from_slice(&0u16.to_le_bytes());
+    mem.write_slice(&t, GuestAddress(table)).unwrap();
+    let r = h.submit(
+        &[D {
+            addr: table,
+            len: (16 * m) as u32,
+            flags: F_INDIRECT,
+        }],
+        &[(wr, 4)],
+    );
+    assert_eq!(
+        r,
+        Reply {
+            used: 4,
+            written: vec![OK, 0, 0, 0]
+        }
+    );
 }
