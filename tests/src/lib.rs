@@ -246,6 +246,19 @@ pub fn run_all(h: &mut dyn Harness, mut report: impl FnMut(&Case, &Outcome)) -> 
             Err(Fail::NotRun(s)) => Outcome::NotRun(s),
             Err(Fail::Error(s)) => Outcome::Error(s),
         };
+        // A case may leave the device needing a reset (e.g. a malformed request): recover so
+        // the following cases run, and say so in the outcome.
+        let outcome = if h.needs_reset() {
+            match h.reset() {
+                Some(Ok(())) => outcome,
+                _ => Outcome::Error(alloc::format!(
+                    "{} (device needs reset, reset failed)",
+                    outcome.detail()
+                )),
+            }
+        } else {
+            outcome
+        };
         match outcome {
             Outcome::Pass => summary.pass += 1,
             Outcome::Diverges(_) => summary.diverges += 1,

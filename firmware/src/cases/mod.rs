@@ -6,6 +6,7 @@
 //! Domain IDs are never reused (QEMU 10.0 keeps domains across a virtio reset).
 
 mod blk;
+mod conformance;
 mod edu;
 mod env;
 mod errors;
@@ -86,6 +87,8 @@ pub struct Env {
     pub endpoints: Vec<(EndpointDev, Vec<ReservedRegion>)>,
     /// Endpoint IDs that map to this IOMMU but have no PCI function (for S_NOENT cases).
     pub absent_endpoint: Option<u32>,
+    /// The IOMMU's own PCI function.
+    pub iommu_function: PciFunction,
 }
 
 impl Env {
@@ -128,6 +131,7 @@ pub fn run(_dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
         blk::run(&mut tap, pci, &mut env);
         isolation::run(&mut tap, pci, &mut env);
         errors::run(&mut tap, &mut env);
+        conformance::run(&mut tap, pci, &mut env);
     }
     // Ends with every fault reported on the way accounted for.
     if let Ok(stats) = with_iommu(|i| Ok(i.event_stats())) {
@@ -202,6 +206,7 @@ fn setup(tap: &mut Tap, pci: &mut PciBus) -> Option<Env> {
             domains: Domains::new(c.domain_range.0, c.domain_range.1),
             endpoints: Vec::new(),
             absent_endpoint: None,
+            iommu_function: iommu_fn.clone(),
         });
         Ok(())
     });
