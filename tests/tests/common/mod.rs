@@ -45,7 +45,7 @@ fn config(which: OursConfig) -> DeviceConfig {
     b.build().expect("valid device config")
 }
 
-struct Ours {
+pub struct Ours {
     bed: TestBed,
     driver: Option<VirtIOIommu<TestHal, InProcessTransport>>,
     ep: DmaEndpoint<GuestMem>,
@@ -55,7 +55,7 @@ struct Ours {
 }
 
 impl Ours {
-    fn new(which: OursConfig) -> Self {
+    pub fn new(which: OursConfig) -> Self {
         let bed = TestBed::with_ram(config(which), 0x4000_0000, 64 << 20).expect("test bed");
         let driver = bed.driver().expect("driver initialises on our device");
         let config = *driver.config();
