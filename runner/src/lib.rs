@@ -408,6 +408,19 @@ pub fn fetch_debian_qemu_72(dir: &Path) -> Result<PathBuf> {
                 .current_dir(&download)
                 .args(["download", "qemu-system-arm/bookworm"]),
         )
+    })
+    .or_else(|e| {
+        // A fresh machine has no package lists yet: update them (as root) and try once more.
+        if !is_root() {
+            return Err(e);
+        }
+        eprintln!("runner: {e}\nrunner: running apt-get update and retrying");
+        run_captured(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=300", "update"]))?;
+        run_captured(
+            Command::new("apt-get")
+                .current_dir(&download)
+                .args(["download", &exact]),
+        )
     });
     let result = fetched.and_then(|_| {
         let deb = io_context(fs::read_dir(&download), || {
