@@ -14,8 +14,19 @@ use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::IntoBytes;
 
-/// Number of descriptors of `requestq` (each synchronous request uses 2).
-pub const REQUESTQ_SIZE: usize = 64;
+/// Number of descriptors of `requestq` when the device allows it (QEMU's maximum, 256). Every
+/// request uses 2 descriptors (device-readable part, device-writable part), so at most
+/// `REQUESTQ_SIZE / 2` = 128 requests are in flight at once. When the device's `max_queue_size`
+/// is smaller, the driver falls back to [`REQUESTQ_MIN_SIZE`]; see
+/// [`VirtIOIommu::requestq_size`].
+pub const REQUESTQ_SIZE: usize = 256;
+/// Number of descriptors of `requestq` when the device's `max_queue_size` is below
+/// [`REQUESTQ_SIZE`] (32 requests in flight). A device that cannot take even this many is
+/// refused with [`IommuError::InvalidConfig`].
+pub const REQUESTQ_MIN_SIZE: usize = 64;
+/// Most requests in one [`Batch`]. Each has its own 64-byte slot, for the whole batch, in a DMA
+/// area of `BATCH_CAPACITY * 64` bytes (32 KiB) allocated by [`VirtIOIommu::new`].
+pub const BATCH_CAPACITY: usize = 512;
 /// Number of descriptors of `eventq`; this many event buffers are kept posted.
 pub const EVENTQ_SIZE: usize = 64;
 /// Size in bytes of each event buffer: room for `struct virtio_iommu_fault` (24 bytes) and
@@ -26,6 +37,10 @@ pub const EVENT_BUFFER_SIZE: usize = 64;
 pub const MAX_PROBE_SIZE: u32 = 1 << 20;
 
 const TAIL: usize = size_of::<ReqTail>();
+/// Bytes per batch slot: the device-readable part (MAP: 36 bytes, UNMAP: 28) at offset 0, the
+/// 4-byte device-writable tail at [`BATCH_TAIL_AT`].
+const BATCH_SLOT: usize = 64;
+const BATCH_TAIL_AT: usize = 48;
 /// Most descriptors per direction in [`VirtIOIommu::request_raw`].
 const MAX_RAW_PARTS: usize = 16;
 const PROBE_HEAD: usize = size_of::<ReqProbe>();
@@ -33,9 +48,10 @@ const PROBE_HEAD: usize = size_of::<ReqProbe>();
 /// How long the driver waits for the device to complete a request.
 ///
 /// The wait is a poll loop over the used ring. It ends with [`IommuError::Timeout`] after
-/// `max_polls` polls, or — when `clock` is given — once `clock()` has advanced by `timeout_ns`.
+/// `max_polls` polls, or — when `clock` is given — once `clock()` has advanced by `timeout_ns`
+/// (measured from the 256th poll: the clock is not read for requests that complete sooner).
 /// Every 256 polls the device status is read, and DEVICE_NEEDS_RESET ends the wait with
-/// [`IommuError::DeviceNeedsReset`].
+/// [`IommuError::DeviceNeedsReset`]. A [`Batch`] waits this long for each of its requests.
 #[derive(Clone, Copy, Debug)]
 pub struct WaitPolicy {
     /// Upper bound on used-ring polls per request.
@@ -92,6 +108,342 @@ pub struct EventStats {
     pub ignored: u64,
 }
 
+/// Counters of what the driver sent on `requestq`.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct RequestStats {
+    /// Requests posted (synchronous, raw and batched).
+    pub requests: u64,
+    /// Notifications (`Transport::notify` of `requestq`) sent. A synchronous request costs one;
+    /// a [`Batch`] costs one per round of up to `requestq_size / 2` requests.
+    pub notifications: u64,
+}
+
+/// One MAP or UNMAP request, as queued in a [`Batch`] or given to
+/// [`crate::dma::IommuMapper::submit_batch`]. IOVA ends are inclusive.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum BatchOp {
+    /// MAP (§5.13.6.3), see [`VirtIOIommu::map`].
+    Map {
+        /// Domain ID.
+        domain: u32,
+        /// First IOVA.
+        virt_start: u64,
+        /// Last IOVA (inclusive).
+        virt_end: u64,
+        /// Guest-physical address `virt_start` maps to.
+        phys_start: u64,
+        /// Permissions.
+        flags: MapFlags,
+    },
+    /// UNMAP (§5.13.6.4), see [`VirtIOIommu::unmap`].
+    Unmap {
+        /// Domain ID.
+        domain: u32,
+        /// First IOVA.
+        virt_start: u64,
+        /// Last IOVA (inclusive).
+        virt_end: u64,
+    },
+}
+
+/// The `requestq`: [`REQUESTQ_SIZE`] descriptors, or [`REQUESTQ_MIN_SIZE`] when the device's
+/// maximum is smaller (the size is a const parameter of `VirtQueue`). Not boxed: this module
+/// works without `alloc`, and the queue lives as long as the driver anyway.
+#[allow(clippy::large_enum_variant)]
+enum RequestQueue<H: Hal> {
+    Full(VirtQueue<H, REQUESTQ_SIZE>),
+    Small(VirtQueue<H, REQUESTQ_MIN_SIZE>),
+}
+
+/// Runs `$body` with `$q` bound to the `VirtQueue` inside a `RequestQueue`.
+macro_rules! with_rq {
+    ($queue:expr, $q:ident => $body:expr) => {
+        match $queue {
+            RequestQueue::Full($q) => $body,
+            RequestQueue::Small($q) => $body,
+        }
+    };
+}
+
+impl<H: Hal> RequestQueue<H> {
+    fn new<T: Transport>(transport: &mut T) -> Result<Self, IommuError> {
+        let max = transport.max_queue_size(REQUESTQ);
+        if max >= REQUESTQ_SIZE as u32 {
+            Ok(Self::Full(VirtQueue::new(
+                transport, REQUESTQ, false, false,
+            )?))
+        } else if max >= REQUESTQ_MIN_SIZE as u32 {
+            Ok(Self::Small(VirtQueue::new(
+                transport, REQUESTQ, false, false,
+            )?))
+        } else {
+            Err(IommuError::InvalidConfig(
+                "requestq max_queue_size below 64 descriptors",
+            ))
+        }
+    }
+
+    fn set_dev_notify(&mut self, enable: bool) {
+        with_rq!(self, q => q.set_dev_notify(enable))
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Self::Full(_) => REQUESTQ_SIZE,
+            Self::Small(_) => REQUESTQ_MIN_SIZE,
+        }
+    }
+
+    /// # Safety
+    /// As `VirtQueue::add`.
+    unsafe fn add<'a, 'b>(
+        &mut self,
+        inputs: &'a [&'b [u8]],
+        outputs: &'a mut [&'b mut [u8]],
+    ) -> virtio_drivers::Result<u16> {
+        // SAFETY: forwarded with the caller's guarantees.
+        with_rq!(self, q => unsafe { q.add(inputs, outputs) })
+    }
+
+    /// # Safety
+    /// As `VirtQueue::pop_used`.
+    unsafe fn pop_used<'a>(
+        &mut self,
+        token: u16,
+        inputs: &'a [&'a [u8]],
+        outputs: &'a mut [&'a mut [u8]],
+    ) -> virtio_drivers::Result<u32> {
+        // SAFETY: forwarded with the caller's guarantees.
+        with_rq!(self, q => unsafe { q.pop_used(token, inputs, outputs) })
+    }
+
+    fn should_notify(&self) -> bool {
+        with_rq!(self, q => q.should_notify())
+    }
+
+    fn can_pop(&self) -> bool {
+        with_rq!(self, q => q.can_pop())
+    }
+
+    fn peek_used(&self) -> Option<u16> {
+        with_rq!(self, q => q.peek_used())
+    }
+}
+
+/// Per-request state of a batch slot (driver memory, never seen by the device).
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotMeta {
+    /// Length in bytes of the device-readable part in the slot.
+    readable: u8,
+    /// Whether the device returned the request.
+    done: bool,
+    /// The status byte the device wrote (valid when `done` and `used == 4`).
+    status: u8,
+    /// Used length the device reported, bytes.
+    used: u32,
+}
+
+impl SlotMeta {
+    fn result(&self) -> Result<(), IommuError> {
+        if !self.done {
+            // Only reachable for a batch that failed as a whole, whose result is not returned.
+            return Err(IommuError::NoResponse);
+        }
+        match self.used as usize {
+            0 => Err(IommuError::NoResponse),
+            TAIL => status_of(self.status),
+            _ => Err(IommuError::BadUsedLength {
+                used: self.used,
+                expected: TAIL as u32,
+            }),
+        }
+    }
+}
+
+/// A batch of MAP and UNMAP requests for [`VirtIOIommu`], from [`VirtIOIommu::batch`].
+///
+/// The adders ([`Self::map`], [`Self::unmap`], [`Self::push`]) validate each request exactly as
+/// the synchronous [`VirtIOIommu::map`] and [`VirtIOIommu::unmap`] do and write it into its own
+/// slot of a DMA area allocated once by [`VirtIOIommu::new`]: nothing is allocated per request
+/// and nothing is sent before [`Self::submit`]. A batch holds at most [`BATCH_CAPACITY`]
+/// requests. Dropping a batch without submitting it discards it.
+///
+/// [`Self::submit`] posts the requests in rounds of up to `requestq_size / 2` (the ring holds
+/// that many 2-descriptor requests), notifies the device once per round, and waits (bounded, as
+/// for synchronous requests) for every request of the round before starting the next. The
+/// device may complete the requests of a round in any order: each used buffer is matched to its
+/// request by its token. Requests are independent: a failed request does not stop the others
+/// (the device processes them in ring order, so a later request sees the effect of an earlier
+/// one).
+pub struct Batch<'a, H: Hal, T: Transport> {
+    iommu: &'a mut VirtIOIommu<H, T>,
+    len: usize,
+}
+
+impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
+    /// Queues a MAP of IOVAs `virt_start..=virt_end` (inclusive) of `domain` to guest-physical
+    /// addresses from `phys_start` (§5.13.6.3). Returns the request's index in the batch (and in
+    /// the [`BatchResult`]).
+    ///
+    /// Errors (nothing is queued): the validation errors of [`VirtIOIommu::map`];
+    /// [`IommuError::BufferSize`] when the batch already holds [`BATCH_CAPACITY`] requests.
+    pub fn map(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: MapFlags,
+    ) -> Result<usize, IommuError> {
+        self.room()?;
+        let req = self
+            .iommu
+            .encode_map(domain, virt_start, virt_end, phys_start, flags)?;
+        Ok(self.stage(req.as_bytes()))
+    }
+
+    /// Queues an UNMAP of IOVAs `virt_start..=virt_end` (inclusive) of `domain` (§5.13.6.4).
+    /// Returns the request's index in the batch.
+    ///
+    /// Errors (nothing is queued): the validation errors of [`VirtIOIommu::unmap`];
+    /// [`IommuError::BufferSize`] when the batch is full.
+    pub fn unmap(
+        &mut self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+    ) -> Result<usize, IommuError> {
+        self.room()?;
+        let req = self.iommu.encode_unmap(domain, virt_start, virt_end)?;
+        Ok(self.stage(req.as_bytes()))
+    }
+
+    /// Queues `op` (see [`Self::map`] and [`Self::unmap`]).
+    pub fn push(&mut self, op: BatchOp) -> Result<usize, IommuError> {
+        match op {
+            BatchOp::Map {
+                domain,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            } => self.map(domain, virt_start, virt_end, phys_start, flags),
+            BatchOp::Unmap {
+                domain,
+                virt_start,
+                virt_end,
+            } => self.unmap(domain, virt_start, virt_end),
+        }
+    }
+
+    /// Number of requests queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no request is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of requests that can still be queued.
+    pub fn remaining(&self) -> usize {
+        BATCH_CAPACITY - self.len
+    }
+
+    /// Sends every queued request and waits for all of them; see the type documentation.
+    /// Returns each request's outcome, in the order they were queued. An empty batch sends
+    /// nothing.
+    ///
+    /// Per-request outcomes (in the [`BatchResult`]): `Ok(())` for S_OK; the device status
+    /// ([`IommuError::Status`], [`IommuError::UnknownStatus`]); [`IommuError::NoResponse`] for
+    /// used length 0; [`IommuError::BadUsedLength`] for any used length other than 4.
+    ///
+    /// Errors of the batch as a whole, after which no result is available: [`IommuError::Broken`]
+    /// (an earlier fatal error); [`IommuError::Timeout`] and [`IommuError::DeviceNeedsReset`]
+    /// while waiting; [`IommuError::DeviceProtocol`] when the device returns a buffer that is
+    /// not an outstanding request of this round; [`IommuError::Transport`] from the queue. All
+    /// but `Broken` leave the driver broken (requests of the batch may or may not have been
+    /// processed).
+    pub fn submit(self) -> Result<BatchResult<'a>, IommuError> {
+        let Batch { iommu, len } = self;
+        let notifications = iommu.run_batch(len)?;
+        let iommu: &'a VirtIOIommu<H, T> = iommu;
+        Ok(BatchResult {
+            slots: &iommu.batch_slots[..len],
+            notifications,
+        })
+    }
+
+    fn room(&self) -> Result<(), IommuError> {
+        if self.len >= BATCH_CAPACITY {
+            Err(IommuError::BufferSize)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes `readable` into the next slot; returns its index.
+    fn stage(&mut self, readable: &[u8]) -> usize {
+        let index = self.len;
+        let at = index * BATCH_SLOT;
+        self.iommu.batch_buffer.bytes()[at..at + readable.len()].copy_from_slice(readable);
+        self.iommu.batch_slots[index] = SlotMeta {
+            readable: readable.len() as u8,
+            ..SlotMeta::default()
+        };
+        self.len += 1;
+        index
+    }
+}
+
+/// The outcome of a submitted [`Batch`]: one `Result` per request, in the order they were
+/// queued. Borrows the driver until dropped.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchResult<'a> {
+    slots: &'a [SlotMeta],
+    notifications: u32,
+}
+
+impl<'a> BatchResult<'a> {
+    /// Number of requests.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Whether the batch was empty.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The outcome of request `index` (as returned by the adder), `None` past the end.
+    pub fn get(&self, index: usize) -> Option<Result<(), IommuError>> {
+        self.slots.get(index).map(SlotMeta::result)
+    }
+
+    /// Every request's outcome, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(), IommuError>> + 'a {
+        self.slots.iter().map(SlotMeta::result)
+    }
+
+    /// Number of requests that did not succeed.
+    pub fn failures(&self) -> usize {
+        self.iter().filter(Result::is_err).count()
+    }
+
+    /// The first request that did not succeed: its index and error.
+    pub fn first_error(&self) -> Option<(usize, IommuError)> {
+        self.iter()
+            .enumerate()
+            .find_map(|(i, r)| r.err().map(|e| (i, e)))
+    }
+
+    /// Notifications sent for the batch (one per round, fewer if the device suppressed them).
+    pub fn notifications(&self) -> u32 {
+        self.notifications
+    }
+}
+
 /// A DMA allocation from `H`, freed on drop.
 struct DmaBuffer<H: Hal> {
     paddr: PhysAddr,
@@ -146,19 +498,32 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Requests are synchronous: each call posts one request on `requestq`, notifies, and waits
 /// (bounded, see [`WaitPolicy`]) for its completion, then checks the used length and the tail
-/// status. Arguments are validated against the negotiated features and configuration *before*
-/// anything is sent. The IOMMU's own queues use `H`, which must give addresses the device can
-/// use directly (the IOMMU's own DMA is not translated by itself).
+/// status. Many MAP/UNMAP requests can instead be sent with one notification per ring-sized
+/// round through a [`Batch`] ([`Self::batch`]), each still checked. Arguments are validated
+/// against the negotiated features and configuration *before* anything is sent. The IOMMU's
+/// own queues use `H`, which must give addresses the device can use directly (the IOMMU's own
+/// DMA is not translated by itself). Completions are polled: the device is asked not to
+/// interrupt for `requestq`.
+///
+/// Memory: besides the two virtqueues, one request buffer (`max(4096, 76 + probe_size)`
+/// bytes), [`EVENTQ_SIZE`] event buffers and the batch area (`BATCH_CAPACITY * 64` bytes), all
+/// allocated through `H` by [`Self::new`]; no request allocates.
 ///
 /// Fatal conditions (timeout, DEVICE_NEEDS_RESET, a used buffer that was never posted) leave
 /// the driver [`IommuError::Broken`]; buffers the device may still own are kept until drop,
 /// which resets the device first.
 pub struct VirtIOIommu<H: Hal, T: Transport> {
     transport: T,
-    requestq: VirtQueue<H, REQUESTQ_SIZE>,
+    requestq: RequestQueue<H>,
     eventq: VirtQueue<H, EVENTQ_SIZE>,
     request_buffer: DmaBuffer<H>,
     event_buffer: DmaBuffer<H>,
+    /// [`BATCH_CAPACITY`] slots of [`BATCH_SLOT`] bytes for batched requests.
+    batch_buffer: DmaBuffer<H>,
+    batch_slots: [SlotMeta; BATCH_CAPACITY],
+    /// `batch_slot_of_token[token]` = slot index + 1 of the batched request posted with `token`.
+    batch_slot_of_token: [u16; REQUESTQ_SIZE],
+    request_stats: RequestStats,
     /// `event_slot_of_token[token]` = slot index + 1 of the event buffer posted with `token`.
     event_slot_of_token: [u16; EVENTQ_SIZE],
     features: Features,
@@ -185,10 +550,13 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// `ACCESS_PLATFORM` when offered (§5.13.3); reads and checks the configuration (§5.13.4);
     /// sets up `requestq` and `eventq` and fills `eventq` with [`EVENTQ_SIZE`] buffers.
     ///
+    /// `requestq` gets [`REQUESTQ_SIZE`] descriptors, or [`REQUESTQ_MIN_SIZE`] when the
+    /// device's `max_queue_size` is smaller.
+    ///
     /// Errors: [`IommuError::WrongDeviceType`], [`IommuError::MissingFeatures`],
-    /// [`IommuError::FeaturesRejected`], [`IommuError::InvalidConfig`],
-    /// [`IommuError::DmaAlloc`], [`IommuError::Transport`] (queue setup). On error the device
-    /// is left with FAILED set.
+    /// [`IommuError::FeaturesRejected`], [`IommuError::InvalidConfig`] (also for a `requestq`
+    /// whose `max_queue_size` is below [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`],
+    /// [`IommuError::Transport`] (queue setup). On error the device is left with FAILED set.
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
         if transport.device_type() != DeviceType::IOMMU {
             return Err(IommuError::WrongDeviceType);
@@ -225,17 +593,25 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         };
         let request_bytes = PROBE_HEAD + config.probe_size as usize + TAIL;
         let setup = (|| {
-            let requestq = VirtQueue::new(&mut transport, REQUESTQ, false, false)?;
+            let requestq = RequestQueue::new(&mut transport)?;
             let eventq = VirtQueue::new(&mut transport, EVENTQ, false, false)?;
             Ok::<_, IommuError>((requestq, eventq))
         })();
-        let (requestq, eventq) = match setup {
+        let (mut requestq, eventq) = match setup {
             Ok(q) => q,
             Err(e) => return Err(fail(&mut transport, e)),
         };
-        let buffers = DmaBuffer::new(request_bytes.max(PAGE_SIZE))
-            .and_then(|r| Ok((r, DmaBuffer::new(EVENTQ_SIZE * EVENT_BUFFER_SIZE)?)));
-        let (request_buffer, event_buffer) = match buffers {
+        // Completions are polled: ask the device not to interrupt for `requestq`
+        // (VIRTQ_AVAIL_F_NO_INTERRUPT, virtio §2.7.7), which saves it work per request.
+        requestq.set_dev_notify(false);
+        let buffers = DmaBuffer::new(request_bytes.max(PAGE_SIZE)).and_then(|r| {
+            Ok((
+                r,
+                DmaBuffer::new(EVENTQ_SIZE * EVENT_BUFFER_SIZE)?,
+                DmaBuffer::new(BATCH_CAPACITY * BATCH_SLOT)?,
+            ))
+        });
+        let (request_buffer, event_buffer, batch_buffer) = match buffers {
             Ok(b) => b,
             Err(e) => return Err(fail(&mut transport, e)),
         };
@@ -246,6 +622,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             eventq,
             request_buffer,
             event_buffer,
+            batch_buffer,
+            batch_slots: [SlotMeta::default(); BATCH_CAPACITY],
+            batch_slot_of_token: [0; REQUESTQ_SIZE],
+            request_stats: RequestStats::default(),
             event_slot_of_token: [0; EVENTQ_SIZE],
             features,
             offered,
@@ -281,6 +661,26 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// Counters of the event queue.
     pub fn event_stats(&self) -> EventStats {
         self.event_stats
+    }
+
+    /// Counters of requests and notifications sent on `requestq`.
+    pub fn request_stats(&self) -> RequestStats {
+        self.request_stats
+    }
+
+    /// Number of descriptors of `requestq`: [`REQUESTQ_SIZE`], or [`REQUESTQ_MIN_SIZE`] when
+    /// the device's `max_queue_size` is smaller. A [`Batch`] round holds half as many requests.
+    pub fn requestq_size(&self) -> usize {
+        self.requestq.size()
+    }
+
+    /// Starts a batch of MAP and UNMAP requests, sent together by [`Batch::submit`] with one
+    /// notification per ring-sized round instead of one per request. No allocation.
+    pub fn batch(&mut self) -> Batch<'_, H, T> {
+        Batch {
+            iommu: self,
+            len: 0,
+        }
     }
 
     /// Whether a fatal error made the driver unusable.
@@ -387,6 +787,19 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         phys_start: u64,
         flags: MapFlags,
     ) -> Result<(), IommuError> {
+        let req = self.encode_map(domain, virt_start, virt_end, phys_start, flags)?;
+        self.request(req.as_bytes())
+    }
+
+    /// The checks of [`Self::map`], then the request.
+    fn encode_map(
+        &self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+        phys_start: u64,
+        flags: MapFlags,
+    ) -> Result<ReqMap, IommuError> {
         self.check_domain(domain)?;
         self.check_iova_range(virt_start, virt_end)?;
         phys_start
@@ -401,15 +814,14 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if !allowed.contains(flags) {
             return Err(IommuError::InvalidFlags(flags.bits()));
         }
-        let req = ReqMap {
+        Ok(ReqMap {
             head: ReqHead::new(RequestType::Map),
             domain: domain.into(),
             virt_start: virt_start.into(),
             virt_end: virt_end.into(),
             phys_start: phys_start.into(),
             flags: flags.bits().into(),
-        };
-        self.request(req.as_bytes())
+        })
     }
 
     /// UNMAP (§5.13.6.4): removes every mapping of `domain` inside `virt_start..=virt_end`
@@ -420,16 +832,26 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// Errors: those checks; device statuses `S_RANGE` (the range would split a mapping;
     /// nothing is removed), `S_NOENT` (no such domain), `S_INVAL` (bypass domain).
     pub fn unmap(&mut self, domain: u32, virt_start: u64, virt_end: u64) -> Result<(), IommuError> {
+        let req = self.encode_unmap(domain, virt_start, virt_end)?;
+        self.request(req.as_bytes())
+    }
+
+    /// The checks of [`Self::unmap`], then the request.
+    fn encode_unmap(
+        &self,
+        domain: u32,
+        virt_start: u64,
+        virt_end: u64,
+    ) -> Result<ReqUnmap, IommuError> {
         self.check_domain(domain)?;
         self.check_iova_range(virt_start, virt_end)?;
-        let req = ReqUnmap {
+        Ok(ReqUnmap {
             head: ReqHead::new(RequestType::Unmap),
             domain: domain.into(),
             virt_start: virt_start.into(),
             virt_end: virt_end.into(),
             reserved: [0; 4],
-        };
-        self.request(req.as_bytes())
+        })
     }
 
     /// PROBE (§5.13.6.5): asks for `endpoint`'s properties and calls `f` with each one, in
@@ -635,7 +1057,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             // after the device reset in `drop`). They are not accessed until `pop_used` below.
             unsafe { self.requestq.add(ins, outs) }?
         };
+        self.request_stats.requests += 1;
         if self.requestq.should_notify() {
+            self.request_stats.notifications += 1;
             self.transport.notify(REQUESTQ);
         }
         self.wait_used()?;
@@ -652,15 +1076,114 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         }
     }
 
+    /// Sends the first `len` staged batch slots in ring-sized rounds; see [`Batch::submit`].
+    /// Returns the number of notifications sent.
+    fn run_batch(&mut self, len: usize) -> Result<u32, IommuError> {
+        self.usable()?;
+        let per_round = self.requestq.size() / 2;
+        let mut notifications = 0u32;
+        let mut next = 0;
+        while next < len {
+            let end = len.min(next + per_round);
+            for slot in next..end {
+                self.post_batch_slot(slot)?;
+            }
+            self.request_stats.requests += (end - next) as u64;
+            if self.requestq.should_notify() {
+                self.request_stats.notifications += 1;
+                notifications += 1;
+                self.transport.notify(REQUESTQ);
+            }
+            for _ in next..end {
+                self.wait_used()?;
+                self.complete_batch_slot()?;
+            }
+            next = end;
+        }
+        Ok(notifications)
+    }
+
+    /// Posts batch slot `slot` (its readable part and a zeroed 4-byte tail) on `requestq`.
+    fn post_batch_slot(&mut self, slot: usize) -> Result<(), IommuError> {
+        let readable = usize::from(self.batch_slots[slot].readable);
+        let (ins, outs) = batch_slot_parts(self.batch_buffer.bytes(), slot, readable);
+        outs.fill(0);
+        let token = {
+            // SAFETY: both slices belong to `self.batch_buffer`, which outlives any use by the
+            // device (on a fatal error the driver is broken and the buffer is only freed after
+            // the device reset in `drop`); they are not accessed until `pop_used`.
+            let added = unsafe { self.requestq.add(&[ins], &mut [outs]) };
+            match added {
+                Ok(t) => t,
+                Err(e) => {
+                    // Requests of this round are already posted: the driver cannot continue.
+                    self.broken = true;
+                    return Err(e.into());
+                }
+            }
+        };
+        match self.batch_slot_of_token.get_mut(usize::from(token)) {
+            Some(entry) => *entry = slot as u16 + 1,
+            None => {
+                self.broken = true;
+                return Err(IommuError::DeviceProtocol);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pops the next used buffer (the caller checked one is there), matches it to its batch
+    /// slot by token and records the used length and status.
+    fn complete_batch_slot(&mut self) -> Result<(), IommuError> {
+        let Some(token) = self.requestq.peek_used() else {
+            self.broken = true;
+            return Err(IommuError::DeviceProtocol);
+        };
+        let slot = match self.batch_slot_of_token.get(usize::from(token)) {
+            Some(&s) if s != 0 => usize::from(s - 1),
+            _ => {
+                self.broken = true;
+                return Err(IommuError::DeviceProtocol);
+            }
+        };
+        let readable = usize::from(self.batch_slots[slot].readable);
+        let (ins, outs) = batch_slot_parts(self.batch_buffer.bytes(), slot, readable);
+        // SAFETY: the same buffers as posted with `token` (from `batch_slot_of_token`).
+        let used = unsafe { self.requestq.pop_used(token, &[ins], &mut [outs]) };
+        let used = match used {
+            Ok(u) => u,
+            Err(e) => {
+                self.broken = true;
+                return Err(match e {
+                    virtio_drivers::Error::WrongToken => IommuError::DeviceProtocol,
+                    e => e.into(),
+                });
+            }
+        };
+        self.batch_slot_of_token[usize::from(token)] = 0;
+        let status = self.batch_buffer.bytes()[slot * BATCH_SLOT + BATCH_TAIL_AT];
+        let meta = &mut self.batch_slots[slot];
+        meta.done = true;
+        meta.used = used;
+        meta.status = status;
+        Ok(())
+    }
+
     fn wait_used(&mut self) -> Result<(), IommuError> {
+        if self.requestq.can_pop() {
+            return Ok(());
+        }
         let wait = self.options.wait;
-        let start = wait.clock.map(|c| c());
+        // The clock is read from the first check on (256 polls in), not before: most requests
+        // complete sooner, and reading a clock can cost more than the request.
+        let mut start = None;
         let mut polls = 0u64;
         while !self.requestq.can_pop() {
             polls += 1;
             if polls.is_multiple_of(256) {
                 self.check_needs_reset()?;
-                if let (Some(clock), Some(t0)) = (wait.clock, start) {
+                if let Some(clock) = wait.clock {
+                    let t0 = *start.get_or_insert_with(clock);
                     if clock().wrapping_sub(t0) > wait.timeout_ns {
                         self.broken = true;
                         return Err(IommuError::Timeout);
@@ -742,6 +1265,13 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
         self.transport.queue_unset(REQUESTQ);
         self.transport.queue_unset(EVENTQ);
     }
+}
+
+/// The device-readable part (`readable` bytes) and the 4-byte tail of batch slot `slot`.
+fn batch_slot_parts(buf: &mut [u8], slot: usize, readable: usize) -> (&[u8], &mut [u8]) {
+    let at = slot * BATCH_SLOT;
+    let (head, tail) = buf[at..at + BATCH_SLOT].split_at_mut(BATCH_TAIL_AT);
+    (&head[..readable], &mut tail[..TAIL])
 }
 
 /// Cuts `buf` into the readable parts (sizes of `readable`) followed by the writable parts.

@@ -7,7 +7,9 @@
 //! - [`parse`]: decoding of PROBE properties and fault events.
 //! - [`topology`] (feature `alloc`): which IOMMU and endpoint ID serve a PCI requester or a
 //!   platform device, from the devicetree.
-//! - [`dma`] (feature `alloc`): run virtio-drivers device drivers behind the IOMMU.
+//! - [`dma`] (feature `alloc`): run virtio-drivers device drivers behind the IOMMU (`Hal`
+//!   adapter, strict and identity modes).
+//! - [`iova`] (feature `alloc`): the O(log n), allocation-free IOVA allocator.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
@@ -23,11 +25,14 @@ pub mod wire;
 #[cfg(feature = "alloc")]
 pub mod dma;
 #[cfg(feature = "alloc")]
+pub mod iova;
+#[cfg(feature = "alloc")]
 pub mod topology;
 
 pub use device::{
-    EventStats, IommuConfig, IommuOptions, VirtIOIommu, WaitPolicy, EVENTQ_SIZE, EVENT_BUFFER_SIZE,
-    MAX_PROBE_SIZE, REQUESTQ_SIZE,
+    Batch, BatchOp, BatchResult, EventStats, IommuConfig, IommuOptions, RequestStats, VirtIOIommu,
+    WaitPolicy, BATCH_CAPACITY, EVENTQ_SIZE, EVENT_BUFFER_SIZE, MAX_PROBE_SIZE, REQUESTQ_MIN_SIZE,
+    REQUESTQ_SIZE,
 };
 pub use error::IommuError;
 pub use parse::{FaultEvent, FaultReason, ProbeProperty, ReservedRegion, ResvMemKind};

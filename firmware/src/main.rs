@@ -3,7 +3,9 @@
 //! Boot: aarch64-rt's entry point enables the MMU with the static identity map of [`mmu`],
 //! enables FP/SIMD (CPACR_EL1.FPEN) before any Rust code, zeroes `.bss`, sets up the boot stack
 //! and the exception vector, then calls [`main`]. `main` sets up the console (from the DT), the
-//! heap, enumerates PCI and runs [`cases::run`].
+//! heap, enumerates PCI and runs [`cases::run`] — or, when the kernel command line (QEMU
+//! `-append`, `/chosen/bootargs`) says `bench` or `dma-modes`, [`bench::run_bench`] or
+//! [`bench::dma_modes::run`].
 //!
 //! Exit status (through semihosting): 0 all cases passed, 1 a case failed (or none ran) or PCI
 //! enumeration failed, 2 panic, 3 unexpected exception, 4 no usable devicetree/console/heap.
@@ -27,6 +29,7 @@ pub mod mmu;
 pub mod pci;
 pub mod timer;
 
+pub mod bench;
 pub mod cases;
 
 use aarch64_rt::entry;
@@ -84,7 +87,11 @@ fn main(x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
         "firmware: platform ready after {} us",
         timer::ticks_to_us(timer::now_ticks().wrapping_sub(start))
     );
-    let (passed, failed) = cases::run(dtb, &mut pci_bus);
+    let (passed, failed) = match bench::mode(dtb) {
+        bench::Mode::Cases => cases::run(dtb, &mut pci_bus),
+        bench::Mode::Bench => exit::exit(bench::run_bench(dtb, &mut pci_bus)),
+        bench::Mode::DmaModes => bench::dma_modes::run(dtb, &mut pci_bus),
+    };
     println!("firmware: {passed} passed, {failed} failed");
     exit::exit(if failed == 0 && passed > 0 { 0 } else { 1 })
 }

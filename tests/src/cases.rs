@@ -134,6 +134,14 @@ fn unmap_req(domain: u32, start: u64, end: u64, reserved: [u8; 4]) -> ReqUnmap {
     }
 }
 
+fn probe_req(endpoint: u32, reserved: [u8; 64]) -> ReqProbe {
+    ReqProbe {
+        head: ReqHead::new(RequestType::Probe),
+        endpoint: endpoint.into(),
+        reserved,
+    }
+}
+
 fn pattern(seed: u8, len: u64) -> Vec<u8> {
     (0..len as usize)
         .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i >> 8) as u8)
@@ -837,8 +845,7 @@ cases! {
     "probe-ok", "D37/D38/D40 PROBE of an endpoint: S_OK, used length probe_size + 4", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         let n = h.config().probe_size as usize;
-        let mut req = ReqProbe::default();
-        req.endpoint = h.endpoints().dma.into();
+        let req = probe_req(h.endpoints().dma, [0; 64]);
         let r = raw_parts(h, &[req.as_bytes()], &[n + 4])?;
         expect_raw(&r, Status::Ok, "PROBE")
     };
@@ -855,21 +862,17 @@ cases! {
     "probe-reserved-ignored", "D33 PROBE ignores the request's reserved bytes", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         let n = h.config().probe_size as usize;
-        let mut req = ReqProbe::default();
-        req.endpoint = h.endpoints().dma.into();
-        req.reserved = [0x5a; 64];
+        let req = probe_req(h.endpoints().dma, [0x5a; 64]);
         let r = raw_parts(h, &[req.as_bytes()], &[n + 4])?;
         expect_raw(&r, Status::Ok, "PROBE")?;
-        let mut plain = ReqProbe::default();
-        plain.endpoint = h.endpoints().dma.into();
+        let plain = probe_req(h.endpoints().dma, [0; 64]);
         let r2 = raw_parts(h, &[plain.as_bytes()], &[n + 4])?;
         if r.writable == r2.writable { Ok(()) } else { diverges("properties differ".into()) }
     };
     "probe-properties-well-formed", "D36/D37/D41 property headers and RESV_MEM reserved are 0, RESV_MEM length 20", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         let n = h.config().probe_size as usize;
-        let mut req = ReqProbe::default();
-        req.endpoint = h.endpoints().dma.into();
+        let req = probe_req(h.endpoints().dma, [0; 64]);
         let r = raw_parts(h, &[req.as_bytes()], &[n + 4])?;
         expect_raw(&r, Status::Ok, "PROBE")?;
         let props = &r.writable[..n];
@@ -891,8 +894,7 @@ cases! {
     "probe-zero-fill", "D40 bytes after the last property are zero", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         let n = h.config().probe_size as usize;
-        let mut req = ReqProbe::default();
-        req.endpoint = h.endpoints().dma.into();
+        let req = probe_req(h.endpoints().dma, [0; 64]);
         let r = raw_parts(h, &[req.as_bytes()], &[n + 4])?;
         expect_raw(&r, Status::Ok, "PROBE")?;
         let props = &r.writable[..n];
@@ -928,8 +930,7 @@ cases! {
         if let Some(why) = h.hazard(Hazard::ShortProbeBuffer) { return not_run(why); }
         let n = h.config().probe_size as usize;
         if n < 8 { return not_run("probe_size too small to shorten"); }
-        let mut req = ReqProbe::default();
-        req.endpoint = h.endpoints().dma.into();
+        let req = probe_req(h.endpoints().dma, [0; 64]);
         let short = n / 2;
         let r = raw_parts(h, &[req.as_bytes()], &[short + 4])?;
         if h.needs_reset() { return diverges("DEVICE_NEEDS_RESET".into()); }
@@ -940,8 +941,7 @@ cases! {
     };
     "probe-not-offered", "D35 PROBE without F_PROBE offered: buffer not written, used length 0", |h, _| {
         if h.offered().contains(Features::PROBE) { return not_run("device offers PROBE"); }
-        let mut req = ReqProbe::default();
-        req.endpoint = h.endpoints().dma.into();
+        let req = probe_req(h.endpoints().dma, [0; 64]);
         let r = raw_parts(h, &[req.as_bytes()], &[512 + 4])?;
         if r.used == 0 { Ok(()) } else { diverges(format!("used length {}", r.used)) }
     };
@@ -1039,7 +1039,7 @@ cases! {
         h.dma_in(iova, SHORT);
         let ev = expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping])?;
         if h.ignored_events() != before { return diverges("reports with reserved bytes set (ignored by the driver)".into()); }
-        let undefined = 0xffff_ffff & !(1 | 2 | 0x100);
+        let undefined: u32 = !(1 | 2 | 0x100);
         if ev.iter().any(|f| f.raw_flags & undefined != 0) { return diverges(format!("flags {:#x}", ev[0].raw_flags)); }
         Ok(())
     };

@@ -1,0 +1,281 @@
+//! No heap allocation on the map/unmap path, proven with a counting `#[global_allocator]`.
+//!
+//! Counted per thread (the test harness allocates on other threads), after the set-up, which
+//! may allocate (node pools, the driver's DMA buffers):
+//!
+//! - the real `VirtIOIommu` (on the fake device of `common`, whose request processing does not
+//!   allocate either): synchronous `map`/`unmap`, a `Batch` of 256 MAPs and 256 UNMAPs, and
+//!   `IommuMapper::submit_batch` with caller arrays;
+//! - the `Hal` adapter `IommuHal` on that driver, strict mode: `share`/`unshare` of buffers in
+//!   every direction, `dma_alloc`/`dma_dealloc` (the inner `Hal`'s own allocation of the memory
+//!   is excluded: it is the embedder's, not the adapter's);
+//! - `IommuHal` in identity mode (bypass and mapped): `share`/`unshare`;
+//! - `IovaAllocator` alloc/free churn and `DmaSpace::map_buffer`/`unmap_buffer`.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::ptr::NonNull;
+
+use common::{FakeDevice, FakeHal, FakeTransport};
+use virtio_drivers::{BufferDirection, Hal};
+use virtio_iommu_driver::dma::spin::Mutex;
+use virtio_iommu_driver::dma::{
+    DmaMode, DmaSpace, IommuHal, IommuMapper, IovaAllocator, PhysRange,
+};
+use virtio_iommu_driver::wire::MapFlags;
+use virtio_iommu_driver::{BatchOp, IommuError, VirtIOIommu};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count() {
+    if !common::counting_paused() {
+        let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+    }
+}
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's guarantees, forwarded.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: the caller's guarantees, forwarded.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        // SAFETY: the caller's guarantees, forwarded.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's guarantees, forwarded.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Heap allocations made by this thread while running `f`.
+fn allocations<R>(f: impl FnOnce() -> R) -> (u64, R) {
+    let before = ALLOCATIONS.with(Cell::get);
+    let r = f();
+    (ALLOCATIONS.with(Cell::get) - before, r)
+}
+
+const RW: MapFlags = MapFlags::READ.union(MapFlags::WRITE);
+const G: u64 = 0x1000;
+
+type Driver = VirtIOIommu<FakeHal, FakeTransport>;
+
+#[test]
+fn the_counter_counts() {
+    let (n, v) = allocations(|| vec![1u8; 10]);
+    assert_eq!((n, v.len()), (1, 10));
+}
+
+#[test]
+fn driver_map_unmap_and_batches_do_not_allocate() {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    drv.attach(1, 16).unwrap();
+    let ops: [BatchOp; 64] = std::array::from_fn(|k| BatchOp::Map {
+        domain: 1,
+        virt_start: G * (k as u64 + 1),
+        virt_end: G * (k as u64 + 2) - 1,
+        phys_start: 0x4000_0000,
+        flags: RW,
+    });
+    let unmaps: [BatchOp; 64] = std::array::from_fn(|k| BatchOp::Unmap {
+        domain: 1,
+        virt_start: G * (k as u64 + 1),
+        virt_end: G * (k as u64 + 2) - 1,
+    });
+    let mut results = [Ok(()); 64];
+    let (n, ()) = allocations(|| {
+        for k in 0..1000u64 {
+            let at = G * (k % 512 + 1);
+            drv.map(1, at, at + G - 1, 0x4000_0000, RW).unwrap();
+            drv.unmap(1, at, at + G - 1).unwrap();
+        }
+        for _ in 0..4 {
+            let mut b = drv.batch();
+            for k in 0..256u64 {
+                b.map(1, G * (k + 1), G * (k + 2) - 1, 0x4000_0000, RW)
+                    .unwrap();
+            }
+            assert_eq!(b.submit().unwrap().failures(), 0);
+            let mut b = drv.batch();
+            for k in 0..256u64 {
+                b.unmap(1, G * (k + 1), G * (k + 2) - 1).unwrap();
+            }
+            assert_eq!(b.submit().unwrap().failures(), 0);
+        }
+        IommuMapper::submit_batch(&mut drv, &ops, &mut results).unwrap();
+        IommuMapper::submit_batch(&mut drv, &unmaps, &mut results).unwrap();
+        // Errors too: refused before sending, and by the device.
+        assert!(drv.map(1, 1, G, 0, RW).is_err());
+        assert!(drv.unmap(9, G, 2 * G - 1).is_err());
+    });
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(n, 0, "heap allocations on the driver's map/unmap path");
+    assert!(dev.state().mappings.is_empty());
+}
+
+// --- The Hal adapter on the real driver. ---
+
+static IOMMU: Mutex<Option<Driver>> = Mutex::new(None);
+static STRICT: Mutex<Option<DmaSpace>> = Mutex::new(None);
+static BYPASS: Mutex<Option<DmaSpace>> = Mutex::new(None);
+static MAPPED: Mutex<Option<DmaSpace>> = Mutex::new(None);
+
+virtio_iommu_driver::dma_context! {
+    struct StrictCtx { inner: FakeHal, iommu: IOMMU, space: STRICT }
+}
+virtio_iommu_driver::dma_context! {
+    struct BypassCtx { inner: FakeHal, iommu: IOMMU, space: BYPASS }
+}
+virtio_iommu_driver::dma_context! {
+    struct MappedCtx { inner: FakeHal, iommu: IOMMU, space: MAPPED }
+}
+
+/// `share` then `unshare` of `buf` in every direction through `IommuHal<C>`; returns the
+/// device addresses.
+fn share_unshare<C: virtio_iommu_driver::dma::DmaContext>(buf: &mut [u8]) -> [u64; 3] {
+    let ptr = NonNull::from(&mut *buf);
+    [
+        BufferDirection::DriverToDevice,
+        BufferDirection::DeviceToDriver,
+        BufferDirection::Both,
+    ]
+    .map(|dir| {
+        // SAFETY: `buf` is valid and not touched until `unshare`.
+        let addr = unsafe { IommuHal::<C>::share(ptr, dir) };
+        assert_ne!(addr, 0, "share failed");
+        // SAFETY: the same buffer and the address `share` returned for it.
+        unsafe { IommuHal::<C>::unshare(addr, ptr, dir) };
+        addr
+    })
+}
+
+#[test]
+fn hal_adapter_share_unshare_and_dma_alloc_do_not_allocate() {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    let strict = DmaSpace::attach_strict(&mut drv, 1, 8, &[]).unwrap();
+    let bypass = DmaSpace::attach_identity(&mut drv, 2, 16, &[], &[]).unwrap();
+    assert_eq!(bypass.mode(), DmaMode::IdentityBypass);
+    let mut buf = vec![0u8; 3 * 4096 + 100];
+    let ram = [PhysRange::from_start_size(buf.as_ptr() as u64 & !0xfff, 0x10_0000).unwrap()];
+    drv.attach(3, 24).unwrap();
+    let mapped = DmaSpace::identity_mapped(&mut drv, 3, &ram, &[]).unwrap();
+    assert_eq!(mapped.maps, 1);
+    *IOMMU.lock() = Some(drv);
+    *STRICT.lock() = Some(strict);
+    *BYPASS.lock() = Some(bypass);
+    *MAPPED.lock() = Some(mapped);
+    let mapping_count = dev.state().mappings.len();
+
+    let (n, ()) = allocations(|| {
+        for _ in 0..300 {
+            let addrs = share_unshare::<StrictCtx>(&mut buf[5..]);
+            assert!(addrs.iter().all(|&a| a != buf.as_ptr() as u64 + 5));
+            let (iova, vaddr) = IommuHal::<StrictCtx>::dma_alloc(3, BufferDirection::Both);
+            assert_ne!(iova, 0);
+            // SAFETY: what `dma_alloc` returned, not used afterwards.
+            assert_eq!(
+                unsafe { IommuHal::<StrictCtx>::dma_dealloc(iova, vaddr, 3) },
+                0
+            );
+            for addr in share_unshare::<BypassCtx>(&mut buf[7..]) {
+                assert_eq!(addr, buf.as_ptr() as u64 + 7);
+            }
+            for addr in share_unshare::<MappedCtx>(&mut buf[9..]) {
+                assert_eq!(addr, buf.as_ptr() as u64 + 9);
+            }
+        }
+    });
+    assert_eq!(
+        n, 0,
+        "heap allocations in share/unshare/dma_alloc/dma_dealloc"
+    );
+    assert_eq!(
+        dev.state().mappings.len(),
+        mapping_count,
+        "all unmapped again"
+    );
+    let strict = STRICT.lock().take().unwrap();
+    assert_eq!(
+        (strict.maps, strict.unmaps, strict.failures),
+        (1200, 1200, 0)
+    );
+    for space in [BYPASS.lock().take(), MAPPED.lock().take()] {
+        let space = space.unwrap();
+        assert_eq!(
+            (space.unmaps, space.failures),
+            (0, 0),
+            "no request per buffer"
+        );
+    }
+}
+
+/// A mapper that accepts everything (for the allocator-level checks).
+struct Accept;
+
+impl IommuMapper for Accept {
+    fn granule(&self) -> u64 {
+        G
+    }
+    fn map(&mut self, _: u32, _: u64, _: u64, _: u64, _: MapFlags) -> Result<(), IommuError> {
+        Ok(())
+    }
+    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), IommuError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn allocator_and_dma_space_do_not_allocate() {
+    let mut a = IovaAllocator::with_capacity(0, u64::MAX, G, 4096).unwrap();
+    a.reserve(0x0802_0000, 0x0802_0fff);
+    let mut space = DmaSpace::strict(1, IovaAllocator::new(0, 0xffff_ffff, G).unwrap(), 512);
+    let mut live = [0u64; 300];
+    let (n, ()) = allocations(|| {
+        for round in 0..20u64 {
+            for (k, slot) in live.iter_mut().enumerate() {
+                *slot = a.alloc(G * (1 + (k as u64 + round) % 7)).unwrap();
+            }
+            for (k, &at) in live.iter().enumerate().rev() {
+                if k as u64 % 2 == round % 2 {
+                    a.free(at, G * (1 + (k as u64 + round) % 7)).unwrap();
+                }
+            }
+            for (k, &at) in live.iter().enumerate() {
+                if k as u64 % 2 != round % 2 {
+                    a.free(at, G * (1 + (k as u64 + round) % 7)).unwrap();
+                }
+            }
+            for (k, slot) in live.iter_mut().enumerate() {
+                *slot = space
+                    .map_buffer(&mut Accept, 0x4000_0000 + 0x123 * k as u64, 0x1800, RW)
+                    .unwrap();
+            }
+            for &at in &live {
+                space.unmap_buffer(&mut Accept, at).unwrap();
+            }
+        }
+        assert_eq!(space.unmap_all(&mut Accept).unwrap(), 0);
+    });
+    assert_eq!(n, 0);
+    assert_eq!(a.free_ranges(), 2);
+    assert_eq!(space.live_mappings(), 0);
+}

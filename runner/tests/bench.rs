@@ -1,0 +1,209 @@
+//! Boots the firmware's other modes (kernel command line through QEMU `-append`):
+//!
+//! - `bench`: MAP+UNMAP throughput, one request per notification versus batches; checks the
+//!   requests per notification at batch size 256 (≥ 64, the issue's criterion) and that batching
+//!   is faster by at least [`MIN_SPEEDUP`] (see there: the issue's 8× does not hold under QEMU
+//!   TCG and is reported, not asserted).
+//! - `dma-modes`: virtio-blk and virtio-rng behind the IOMMU through the driver's `Hal` adapter
+//!   in strict, identity-bypass and identity-mapped mode, data verified (the disk's SHA-256 in
+//!   every mode equal to the host's).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use virtio_iommu_runner::{
+    firmware_elf, parse_tap, problems, run, QemuChoice, RunConfig, RunOutcome,
+};
+
+/// Speed-up of batch size 256 over one request per notification that the test requires.
+///
+/// The issue asks for 8×. Under QEMU TCG a notification is an MMIO write handled synchronously
+/// in the vCPU thread (~1.3 µs on the reference machine), while QEMU's own work per MAP/UNMAP
+/// request (virtqueue pop/push, GTree insert/remove) is ~0.6 µs and cannot be batched away, so
+/// the attainable speed-up is about 2–3× (BENCHMARKS.md has the figures and the breakdown).
+/// This floor catches a batching regression without failing on a loaded host; the measured
+/// value is printed, and `-append "bench"` alone (the firmware's default) checks the issue's 8×.
+const MIN_SPEEDUP: f64 = 1.3;
+/// Requests per notification required at batch size 256 (the issue's criterion).
+const MIN_REQ_PER_NOTIFY_256: f64 = 64.0;
+
+/// The firmware ELF, built once for all tests of this binary (or `$VIOMMU_FIRMWARE_ELF`).
+fn firmware() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| firmware_elf().unwrap_or_else(|e| panic!("building the firmware: {e}")))
+}
+
+fn boot(name: &str, config: RunConfig) -> RunOutcome {
+    let outcome =
+        run(&config, firmware()).unwrap_or_else(|e| panic!("{name}: running QEMU failed: {e}"));
+    eprintln!(
+        "{name}: exit {} after {:.2} s (QEMU {})",
+        outcome.exit_code,
+        outcome.duration.as_secs_f64(),
+        outcome.qemu.display()
+    );
+    outcome
+}
+
+/// One `bench-result:` line: its `key=value` fields.
+fn bench_results(output: &str) -> Vec<BTreeMap<String, String>> {
+    output
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("bench-result: "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+fn field(row: &BTreeMap<String, String>, key: &str) -> f64 {
+    row.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bench-result without a numeric {key}: {row:?}"))
+}
+
+fn bench(name: &str, qemu: QemuChoice) {
+    let config = RunConfig {
+        qemu,
+        extra_args: vec!["-append".into(), format!("bench min-speedup={MIN_SPEEDUP}")],
+        ..RunConfig::default()
+    };
+    let outcome = boot(name, config);
+    let rows = bench_results(&outcome.output);
+    let find = |batch: &str, api: &str| {
+        rows.iter()
+            .find(|r| {
+                r.get("batch").map(String::as_str) == Some(batch)
+                    && r.get("api").map(String::as_str) == Some(api)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name}: no bench-result for batch={batch} api={api}\n{}",
+                    outcome.output
+                )
+            })
+    };
+    let sync = find("1", "sync");
+    let single = find("1", "batch");
+    for b in ["8", "64"] {
+        let row = find(b, "batch");
+        assert!(field(row, "ops_per_s") > 0.0);
+    }
+    let top = find("256", "batch");
+    for row in [sync, single] {
+        assert_eq!(
+            field(row, "req_per_notify"),
+            1.0,
+            "{name}: one request per notification"
+        );
+    }
+    let baseline = field(sync, "ops_per_s").max(field(single, "ops_per_s"));
+    let speedup = field(top, "ops_per_s") / baseline;
+    let rpn = field(top, "req_per_notify");
+    eprintln!(
+        "{name}: batch 256 = {speedup:.2}x one request per notification ({} vs {baseline} ops/s), \
+         {rpn} requests per notification; issue target 8x {}",
+        field(top, "ops_per_s"),
+        if speedup >= 8.0 { "met" } else { "NOT met" }
+    );
+    assert!(
+        rpn >= MIN_REQ_PER_NOTIFY_256,
+        "{name}: {rpn} requests per notification at batch size 256"
+    );
+    assert!(
+        speedup >= MIN_SPEEDUP,
+        "{name}: batching only {speedup:.2}x faster"
+    );
+    for check in ["speedup_at_256=", "req_per_notify_at_256="] {
+        assert!(
+            outcome
+                .output
+                .lines()
+                .any(|l| l.starts_with(&format!("bench-check: {check}")) && l.ends_with(" ok")),
+            "{name}: the firmware's check {check} is missing or failed\n{}",
+            outcome.output
+        );
+    }
+    assert_eq!(
+        outcome.exit_code, 0,
+        "{name}: the firmware's own checks failed\n{}",
+        outcome.output
+    );
+}
+
+#[test]
+fn bench_mode_batches() {
+    bench("bench", QemuChoice::System);
+}
+
+/// Cases `dma-modes` must report as `ok` and not skipped (by name prefix).
+const DMA_MODE_CASES: &[&str] = &[
+    "dma-modes: virtio-iommu initialised",
+    "virtio-blk, strict:",
+    "virtio-rng, strict:",
+    "virtio-blk, identity (bypass domain):",
+    "virtio-rng, identity (bypass domain):",
+    "virtio-blk, identity (RAM mapped in one batch):",
+    "virtio-rng, identity (RAM mapped in one batch):",
+    "virtio-blk: the same disk contents in every mode",
+    "no fault reported while the devices ran",
+];
+
+fn dma_modes(name: &str, qemu: QemuChoice) {
+    let config = RunConfig {
+        qemu,
+        extra_args: [
+            "-append",
+            "dma-modes",
+            "-device",
+            "virtio-rng-pci,iommu_platform=on,disable-legacy=on",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..RunConfig::default()
+    };
+    let outcome = boot(name, config);
+    let found = problems(&outcome, true);
+    assert!(
+        found.is_empty(),
+        "{name}: {found:#?}\n--- output ---\n{}\n--- stderr ---\n{}",
+        outcome.output,
+        outcome.stderr
+    );
+    let tap = parse_tap(&outcome.output);
+    for case in DMA_MODE_CASES {
+        assert!(
+            tap.iter()
+                .any(|l| l.ok && l.directive.is_none() && l.name.starts_with(case)),
+            "{name}: case `{case}` missing, failed or skipped\n{}",
+            outcome.output
+        );
+    }
+    let hashes: Vec<&str> = outcome
+        .output
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("disk-sha256:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(hashes.len(), 3, "{name}: one disk hash per mode");
+    for h in hashes {
+        assert_eq!(
+            h, outcome.disk_sha256,
+            "{name}: disk read through the IOMMU"
+        );
+    }
+}
+
+#[test]
+fn dma_modes_blk_and_rng() {
+    dma_modes("dma-modes", QemuChoice::System);
+}
+
+#[test]
+fn dma_modes_blk_and_rng_qemu_7_2() {
+    dma_modes("dma-modes qemu-7.2", QemuChoice::Debian72);
+}
