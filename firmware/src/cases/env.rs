@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use core::alloc::Layout;
 use spin::Mutex;
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_iommu_driver::dma::{DmaContext, DmaSpace, IommuMapper};
+use virtio_iommu_driver::dma::DmaSpace;
 use virtio_iommu_driver::{FaultEvent, IommuError, VirtIOIommu};
 
 use crate::hal::IdentityHal;
@@ -20,22 +20,10 @@ pub static IOMMU: Mutex<Option<Iommu>> = Mutex::new(None);
 /// DMA state of the virtio-blk device (its domain, IOVA allocator and live mappings).
 pub static BLK_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
 
-/// [`DmaContext`] of the virtio-blk device: `IommuHal<BlkDma>` maps its buffers.
-pub struct BlkDma;
-
-impl DmaContext for BlkDma {
-    type Inner = IdentityHal;
-
-    fn with<R>(
-        f: impl FnOnce(&mut dyn IommuMapper, &mut DmaSpace) -> Result<R, IommuError>,
-    ) -> Result<R, IommuError> {
-        let mut iommu = IOMMU.lock();
-        let mut space = BLK_DMA.lock();
-        match (iommu.as_mut(), space.as_mut()) {
-            (Some(iommu), Some(space)) => f(iommu, space),
-            _ => Err(IommuError::Broken),
-        }
-    }
+virtio_iommu_driver::dma_context! {
+    /// DMA context of the virtio-blk device: `IommuHal<BlkDma>` maps its buffers in
+    /// [`BLK_DMA`]'s domain through [`IOMMU`].
+    pub struct BlkDma { inner: IdentityHal, iommu: IOMMU, space: BLK_DMA }
 }
 
 /// Runs `f` on the driver. Errors with [`IommuError::Broken`] if it was never set up.
