@@ -12,14 +12,12 @@
 //! identity through a bypass domain (ATTACH_F_BYPASS; no request per buffer) and identity
 //! mappings of all RAM made in one batch (no request per buffer either).
 
-use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use sha2::{Digest, Sha256};
 use spin::Mutex;
-use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
+use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_iommu_driver::dma::{AccessPlatform, DmaMode, DmaSpace, IommuHal, PhysRange};
@@ -28,7 +26,6 @@ use virtio_iommu_driver::wire::Features;
 use super::{setup, Endpoint, IOMMU};
 use crate::hal::IdentityHal;
 use crate::pci::PciBus;
-use crate::timer::Deadline;
 
 /// DMA state of the virtio-blk device.
 static BLK_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
@@ -47,10 +44,6 @@ virtio_iommu_driver::dma_context! {
 type Blk = VirtIOBlk<IommuHal<BlkDma>, AccessPlatform<PciTransport>>;
 type Rng = VirtIORng<IommuHal<RngDma>, AccessPlatform<PciTransport>>;
 
-/// Bytes per read when hashing the disk.
-const CHUNK: usize = 64 * 1024;
-/// Size of the scratch region written and restored at the end of the disk.
-const SCRATCH: usize = 16 * 1024;
 /// Bytes of entropy per request.
 const ENTROPY: usize = 2048;
 
@@ -355,89 +348,10 @@ fn blk_case(
 /// Reads the whole disk (hash printed and returned), then writes, verifies and restores a
 /// scratch region.
 fn blk_io(blk: &mut Blk) -> Result<String, String> {
-    let sectors = blk.capacity();
-    let mut hasher = Sha256::new();
-    let mut sector = 0u64;
-    let mut buf = vec![0u8; CHUNK].into_boxed_slice();
-    while sector < sectors {
-        let n = ((sectors - sector) as usize * SECTOR_SIZE).min(CHUNK);
-        buf = io(blk, sector, buf, n, false)?;
-        hasher.update(&buf[..n]);
-        sector += (n / SECTOR_SIZE) as u64;
-    }
-    let mut hex = String::new();
-    for b in hasher.finalize() {
-        hex.push_str(&format!("{b:02x}"));
-    }
+    let hex = crate::blkio::disk_sha256(blk)?;
     println!("disk-sha256: {hex}");
-    let bytes = (sectors as usize).saturating_mul(SECTOR_SIZE);
-    let len = SCRATCH.min(bytes);
-    let at = ((bytes - len) / SECTOR_SIZE) as u64;
-    let original = io(blk, at, vec![0u8; len].into_boxed_slice(), len, false)?;
-    let data: Box<[u8]> = (0..len)
-        .map(|i| (i as u8).wrapping_mul(13) ^ 0xa5)
-        .collect();
-    let expected = data.clone();
-    io(blk, at, data, len, true)?;
-    let back = io(blk, at, vec![0u8; len].into_boxed_slice(), len, false)?;
-    io(blk, at, original.clone(), len, true)?;
-    let again = io(blk, at, vec![0u8; len].into_boxed_slice(), len, false)?;
-    if back != expected {
-        return Err("scratch pattern read back differs".into());
-    }
-    if again != original {
-        return Err("restored scratch differs".into());
-    }
+    crate::blkio::scratch_round_trip(blk)?;
     Ok(hex)
-}
-
-/// One read or write of `len` bytes at `sector`, waiting at most 10 s. The buffer is owned here
-/// so that on a timeout it can be leaked instead of freed while the device may still use it.
-fn io(
-    blk: &mut Blk,
-    sector: u64,
-    mut buf: Box<[u8]>,
-    len: usize,
-    write: bool,
-) -> Result<Box<[u8]>, String> {
-    let mut req = Box::new(BlkReq::default());
-    let mut resp = Box::new(BlkResp::default());
-    let data = &mut buf[..len];
-    // SAFETY: `req`, `data` and `resp` are not touched until the request completes; on timeout
-    // they are leaked, so the device can never write into freed memory.
-    let token = unsafe {
-        if write {
-            blk.write_blocks_nb(sector as usize, &mut req, data, &mut resp)
-        } else {
-            blk.read_blocks_nb(sector as usize, &mut req, data, &mut resp)
-        }
-    }
-    .map_err(|e| format!("submit at sector {sector}: {e}"))?;
-    let deadline = Deadline::after_ms(10_000);
-    while blk.peek_used() != Some(token) {
-        if deadline.expired() {
-            Box::leak(req);
-            Box::leak(resp);
-            Box::leak(buf);
-            return Err(format!("request at sector {sector} did not complete"));
-        }
-        core::hint::spin_loop();
-    }
-    // SAFETY: the same buffers as submitted with `token`.
-    let done = unsafe {
-        if write {
-            blk.complete_write_blocks(token, &req, data, &mut resp)
-        } else {
-            blk.complete_read_blocks(token, &req, data, &mut resp)
-        }
-    };
-    done.map_err(|e| {
-        format!(
-            "{} at sector {sector}: {e}",
-            if write { "write" } else { "read" }
-        )
-    })?;
-    Ok(buf)
 }
 
 fn rng_case(pci: &mut PciBus, env: &mut Env, ep: &Endpoint, mode: DmaMode) -> Result<(), String> {
