@@ -3,9 +3,12 @@
 //! the endpoint attachments; each request method validates its arguments, applies the change
 //! only if every check passed, and returns the [`Status`] the device writes in the tail.
 //!
-//! Lookups and updates are O(log n) in the number of mappings of a domain (mappings are a
-//! `BTreeMap` keyed by first IOVA); UNMAP is O(k log n) for k removed mappings, after an
-//! O(log n) check that nothing would be split.
+//! A domain's mappings are kept in a two-level sorted table (`MappingTable`): leaves of at most
+//! 128 mappings sorted by first IOVA, and a sorted array of each leaf's first IOVA. A lookup is
+//! two binary searches (O(log n), about 20 steps at 1M mappings, no allocation); MAP is
+//! O(log n) plus moving at most 128 entries of one leaf (and, once per split, the leaf index);
+//! UNMAP is O(log n + k) for k removed mappings, after an O(log n) check that nothing would be
+//! split. See `BENCHMARKS.md` for the measured costs.
 //!
 //! Statement numbers (D*, R*) refer to the project's spec checklist (virtio v1.3 §5.13).
 
@@ -38,7 +41,377 @@ pub struct Mapping {
 pub struct Domain {
     bypass: bool,
     endpoints: BTreeSet<u32>,
-    mappings: BTreeMap<u64, Mapping>,
+    mappings: MappingTable,
+}
+
+/// Most mappings in one leaf of a [`MappingTable`] (a power of two: see [`Leaf::count_le`]).
+const LEAF_MAX: usize = 128;
+// `Leaf::count_le` is unrolled for this size.
+const _: () = assert!(LEAF_MAX == 128);
+/// After an UNMAP, a leaf with fewer mappings than this is merged with a neighbour...
+const LEAF_MIN: usize = LEAF_MAX / 4;
+/// ...if together they hold at most this many (leaving room for MAPs before the next split).
+const LEAF_MERGED_MAX: usize = LEAF_MAX * 3 / 4;
+
+/// Number of elements of the sorted `keys` that are `<= key`, for a `keys` whose length is zero
+/// or a power of two: a fixed number of halvings, each one comparison and no branch, indexes
+/// masked into range (the mask changes no index: they are all below the length).
+#[inline]
+fn count_le_pow2(keys: &[u64], key: u64) -> usize {
+    let Some(mask) = keys.len().checked_sub(1) else {
+        return 0;
+    };
+    // `base` is the last index whose key is `<= key` (or 0 if there is none) within the
+    // `step * 2` keys from `base`; `base + step < keys.len()` at each comparison.
+    let mut base = 0;
+    let mut step = keys.len();
+    loop {
+        step >>= 1;
+        if step == 0 {
+            break;
+        }
+        let i = (base + step) & mask;
+        base = std::hint::select_unpredictable(keys[i] <= key, i, base);
+    }
+    base + usize::from(keys[base & mask] <= key)
+}
+
+/// One leaf of a [`MappingTable`]: 1..=[`LEAF_MAX`] mappings sorted by first IOVA. Always
+/// boxed, so that the table's vector of leaves moves 8 bytes per leaf when a leaf is inserted
+/// or removed.
+#[derive(Clone)]
+struct Leaf {
+    /// `keys[i]` is the first IOVA of `maps[i]`; `keys[maps.len()..]` are `u64::MAX`. A fixed,
+    /// padded array makes the in-leaf search a fixed sequence of steps with no bounds check.
+    keys: [u64; LEAF_MAX],
+    maps: Vec<Mapping>,
+}
+
+impl Leaf {
+    fn empty() -> Box<Self> {
+        Box::new(Self {
+            keys: [u64::MAX; LEAF_MAX],
+            maps: Vec::new(),
+        })
+    }
+
+    fn single(start: u64, mapping: Mapping) -> Box<Self> {
+        let mut leaf = Self::empty();
+        leaf.keys[0] = start;
+        leaf.maps.push(mapping);
+        leaf
+    }
+
+    fn len(&self) -> usize {
+        self.maps.len()
+    }
+
+    /// The first IOVAs, in increasing order.
+    fn starts(&self) -> &[u64] {
+        self.keys.get(..self.maps.len()).unwrap_or(&[])
+    }
+
+    fn first(&self) -> Option<u64> {
+        self.starts().first().copied()
+    }
+
+    /// Number of mappings whose first IOVA is `<= key`: seven branch-free halvings over the
+    /// padded keys (indexes masked into range; the mask changes none of them).
+    #[inline]
+    fn count_le(&self, key: u64) -> usize {
+        const M: usize = LEAF_MAX - 1;
+        let k = &self.keys;
+        let mut base = usize::from(k[63] <= key) * 64;
+        base += usize::from(k[(base + 31) & M] <= key) * 32;
+        base += usize::from(k[(base + 15) & M] <= key) * 16;
+        base += usize::from(k[(base + 7) & M] <= key) * 8;
+        base += usize::from(k[(base + 3) & M] <= key) * 4;
+        base += usize::from(k[(base + 1) & M] <= key) * 2;
+        base += usize::from(k[base & M] <= key);
+        base += usize::from(k[base & M] <= key);
+        // Padding keys are `u64::MAX`, counted only when `key == u64::MAX`.
+        base.min(self.len())
+    }
+
+    /// Number of mappings whose first IOVA is `< key`.
+    fn count_lt(&self, key: u64) -> usize {
+        key.checked_sub(1).map_or(0, |k| self.count_le(k))
+    }
+
+    /// Inserts at `pos` (`<= len() < LEAF_MAX`).
+    fn insert(&mut self, pos: usize, start: u64, mapping: Mapping) {
+        let len = self.len();
+        self.keys.copy_within(pos..len, pos + 1);
+        self.keys[pos] = start;
+        self.maps.insert(pos, mapping);
+    }
+
+    /// Removes the mappings at `a..b` (`a <= b <= len()`).
+    fn remove(&mut self, a: usize, b: usize) {
+        let len = self.len();
+        self.keys.copy_within(b..len, a);
+        self.keys[len - (b - a)..len].fill(u64::MAX);
+        self.maps.drain(a..b);
+    }
+
+    /// Moves the mappings from `at` on (`at <= len()`) into a new leaf.
+    fn split_off(&mut self, at: usize) -> Box<Leaf> {
+        let len = self.len();
+        let mut right = Self::empty();
+        right.keys[..len - at].copy_from_slice(&self.keys[at..len]);
+        right.maps = self.maps.split_off(at);
+        self.keys[at..len].fill(u64::MAX);
+        right
+    }
+
+    /// Appends `other`'s mappings (`len() + other.len() <= LEAF_MAX`, all after ours).
+    fn append(&mut self, other: Box<Leaf>) {
+        let (len, n) = (self.len(), other.len());
+        self.keys[len..len + n].copy_from_slice(&other.keys[..n]);
+        self.maps.extend(other.maps);
+    }
+}
+
+/// The mappings of a domain, ordered by first IOVA (`virt_start`): an ordered map
+/// `virt_start -> Mapping` specialised for the translation lookup "the mapping with the
+/// greatest `virt_start <= iova`".
+///
+/// Two levels: `leaves`, each holding 1..=[`LEAF_MAX`] mappings in increasing `virt_start`
+/// order, all of leaf `i` before all of leaf `i + 1`; and `firsts[i]`, the first `virt_start` of
+/// leaf `i`, padded with `u64::MAX` to a power-of-two length (for [`count_le_pow2`]). A lookup
+/// is a binary search in `firsts` then one in the leaf's keys (keys in their own arrays, so the
+/// searches touch only keys), branch-free and without allocation. An insertion moves at most
+/// `LEAF_MAX` entries of one leaf, and on a split 16 bytes per leaf (`firsts` and `leaves`).
+/// Equality and `Debug` are those of the ordered map, whatever the leaf boundaries.
+#[derive(Clone, Default)]
+struct MappingTable {
+    firsts: Vec<u64>,
+    // Boxed on purpose: a leaf is over 1 KiB, and inserting or removing one moves the rest.
+    #[allow(clippy::vec_box)]
+    leaves: Vec<Box<Leaf>>,
+    len: usize,
+}
+
+impl MappingTable {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &Mapping)> + '_ {
+        self.leaves
+            .iter()
+            .flat_map(|l| l.starts().iter().copied().zip(l.maps.iter()))
+    }
+
+    /// Number of leaves whose first `virt_start` is `<= key`.
+    #[inline]
+    fn leaves_le(&self, key: u64) -> usize {
+        // Padding is `u64::MAX`, counted only when `key == u64::MAX`.
+        count_le_pow2(&self.firsts, key).min(self.leaves.len())
+    }
+
+    /// Index of the leaf holding the greatest `virt_start <= key`, if any.
+    #[inline]
+    fn leaf_of(&self, key: u64) -> Option<usize> {
+        self.leaves_le(key).checked_sub(1)
+    }
+
+    /// Inserts a new leaf at `at` (`<= leaves.len()`), with its first start.
+    fn insert_leaf(&mut self, at: usize, leaf: Box<Leaf>, first: u64) {
+        let live = self.leaves.len();
+        if live == self.firsts.len() {
+            self.firsts.resize((live + 1).next_power_of_two(), u64::MAX);
+        }
+        self.firsts.copy_within(at..live, at + 1);
+        self.firsts[at] = first;
+        self.leaves.insert(at, leaf);
+    }
+
+    /// Removes the leaves `at..at + count` (`at + count <= leaves.len()`) and their first
+    /// starts; returns the first removed leaf.
+    fn remove_leaves(&mut self, at: usize, count: usize) -> Option<Box<Leaf>> {
+        let live = self.leaves.len();
+        self.firsts.copy_within(at + count..live, at);
+        let now = live - count;
+        self.firsts[now..live].fill(u64::MAX);
+        // Shrink the padding when three quarters of it are unused.
+        if now <= self.firsts.len() / 4 {
+            self.firsts
+                .truncate(now.next_power_of_two().min(self.firsts.len()));
+            if now == 0 {
+                self.firsts.clear();
+            }
+        }
+        let mut drained = self.leaves.drain(at..at + count);
+        let first = drained.next();
+        drop(drained);
+        first
+    }
+
+    /// The mapping with the greatest `virt_start <= key`.
+    #[inline]
+    fn floor(&self, key: u64) -> Option<(u64, &Mapping)> {
+        let leaf = self.leaves.get(self.leaf_of(key)?)?;
+        // The leaf's first start is `<= key`, so the count is at least 1.
+        let i = leaf.count_le(key).checked_sub(1)?;
+        Some((*leaf.keys.get(i)?, leaf.maps.get(i)?))
+    }
+
+    /// Inserts the mapping starting at `start`, which the caller checked overlaps none (so
+    /// `start` is not a key yet).
+    ///
+    /// A full leaf is split in two halves, except at the ends of the table: a MAP after every
+    /// mapping (or before every mapping) moves only a quarter of the last (first) leaf into a
+    /// new one, so MAPs in increasing (decreasing) IOVA order leave leaves three quarters
+    /// full: fewer leaves than half-full ones, and room for later MAPs between them before a
+    /// split.
+    fn insert(&mut self, start: u64, mapping: Mapping) {
+        const QUARTER: usize = LEAF_MAX / 4;
+        self.len += 1;
+        let Some(li) = self.leaf_of(start) else {
+            // Before every mapping.
+            match (self.leaves.first_mut(), self.firsts.first_mut()) {
+                (Some(leaf), Some(first)) => {
+                    let rest = (leaf.len() == LEAF_MAX).then(|| leaf.split_off(QUARTER));
+                    leaf.insert(0, start, mapping);
+                    *first = start;
+                    if let Some(rest) = rest {
+                        if let Some(rest_first) = rest.first() {
+                            self.insert_leaf(1, rest, rest_first);
+                        }
+                    }
+                }
+                _ => self.insert_leaf(0, Leaf::single(start, mapping), start),
+            }
+            return;
+        };
+        let is_last = li + 1 == self.leaves.len();
+        let Some(leaf) = self.leaves.get_mut(li) else {
+            return; // unreachable: `leaf_of` returns an index below `leaves.len()`
+        };
+        let pos = leaf.count_lt(start);
+        if leaf.len() < LEAF_MAX {
+            leaf.insert(pos, start, mapping);
+            return;
+        }
+        // `pos >= 1` (the leaf's first start is below `start`), so the left part keeps its
+        // first start.
+        let mid = if is_last && pos == LEAF_MAX {
+            LEAF_MAX - QUARTER
+        } else {
+            LEAF_MAX / 2
+        };
+        let mut right = leaf.split_off(mid);
+        if pos <= mid {
+            leaf.insert(pos, start, mapping);
+        } else {
+            right.insert(pos - mid, start, mapping);
+        }
+        let Some(right_first) = right.first() else {
+            return; // unreachable: `right` holds `LEAF_MAX - mid` or more mappings
+        };
+        self.insert_leaf(li + 1, right, right_first);
+    }
+
+    /// Removes every mapping whose `virt_start` is in `start..=end`; returns how many.
+    fn remove_range(&mut self, start: u64, end: u64) -> usize {
+        // Leaves `first..stop` may hold such mappings: from the one holding the greatest
+        // `virt_start <= start` (or the first) to the last whose first start is `<= end`.
+        let first = self.leaf_of(start).unwrap_or(0);
+        let stop = self.leaves_le(end);
+        if first >= stop {
+            return 0;
+        }
+        let mut removed = 0;
+        for leaf in self.leaves.get_mut(first..stop).unwrap_or_default() {
+            let a = leaf.count_lt(start);
+            let b = leaf.count_le(end);
+            if a < b {
+                leaf.remove(a, b);
+                removed += b - a;
+            }
+        }
+        if removed == 0 {
+            return 0;
+        }
+        self.len -= removed;
+        // Leaves strictly between the first and the last of them start after `start` and end
+        // before the next leaf's first start `<= end`: they are empty now. Drop them at once.
+        let last = stop - 1;
+        if last > first + 1 {
+            self.remove_leaves(first + 1, last - first - 1);
+        }
+        // The two boundary leaves, now at `first` and `first + 1` (the same one if
+        // `last == first`): drop them if empty, else refresh their first start; the higher
+        // index first, so the other stays valid. Then merge what became small.
+        if last > first {
+            self.refresh_leaf(first + 1);
+        }
+        self.refresh_leaf(first);
+        self.merge_small(first + 1);
+        self.merge_small(first);
+        removed
+    }
+
+    /// Drops leaf `li` if it became empty, else sets `firsts[li]` to its first start.
+    fn refresh_leaf(&mut self, li: usize) {
+        let Some(leaf) = self.leaves.get(li) else {
+            return;
+        };
+        match leaf.first() {
+            None => {
+                self.remove_leaves(li, 1);
+            }
+            Some(f) => {
+                if let Some(slot) = self.firsts.get_mut(li) {
+                    *slot = f;
+                }
+            }
+        }
+    }
+
+    /// Merges leaf `li` with a neighbour if it holds fewer than [`LEAF_MIN`] mappings and both
+    /// fit in [`LEAF_MERGED_MAX`] (bounds the number of leaves after UNMAPs).
+    fn merge_small(&mut self, li: usize) {
+        let Some(len) = self.leaves.get(li).map(|l| l.len()) else {
+            return;
+        };
+        if len >= LEAF_MIN {
+            return;
+        }
+        let next = self.leaves.get(li + 1).map(|l| l.len());
+        let prev = li
+            .checked_sub(1)
+            .and_then(|p| self.leaves.get(p))
+            .map(|l| l.len());
+        // Merge leaf `into + 1` into leaf `into`.
+        let into = if next.is_some_and(|n| len + n <= LEAF_MERGED_MAX) {
+            li
+        } else if prev.is_some_and(|p| len + p <= LEAF_MERGED_MAX) {
+            li - 1
+        } else {
+            return;
+        };
+        if let Some(other) = self.remove_leaves(into + 1, 1) {
+            if let Some(leaf) = self.leaves.get_mut(into) {
+                leaf.append(other);
+            }
+        }
+    }
+}
+
+impl PartialEq for MappingTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for MappingTable {}
+
+impl std::fmt::Debug for MappingTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 impl Domain {
@@ -55,7 +428,7 @@ impl Domain {
 
     /// Mappings in increasing IOVA order, as `(virt_start, mapping)`.
     pub fn mappings(&self) -> impl Iterator<Item = (u64, &Mapping)> + '_ {
-        self.mappings.iter().map(|(&s, m)| (s, m))
+        self.mappings.iter()
     }
 
     /// Number of mappings.
@@ -66,10 +439,8 @@ impl Domain {
     /// The mapping containing IOVA `iova`, as `(virt_start, mapping)`. O(log n).
     pub fn mapping_at(&self, iova: u64) -> Option<(u64, &Mapping)> {
         self.mappings
-            .range(..=iova)
-            .next_back()
+            .floor(iova)
             .filter(|(_, m)| m.virt_end >= iova)
-            .map(|(&s, m)| (s, m))
     }
 
     /// Whether any mapping intersects the inclusive IOVA range `start..=end`. O(log n): the
@@ -77,8 +448,7 @@ impl Domain {
     /// overlap.
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
         self.mappings
-            .range(..=end)
-            .next_back()
+            .floor(end)
             .is_some_and(|(_, m)| m.virt_end >= start)
     }
 }
@@ -554,26 +924,22 @@ impl IommuState {
             return Status::Range;
         }
         // A mapping split at the left edge starts before `start` and reaches it.
-        let left_split = d
-            .mappings
-            .range(..start)
-            .next_back()
-            .is_some_and(|(_, m)| m.virt_end >= start);
+        let left_split = start.checked_sub(1).is_some_and(|before| {
+            d.mappings
+                .floor(before)
+                .is_some_and(|(_, m)| m.virt_end >= start)
+        });
         // A mapping split at the right edge starts inside the range and ends after it.
         let right_split = d
             .mappings
-            .range(start..=end)
-            .next_back()
-            .is_some_and(|(_, m)| m.virt_end > end);
+            .floor(end)
+            .is_some_and(|(s, m)| s >= start && m.virt_end > end);
         if left_split || right_split {
             return Status::Range;
         }
-        let keys: Vec<u64> = d.mappings.range(start..=end).map(|(&k, _)| k).collect();
-        for k in &keys {
-            d.mappings.remove(k);
-        }
-        if !keys.is_empty() {
-            self.mapping_count = self.mapping_count.saturating_sub(keys.len());
+        let removed = d.mappings.remove_range(start, end);
+        if removed > 0 {
+            self.mapping_count = self.mapping_count.saturating_sub(removed);
             self.bump();
         }
         Status::Ok
@@ -625,7 +991,12 @@ impl IommuState {
         if !self.config.has_endpoint(endpoint) {
             return None;
         }
-        Some(match self.attachments.get(&endpoint) {
+        Some(self.mode_of_known(endpoint))
+    }
+
+    /// [`Self::mode`] for an endpoint known to be managed.
+    fn mode_of_known(&self, endpoint: u32) -> Mode<'_> {
+        match self.attachments.get(&endpoint) {
             None if self.unattached_bypass() => Mode::Identity,
             None => Mode::Blocked,
             Some(d) => match self.domains.get(d) {
@@ -633,7 +1004,7 @@ impl IommuState {
                 Some(d) => Mode::Mapped(d),
                 None => Mode::Blocked,
             },
-        })
+        }
     }
 
     /// Translates an access of `len` bytes at IOVA `iova` by `endpoint`, checking `access`
@@ -655,6 +1026,9 @@ impl IommuState {
     /// (`FAULT_F_READ`/`FAULT_F_WRITE`). A mapping covers exactly `virt_start..=virt_end`: the
     /// byte before `virt_start` is not translated (unlike QEMU's off-by-one lookup).
     ///
+    /// The returned vector is an allocation per call; [`Self::translate_each`] gives the same
+    /// pieces without one.
+    ///
     /// Errors: [`TranslateError::Fault`], [`TranslateError::UnknownEndpoint`],
     /// [`TranslateError::Wraps`].
     pub fn translate(
@@ -664,16 +1038,54 @@ impl IommuState {
         len: u64,
         access: Access,
     ) -> Result<Vec<Piece>, TranslateError> {
-        let Some(mode) = self.mode(endpoint) else {
+        // Most accesses are one piece: allocate exactly one then (no growth path, and no
+        // other vector to drop).
+        let mut first = None;
+        let mut rest: Option<Vec<Piece>> = None;
+        self.translate_each(endpoint, iova, len, access, |p| {
+            if first.is_none() {
+                first = Some(p);
+            } else {
+                rest.get_or_insert_with(Vec::new).push(p);
+            }
+        })?;
+        Ok(match (first, rest) {
+            (None, _) => Vec::new(),
+            (Some(p), None) => vec![p],
+            (Some(p), Some(mut rest)) => {
+                rest.insert(0, p);
+                rest
+            }
+        })
+    }
+
+    /// [`Self::translate`] without allocating: the fast path for device models translating
+    /// every access. `piece` is called with each piece in IOVA order (the same pieces
+    /// [`Self::translate`] returns, usually one), then `Ok(())` is returned; on an error the
+    /// pieces already passed must be discarded (the access as a whole is refused). Same rules,
+    /// same errors, same faults (reporting them is the caller's job).
+    ///
+    /// Errors: [`TranslateError::Fault`], [`TranslateError::UnknownEndpoint`],
+    /// [`TranslateError::Wraps`].
+    pub fn translate_each(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        mut piece: impl FnMut(Piece),
+    ) -> Result<(), TranslateError> {
+        // One lookup tells both whether the endpoint is managed and its RESV_MEM regions.
+        let Some(regions) = self.config.resv_regions(endpoint) else {
             return Err(TranslateError::UnknownEndpoint(endpoint));
         };
+        let mode = self.mode_of_known(endpoint);
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let last = iova
             .checked_add(len - 1)
             .ok_or(TranslateError::Wraps { iova, len })?;
-        let regions = self.resv(endpoint);
         let fault = |reason, address| {
             TranslateError::Fault(FaultRecord {
                 reason,
@@ -682,7 +1094,6 @@ impl IommuState {
                 address,
             })
         };
-        let mut pieces = Vec::new();
         let mut p = iova;
         loop {
             let idx = regions.partition_point(|r| r.start <= p);
@@ -722,7 +1133,7 @@ impl IommuState {
                     }
                 }
             };
-            pieces.push(Piece {
+            piece(Piece {
                 iova: p,
                 phys,
                 // `seg_end >= p`, and the piece is at most the access length.
@@ -730,7 +1141,7 @@ impl IommuState {
                 allowed,
             });
             if seg_end >= last {
-                return Ok(pieces);
+                return Ok(());
             }
             p = seg_end + 1;
         }
@@ -1154,5 +1565,249 @@ mod tests {
         assert!(!s.bypass(), "D4: bypass unchanged by device reset");
         s.system_reset();
         assert!(s.bypass(), "D4: restored on system reset");
+    }
+
+    /// splitmix64, for the deterministic randomized tests below.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn check_table(t: &MappingTable, reference: &BTreeMap<u64, Mapping>) {
+        assert!(t.firsts.is_empty() || t.firsts.len().is_power_of_two());
+        assert!(t.firsts.len() >= t.leaves.len() && t.firsts.len() < 4 * t.leaves.len().max(1));
+        assert!(t.firsts[t.leaves.len()..].iter().all(|&f| f == u64::MAX));
+        assert_eq!(t.len(), reference.len());
+        let mut count = 0;
+        for (leaf, &first) in t.leaves.iter().zip(&t.firsts) {
+            assert!(
+                (1..=LEAF_MAX).contains(&leaf.len()),
+                "leaf size {}",
+                leaf.len()
+            );
+            assert_eq!(leaf.starts()[0], first);
+            assert!(leaf.starts().windows(2).all(|w| w[0] < w[1]));
+            assert!(leaf.keys[leaf.len()..].iter().all(|&k| k == u64::MAX));
+            count += leaf.len();
+        }
+        assert_eq!(count, t.len());
+        assert!(t
+            .iter()
+            .map(|(s, m)| (s, *m))
+            .eq(reference.iter().map(|(&s, &m)| (s, m))));
+        assert!(t.firsts[..t.leaves.len()].windows(2).all(|w| w[0] < w[1]));
+    }
+
+    fn check_floor(t: &MappingTable, reference: &BTreeMap<u64, Mapping>, key: u64) {
+        assert_eq!(
+            t.floor(key).map(|(s, m)| (s, *m)),
+            reference.range(..=key).next_back().map(|(&s, &m)| (s, m)),
+            "floor({key:#x})"
+        );
+    }
+
+    #[test]
+    fn mapping_table_matches_an_ordered_map() {
+        // Keys are multiples of 16 in 0..16 * SLOTS: many more mappings than a leaf holds, so
+        // leaves split, empty and merge; insertions ascending, descending and scattered,
+        // removals of single keys and of ranges covering up to every leaf.
+        const SLOTS: u64 = 3000;
+        let mapping = |k: u64| Mapping {
+            virt_end: k + 15,
+            phys_start: k.wrapping_mul(7),
+            flags: MapFlags::READ,
+        };
+        let mut rng = Rng(1);
+        for round in 0..12u64 {
+            let mut t = MappingTable::default();
+            let mut reference = BTreeMap::new();
+            let order: Vec<u64> = match round % 3 {
+                0 => (0..SLOTS).collect(),
+                1 => (0..SLOTS).rev().collect(),
+                _ => (0..SLOTS).map(|_| rng.below(SLOTS)).collect(),
+            };
+            for (i, slot) in order.into_iter().enumerate() {
+                let k = slot * 16;
+                if let std::collections::btree_map::Entry::Vacant(e) = reference.entry(k) {
+                    e.insert(mapping(k));
+                    t.insert(k, mapping(k));
+                }
+                if i % 7 == 0 {
+                    // Interleaved removals: mostly one key, sometimes a wide range.
+                    let a = rng.below(SLOTS * 16);
+                    let b = if rng.below(10) == 0 {
+                        a.saturating_add(rng.below(SLOTS * 4))
+                    } else {
+                        a + rng.below(32)
+                    };
+                    let expected: Vec<u64> = reference.range(a..=b).map(|(&k, _)| k).collect();
+                    for k in &expected {
+                        reference.remove(k);
+                    }
+                    assert_eq!(t.remove_range(a, b), expected.len());
+                }
+                if i % 101 == 0 {
+                    check_table(&t, &reference);
+                }
+            }
+            check_table(&t, &reference);
+            for _ in 0..2000 {
+                check_floor(&t, &reference, rng.below(SLOTS * 16 + 64));
+            }
+            for key in [0, 1, 15, 16, u64::MAX] {
+                check_floor(&t, &reference, key);
+            }
+            // Drain it by scattered ranges, checking as it shrinks.
+            while !reference.is_empty() {
+                let a = rng.below(SLOTS * 16);
+                let b = a + rng.below(SLOTS * 2);
+                let expected: Vec<u64> = reference.range(a..=b).map(|(&k, _)| k).collect();
+                for k in &expected {
+                    reference.remove(k);
+                }
+                assert_eq!(t.remove_range(a, b), expected.len());
+                check_table(&t, &reference);
+                check_floor(&t, &reference, a);
+                check_floor(&t, &reference, b);
+            }
+            assert_eq!(t.remove_range(0, u64::MAX), 0);
+            assert!(t.leaves.is_empty() && t.firsts.is_empty());
+        }
+    }
+
+    #[test]
+    fn many_mappings_map_unmap_translate_like_a_naive_model() {
+        // The proptest model (tests/model.rs) uses at most 6 mappings; this drives thousands
+        // through the state, against a plain list, so the table's splits and merges are used.
+        const PAGES: u64 = 12_000;
+        let mut s = state(DeviceConfig::builder().endpoint(1).max_mappings(1 << 20));
+        assert_eq!(s.attach(&attach(1, 1, 0)), Status::Ok);
+        // (start page, pages, phys page, flags)
+        let mut model: Vec<(u64, u64, u64, u32)> = Vec::new();
+        let mut rng = Rng(7);
+        let mut peak = 0;
+        let covering = |model: &[(u64, u64, u64, u32)], page: u64| {
+            model
+                .iter()
+                .copied()
+                .find(|&(st, n, _, _)| st <= page && page < st + n)
+        };
+        for step in 0..20_000u32 {
+            let page = rng.below(PAGES);
+            let n = 1 + rng.below(4);
+            if step % 3 != 2 {
+                let flags = 1 + rng.below(3) as u32;
+                let phys = rng.below(1 << 20);
+                let overlap = model
+                    .iter()
+                    .any(|&(st, m, _, _)| st < page + n && page < st + m);
+                let want = if overlap { Status::Inval } else { Status::Ok };
+                let got = s.map(&map(
+                    1,
+                    page * 4096,
+                    (page + n) * 4096 - 1,
+                    phys * 4096,
+                    flags,
+                ));
+                assert_eq!(got, want, "map {page} +{n}");
+                if got == Status::Ok {
+                    model.push((page, n, phys, flags));
+                }
+            } else {
+                let n = if rng.below(20) == 0 {
+                    1 + rng.below(400)
+                } else {
+                    n
+                };
+                let (a, b) = (page * 4096, (page + n) * 4096 - 1);
+                let split = model.iter().any(|&(st, m, _, _)| {
+                    let (ms, me) = (st * 4096, (st + m) * 4096 - 1);
+                    ms <= b && a <= me && (ms < a || me > b)
+                });
+                let want = if split { Status::Range } else { Status::Ok };
+                assert_eq!(s.unmap(&unmap(1, a, b)), want, "unmap {page} +{n}");
+                if !split {
+                    model.retain(|&(st, _, _, _)| !(page <= st && st < page + n));
+                }
+            }
+            peak = peak.max(model.len());
+            if step % 1000 == 999 {
+                let mut sorted = model.clone();
+                sorted.sort_unstable();
+                let got: Vec<(u64, u64, u64, u32)> = s
+                    .domain(1)
+                    .unwrap()
+                    .mappings()
+                    .map(|(st, m)| {
+                        (
+                            st / 4096,
+                            (m.virt_end + 1 - st) / 4096,
+                            m.phys_start / 4096,
+                            m.flags.bits(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(got, sorted);
+                assert_eq!(s.mapping_count(), model.len());
+            }
+            // Translate a random access of up to 3 pages.
+            let iova = rng.below(PAGES * 4096);
+            let len = 1 + rng.below(3 * 4096);
+            let got = s.translate(1, iova, len, Access::READ);
+            let mut each = Vec::new();
+            let each = s
+                .translate_each(1, iova, len, Access::READ, |p| each.push(p))
+                .map(|()| each);
+            assert_eq!(each, got);
+            let mut expected = Vec::new();
+            let mut p = iova;
+            let last = iova + len - 1;
+            let fault = loop {
+                match covering(&model, p / 4096) {
+                    Some((st, m, phys, flags)) if flags & 1 != 0 => {
+                        let end = ((st + m) * 4096 - 1).min(last);
+                        expected.push(Piece {
+                            iova: p,
+                            phys: phys * 4096 + (p - st * 4096),
+                            len: end - p + 1,
+                            allowed: Access {
+                                read: true,
+                                write: flags & 2 != 0,
+                            },
+                        });
+                        if end == last {
+                            break None;
+                        }
+                        p = end + 1;
+                    }
+                    _ => break Some(p),
+                }
+            };
+            match fault {
+                None => assert_eq!(got, Ok(expected)),
+                Some(address) => assert_eq!(
+                    got,
+                    Err(TranslateError::Fault(FaultRecord {
+                        reason: FAULT_R_MAPPING,
+                        flags: FAULT_F_READ | FAULT_F_ADDRESS,
+                        endpoint: 1,
+                        address,
+                    }))
+                ),
+            }
+        }
+        assert!(peak > 8 * LEAF_MAX, "only {peak} mappings at most");
+        assert!(s.domain(1).unwrap().mappings.leaves.len() > 4);
     }
 }

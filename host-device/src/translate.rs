@@ -123,7 +123,52 @@ impl<M: GuestMemoryBackend + Send> Iommu for EndpointIommu<M> {
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, IommuError> {
         let len = length as u64;
-        let pieces = lock(&self.device).translate(self.endpoint, iova.0, len, access_of(access));
+        let mut device = lock(&self.device);
+        if iova.0.checked_add(len).is_some() {
+            // Fast path: the pieces go straight into the `Iotlb`, without an intermediate
+            // vector. Anything but a success takes the path below, which translates again
+            // under the same lock (so with the same result) and reports the fault.
+            enum Stop {
+                Unrepresentable,
+                Iotlb(IommuError),
+            }
+            let mut iotlb = Iotlb::new();
+            let mut stop = None;
+            let translated =
+                device
+                    .state()
+                    .translate_each(self.endpoint, iova.0, len, access_of(access), |p| {
+                        if stop.is_some() {
+                            return;
+                        }
+                        // Each piece lies inside `iova..iova + len`, which does not reach 2^64.
+                        let Ok(plen) = usize::try_from(p.len) else {
+                            stop = Some(Stop::Unrepresentable);
+                            return;
+                        };
+                        if let Err(e) = iotlb.set_mapping(
+                            GuestAddress(p.iova),
+                            GuestAddress(p.phys),
+                            plen,
+                            permissions_of(p.allowed),
+                        ) {
+                            stop = Some(Stop::Iotlb(e));
+                        }
+                    });
+            if translated.is_ok() {
+                drop(device);
+                return match stop {
+                    None => Iotlb::lookup(Box::new(iotlb), iova, length, access)
+                        .map_err(|_| self.fail(TranslationFailure::Unrepresentable, iova, length)),
+                    Some(Stop::Unrepresentable) => {
+                        Err(self.fail(TranslationFailure::Unrepresentable, iova, length))
+                    }
+                    Some(Stop::Iotlb(e)) => Err(e),
+                };
+            }
+        }
+        let pieces = device.translate(self.endpoint, iova.0, len, access_of(access));
+        drop(device);
         let pieces = match pieces {
             Ok(p) => p,
             Err(TranslateError::Fault(f)) => {
