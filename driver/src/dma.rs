@@ -9,7 +9,7 @@
 //!   the device's domain, per the endpoint's [`DmaSpace`] mode:
 //!   - **strict** ([`DmaSpace::new`], [`DmaSpace::attach_strict`]): every `dma_alloc` and
 //!     `share` allocates an IOVA range ([`IovaAllocator`], never 0, never equal to the physical
-//!     address by construction) and MAPs it; `dma_dealloc` and `unshare` UNMAP it and free the
+//!     address: an identity coincidence is re-allocated) and MAPs it; `dma_dealloc` and `unshare` UNMAP it and free the
 //!     IOVAs. The device reaches nothing else.
 //!   - **identity** ([`DmaSpace::attach_identity`]): device address = physical address, and
 //!     `share`/`dma_alloc` send no request at all. With `VIRTIO_IOMMU_F_BYPASS_CONFIG` the
@@ -647,7 +647,14 @@ impl DmaSpace {
         if span == 0 {
             return Err(IommuError::InvalidRange);
         }
-        let at = iova.alloc(span)?;
+        let mut at = iova.alloc(span)?;
+        if at == phys_base {
+            // Never hand out the identity address: a device that wrongly bypassed translation
+            // would then still work, hiding exactly what strict mode is there to show.
+            let other = iova.alloc(span);
+            let _ = iova.free(at, span);
+            at = other?;
+        }
         if let Err(e) = live.insert(
             at,
             LiveMapping {
@@ -1047,6 +1054,24 @@ mod tests {
             start,
             end,
         }
+    }
+
+    #[test]
+    fn strict_never_hands_out_the_identity_address() {
+        let mut iommu = FakeIommu::new();
+        // The IOVA space starts exactly at the buffer's physical address, so the first free
+        // IOVA would be the identity one.
+        let iova = IovaAllocator::new(0x4000_0000, 0x4fff_ffff, 0x1000).unwrap();
+        let mut space = DmaSpace::new(3, iova);
+        let addr = space
+            .map_buffer(&mut iommu, 0x4000_0000, 0x1000, MapFlags::READ)
+            .unwrap();
+        assert_ne!(addr, 0x4000_0000);
+        assert_eq!(
+            iommu.maps,
+            [(3, addr, addr + 0xfff, 0x4000_0000, MapFlags::READ)]
+        );
+        assert_eq!(space.unmap_buffer(&mut iommu, addr).unwrap(), 0x4000_0000);
     }
 
     #[test]
