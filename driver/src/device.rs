@@ -693,6 +693,22 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         &mut self.transport
     }
 
+    /// Reads the whole device configuration space (`struct virtio_iommu_config`, §5.13.4, 40
+    /// bytes) exactly as the device presents it now, without the checks and defaults of
+    /// [`Self::config`]: fields of features that were not negotiated are included as read. For
+    /// diagnostics and conformance checks (e.g. D5, `bypass` only 0 or 1).
+    ///
+    /// Errors: [`IommuError::Transport`] when the config space is missing or smaller than 40
+    /// bytes.
+    pub fn read_raw_config(&self) -> Result<crate::wire::Config, IommuError> {
+        use zerocopy::FromBytes;
+        let mut bytes = [0u8; size_of::<crate::wire::Config>()];
+        for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
+            word.copy_from_slice(&read_u32(&self.transport, i * 4)?.to_le_bytes());
+        }
+        crate::wire::Config::read_from_bytes(&bytes[..]).map_err(|_| IommuError::BufferSize)
+    }
+
     /// Reads the `bypass` config field (§5.13.4): `Some(true)` when unattached endpoints bypass
     /// translation. Bits 1-7 are ignored as the spec requires. `None` without BYPASS_CONFIG.
     pub fn bypass(&self) -> Option<bool> {

@@ -301,24 +301,30 @@ cases! {
         if h.offered().contains(Features::BYPASS) { diverges("F_BYPASS offered".into()) } else { Ok(()) }
     };
     "cfg-page-size-mask", "D3 page_size_mask has at least one bit set", |h, _| {
-        if h.config().page_size_mask != 0 { Ok(()) } else { diverges("page_size_mask = 0".into()) }
+        let m = h.raw_config()?.page_size_mask.get();
+        if m != 0 { Ok(()) } else { diverges("page_size_mask = 0".into()) }
     };
     "cfg-bypass-value", "D5 bypass reads 0 or 1", |h, _| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
-        match h.bypass() { Some(_) => Ok(()), None => Err(Fail::Error("bypass unreadable".into())) }
+        // The driver ignores bits 1-7 (R3); the device must not set them.
+        match h.raw_config()?.bypass { 0 | 1 => Ok(()), v => diverges(format!("bypass = {v}")) }
     };
     "cfg-input-range", "§5.13.4 input_range start <= end and wide enough for one granule", |h, _| {
-        let c = h.config();
-        let (s, e) = c.input_range;
-        if s <= e && e - s >= c.granule - 1 { Ok(()) } else { diverges(format!("{s:#x}..={e:#x}")) }
+        need(h, Features::INPUT_RANGE, "INPUT_RANGE")?;
+        let c = h.raw_config()?;
+        let (s, e) = (c.input_range.start.get(), c.input_range.end.get());
+        let g = h.config().granule;
+        if s <= e && e - s >= g - 1 { Ok(()) } else { diverges(format!("{s:#x}..={e:#x}")) }
     };
     "cfg-domain-range", "§5.13.4 domain_range start <= end", |h, _| {
-        let (s, e) = h.config().domain_range;
+        need(h, Features::DOMAIN_RANGE, "DOMAIN_RANGE")?;
+        let c = h.raw_config()?;
+        let (s, e) = (c.domain_range.start.get(), c.domain_range.end.get());
         if s <= e { Ok(()) } else { diverges(format!("{s}..={e}")) }
     };
     "cfg-probe-size", "§5.13.4 probe_size holds at least one RESV_MEM property when PROBE is offered", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
-        let p = h.config().probe_size;
+        let p = h.raw_config()?.probe_size.get();
         if p >= 24 { Ok(()) } else { diverges(format!("probe_size {p}")) }
     };
 

@@ -18,7 +18,7 @@ mod cases;
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use virtio_iommu_driver::wire::Features;
+use virtio_iommu_driver::wire::{Config, Features};
 use virtio_iommu_driver::{FaultEvent, IommuConfig, IommuError, ProbeProperty};
 
 pub use cases::CASES;
@@ -55,6 +55,9 @@ pub trait Harness {
     fn unmap(&mut self, domain: u32, virt_start: u64, virt_end: u64) -> Result<(), IommuError>;
     /// PROBE (§5.13.6.5): the properties in order.
     fn probe(&mut self, endpoint: u32) -> Result<Vec<ProbeProperty>, IommuError>;
+    /// The configuration space as the device presents it (`VirtIOIommu::read_raw_config`),
+    /// not as the driver cleaned it up.
+    fn raw_config(&mut self) -> Result<Config, IommuError>;
     /// The `bypass` config field, when BYPASS_CONFIG was negotiated.
     fn bypass(&mut self) -> Option<bool>;
     /// Writes `bypass` (§5.13.4).

@@ -5,7 +5,7 @@ mod common;
 
 use common::{Ours, OursConfig};
 use virtio_iommu_conformance::{run_all, Endpoints, Harness, Hazard, Outcome, RawReply, CASES};
-use virtio_iommu_driver::wire::Features;
+use virtio_iommu_driver::wire::{Config, Features};
 use virtio_iommu_driver::{FaultEvent, IommuConfig, IommuError, ProbeProperty};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -18,6 +18,8 @@ enum Mutation {
     NoFaults,
     /// Raw requests come back with used length 4 and S_UNSUPP for unknown types (QEMU-like).
     UnknownTypeWritten,
+    /// The device presents `bypass = 2` (bits the driver masks away).
+    BypassTwo,
 }
 
 struct Mutant {
@@ -57,6 +59,13 @@ impl Harness for Mutant {
     }
     fn probe(&mut self, e: u32) -> Result<Vec<ProbeProperty>, IommuError> {
         self.inner.probe(e)
+    }
+    fn raw_config(&mut self) -> Result<Config, IommuError> {
+        let mut c = self.inner.raw_config()?;
+        if self.m == Mutation::BypassTwo {
+            c.bypass = 2;
+        }
+        Ok(c)
     }
     fn bypass(&mut self) -> Option<bool> {
         self.inner.bypass()

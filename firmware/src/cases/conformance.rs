@@ -13,7 +13,7 @@ use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_iommu_conformance::{
     result_line, run_all, Endpoints, Harness, Hazard, RawReply, DMA_BUFFER_SIZE,
 };
-use virtio_iommu_driver::wire::{Features, MapFlags, Status};
+use virtio_iommu_driver::wire::{Config, Features, MapFlags, Status};
 use virtio_iommu_driver::{
     FaultEvent, IommuConfig, IommuError, IommuOptions, ProbeProperty, VirtIOIommu, WaitPolicy,
 };
@@ -86,6 +86,9 @@ impl Harness for Qemu<'_> {
             i.probe(endpoint, |p| v.push(p))?;
             Ok(v)
         })
+    }
+    fn raw_config(&mut self) -> Result<Config, IommuError> {
+        with_iommu(|i| i.read_raw_config())
     }
     fn bypass(&mut self) -> Option<bool> {
         with_iommu(|i| Ok(i.bypass())).ok().flatten()

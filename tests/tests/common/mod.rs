@@ -10,7 +10,7 @@ use virtio_iommu_device::config::{DeviceConfig, ResvRegion};
 use virtio_iommu_device::endpoint::DmaEndpoint;
 use virtio_iommu_device::inprocess::GuestMem;
 use virtio_iommu_device::inprocess::{InProcessTransport, TestBed, TestHal};
-use virtio_iommu_driver::wire::{Features, MapFlags};
+use virtio_iommu_driver::wire::{Config, Features, MapFlags};
 use virtio_iommu_driver::{FaultEvent, IommuConfig, IommuError, ProbeProperty, VirtIOIommu};
 
 /// Endpoint the DMA model uses.
@@ -111,6 +111,9 @@ impl Harness for Ours {
         let mut v = Vec::new();
         self.drv()?.probe(endpoint, |p| v.push(p))?;
         Ok(v)
+    }
+    fn raw_config(&mut self) -> Result<Config, IommuError> {
+        self.drv()?.read_raw_config()
     }
     fn bypass(&mut self) -> Option<bool> {
         self.driver.as_ref()?.bypass()
