@@ -76,9 +76,14 @@ pub trait Harness {
     fn ignored_events(&mut self) -> u64;
     /// Endpoint IDs to use.
     fn endpoints(&self) -> Endpoints;
-    /// Allocates a zeroed, granule-aligned region of `granule` bytes of guest RAM that stays
-    /// valid for the whole run; returns its guest-physical address.
-    fn alloc_page(&mut self) -> Option<u64>;
+    /// Allocates a zeroed, granule-aligned region of `granules` × `granule` bytes of
+    /// physically contiguous guest RAM that stays valid for the whole run; returns the
+    /// guest-physical address of its first byte. `None` when out of memory.
+    fn alloc_pages(&mut self, granules: u64) -> Option<u64>;
+    /// [`Harness::alloc_pages`] of one granule.
+    fn alloc_page(&mut self) -> Option<u64> {
+        self.alloc_pages(1)
+    }
     /// Writes guest RAM at `phys` (CPU access, not DMA).
     fn write_phys(&mut self, phys: u64, data: &[u8]);
     /// Reads `len` bytes of guest RAM at `phys` (CPU access).
@@ -196,6 +201,7 @@ pub struct Ctx {
     next_domain: u64,
     domain_end: u64,
     next_iova: u64,
+    next_seed: u8,
     /// Granule in bytes.
     pub granule: u64,
 }
@@ -213,8 +219,17 @@ impl Ctx {
                 .0
                 .max(config.granule * 16)
                 .next_multiple_of(config.granule),
+            next_seed: 0,
             granule: config.granule,
         }
+    }
+
+    /// A data pattern seed not used by the previous 255 calls, so data found in the
+    /// endpoint's buffer or in memory is known to come from this access and not from an
+    /// earlier one (a failed DMA read may leave the buffer as it was).
+    pub fn seed(&mut self) -> u8 {
+        self.next_seed = self.next_seed.wrapping_add(1);
+        self.next_seed
     }
 
     /// A domain ID never used before in this run.
@@ -236,32 +251,40 @@ impl Ctx {
     }
 }
 
-/// Runs every case in [`CASES`] order against `h`, calling `report` with each outcome.
+/// Runs one case against `h` with the run's context `ctx`: drains the event queue first, and
+/// resets the device afterwards if the case left it needing a reset (saying so in the outcome
+/// when that reset fails).
+pub fn run_case(h: &mut dyn Harness, ctx: &mut Ctx, case: &Case) -> Outcome {
+    // Start each case with an empty event queue.
+    let _ = h.faults();
+    let outcome = match (case.run)(h, ctx) {
+        Ok(()) => Outcome::Pass,
+        Err(Fail::Diverges(s)) => Outcome::Diverges(s),
+        Err(Fail::NotRun(s)) => Outcome::NotRun(s),
+        Err(Fail::Error(s)) => Outcome::Error(s),
+    };
+    // A case may leave the device needing a reset (e.g. a malformed request): recover so
+    // the following cases run, and say so in the outcome.
+    if h.needs_reset() {
+        match h.reset() {
+            Some(Ok(())) => outcome,
+            _ => Outcome::Error(alloc::format!(
+                "{} (device needs reset, reset failed)",
+                outcome.detail()
+            )),
+        }
+    } else {
+        outcome
+    }
+}
+
+/// Runs every case in [`CASES`] order against `h` ([`run_case`] with one shared [`Ctx`]),
+/// calling `report` with each outcome.
 pub fn run_all(h: &mut dyn Harness, mut report: impl FnMut(&Case, &Outcome)) -> Summary {
     let mut ctx = Ctx::new(&h.config());
     let mut summary = Summary::default();
     for case in CASES {
-        // Start each case with an empty event queue.
-        let _ = h.faults();
-        let outcome = match (case.run)(h, &mut ctx) {
-            Ok(()) => Outcome::Pass,
-            Err(Fail::Diverges(s)) => Outcome::Diverges(s),
-            Err(Fail::NotRun(s)) => Outcome::NotRun(s),
-            Err(Fail::Error(s)) => Outcome::Error(s),
-        };
-        // A case may leave the device needing a reset (e.g. a malformed request): recover so
-        // the following cases run, and say so in the outcome.
-        let outcome = if h.needs_reset() {
-            match h.reset() {
-                Some(Ok(())) => outcome,
-                _ => Outcome::Error(alloc::format!(
-                    "{} (device needs reset, reset failed)",
-                    outcome.detail()
-                )),
-            }
-        } else {
-            outcome
-        };
+        let outcome = run_case(h, &mut ctx, case);
         match outcome {
             Outcome::Pass => summary.pass += 1,
             Outcome::Diverges(_) => summary.diverges += 1,

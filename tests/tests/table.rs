@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::mutants::MUTANTS;
 use common::{run_ours, OursConfig};
 use std::collections::HashMap;
 use virtio_iommu_conformance::{Outcome, CASES};
@@ -57,6 +58,50 @@ fn cell(word: &str, detail: &str) -> String {
         "" => "missing".into(),
         w => format!("**{w}**: {detail}"),
     }
+}
+
+/// The footer: the device mutants of `common/mutants.rs` and the cases each must break.
+fn can_fail_section() -> String {
+    let mut out = String::new();
+    out.push_str("\n## How we know each case can fail\n\n");
+    out.push_str(
+        "A case that cannot fail proves nothing. `tests/tests/suite_detects.rs` runs the suite\n",
+    );
+    out.push_str(
+        "against our device behind *mutants*: harness wrappers that break one statement (a status\n",
+    );
+    out.push_str(
+        "substituted, a request skipped or added, a fault dropped or altered, data lost, a config\n",
+    );
+    out.push_str(
+        "field changed, state kept across a reset). Each case listed must report **diverges** under\n",
+    );
+    out.push_str(
+        "its mutant, both in a whole run and run alone on a fresh device; every case is listed at\n",
+    );
+    out.push_str(
+        "least once. The same test runs a benign endpoint variation (a faulting read leaves the\n",
+    );
+    out.push_str(
+        "endpoint's buffer as it was) and requires every case to pass under it: data checks use a\n",
+    );
+    out.push_str("fresh pattern each time, so stale data never passes for a translation.\n\n");
+    out.push_str("| mutant | what it breaks | cases that must diverge |\n|---|---|---|\n");
+    for e in MUTANTS {
+        let name = format!("{:?}", e.m);
+        let name = name.split([' ', '(']).next().unwrap_or("").to_string();
+        let config = match e.config {
+            OursConfig::Full => "",
+            OursConfig::Minimal => " (minimal configuration)",
+        };
+        let cases: Vec<String> = e.cases.iter().map(|c| format!("`{c}`")).collect();
+        out.push_str(&format!(
+            "| `{name}` | {}{config} | {} |\n",
+            e.m.describe().replace('|', "\\|"),
+            cases.join(", ")
+        ));
+    }
+    out
 }
 
 #[test]
@@ -124,6 +169,7 @@ fn conformance_table_is_current() {
         ));
     }
     out.push('\n');
+    out.push_str(&can_fail_section());
 
     // Every case ran on QEMU (none missing, no harness error) and ours passes them all.
     for (name, col) in [("QEMU 10.0", &q10), ("QEMU 7.2", &q72)] {

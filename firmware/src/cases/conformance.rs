@@ -31,7 +31,8 @@ struct Qemu<'a> {
     endpoints: Endpoints,
     config: IommuConfig,
     granule: u64,
-    pages: Vec<DmaPage>,
+    /// Pages handed out, with their size in bytes.
+    pages: Vec<(DmaPage, u64)>,
     short_probe_kills_qemu: bool,
     /// CPU accesses to memory outside the pages handed out (a case bug).
     misuse: u32,
@@ -116,20 +117,21 @@ impl Harness for Qemu<'_> {
     fn endpoints(&self) -> Endpoints {
         self.endpoints
     }
-    fn alloc_page(&mut self) -> Option<u64> {
-        let page = DmaPage::new(self.granule, self.granule)?;
+    fn alloc_pages(&mut self, granules: u64) -> Option<u64> {
+        let len = granules.checked_mul(self.granule)?;
+        let page = DmaPage::new(len, self.granule)?;
         let phys = page.phys();
-        self.pages.push(page);
+        self.pages.push((page, len));
         Some(phys)
     }
     fn write_phys(&mut self, phys: u64, data: &[u8]) {
-        if let Some(p) = self
+        if let Some((p, size)) = self
             .pages
             .iter_mut()
-            .find(|p| phys >= p.phys() && phys - p.phys() < self.granule)
+            .find(|(p, size)| phys >= p.phys() && phys - p.phys() < *size)
         {
             let off = (phys - p.phys()) as usize;
-            if off + data.len() <= self.granule as usize {
+            if off + data.len() <= *size as usize {
                 p.write(off, data);
                 return;
             }
@@ -139,13 +141,13 @@ impl Harness for Qemu<'_> {
     }
     fn read_phys(&mut self, phys: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        if let Some(p) = self
+        if let Some((p, size)) = self
             .pages
             .iter()
-            .find(|p| phys >= p.phys() && phys - p.phys() < self.granule)
+            .find(|(p, size)| phys >= p.phys() && phys - p.phys() < *size)
         {
             let off = (phys - p.phys()) as usize;
-            if off + len <= self.granule as usize {
+            if off + len <= *size as usize {
                 p.read(off, &mut v);
                 return v;
             }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod mutants;
+
 use virtio_iommu_conformance::{
     run_all, Endpoints, Harness, Hazard, Outcome, RawReply, DMA_BUFFER_SIZE,
 };
@@ -68,6 +70,27 @@ impl Ours {
             config,
             ignored: 0,
         }
+    }
+
+    /// The DMA endpoint's internal buffer.
+    pub fn buffer(&self) -> &[u8] {
+        &self.buffer
+    }
+
+    /// The DMA endpoint's internal buffer, for mutants that change what it received.
+    pub fn buffer_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer
+    }
+
+    /// Reads guest RAM; `None` outside it.
+    pub fn try_read_phys(&self, phys: u64, len: usize) -> Option<Vec<u8>> {
+        let mut v = vec![0; len];
+        self.bed.read_phys(phys, &mut v).ok().map(|()| v)
+    }
+
+    /// Writes guest RAM; `false` outside it.
+    pub fn try_write_phys(&self, phys: u64, data: &[u8]) -> bool {
+        self.bed.write_phys(phys, data).is_ok()
     }
 
     fn drv(&mut self) -> Result<&mut VirtIOIommu<TestHal, InProcessTransport>, IommuError> {
@@ -154,10 +177,10 @@ impl Harness for Ours {
             absent: Some(ABSENT_EP),
         }
     }
-    fn alloc_page(&mut self) -> Option<u64> {
+    fn alloc_pages(&mut self, granules: u64) -> Option<u64> {
         let g = self.config.granule;
         // RAM pages are 4 KiB aligned; over-allocate to align larger granules.
-        let p = self.bed.alloc((2 * g) as usize)?;
+        let p = self.bed.alloc(((granules + 1) * g) as usize)?;
         Some(p.next_multiple_of(g))
     }
     fn write_phys(&mut self, phys: u64, data: &[u8]) {
