@@ -502,7 +502,7 @@ fn bogus_avail_ring_sets_needs_reset_without_panic() {
 }
 
 #[test]
-fn per_notification_cap_leaves_the_rest_for_the_next_notification() {
+fn per_round_cap_splits_a_notification_into_owed_rounds() {
     let mem = mem();
     let cfg = DeviceConfig::builder()
         .endpoint(8)
@@ -528,13 +528,18 @@ fn per_notification_cap_leaves_the_rest_for_the_next_notification() {
             },
         ]);
     }
+    // The notification owes all 5 chains; each call runs one round of at most 2.
     h.dev.notify(0);
     assert_eq!(h.rq_used_idx(), 2);
+    assert!(h.dev.requestq_pending());
     assert_eq!(h.dev.counters().requests_deferred, 1);
-    h.dev.notify(0);
+    assert_eq!(h.dev.service(), 2);
     assert_eq!(h.rq_used_idx(), 4);
-    assert_eq!(h.dev.process_requestq(), 1);
+    assert!(h.dev.requestq_pending());
+    assert_eq!(h.dev.service(), 1);
     assert_eq!(h.rq_used_idx(), 5);
+    assert!(!h.dev.requestq_pending());
+    assert_eq!(h.dev.service(), 0, "nothing owed: nothing done");
     assert_eq!(h.dev.counters().requests_deferred, 2);
 }
 
