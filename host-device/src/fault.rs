@@ -15,10 +15,13 @@
 //! plan apply to the same opportunity, the first one in the plan wins (every fault still counts
 //! the opportunity).
 //!
-//! Where each misbehaviour is implemented: register-level ones (config generation, features,
-//! config space, `QueueNumMax`) in [`crate::mmio::MmioDevice`], the transport model; request,
-//! completion and event ones in [`crate::IommuDevice`]. An empty plan (the default) changes
-//! nothing and costs one branch per chain.
+//! Where each misbehaviour is implemented, next to the behaviour it corrupts: register reads
+//! (`ConfigGeneration`, `DeviceFeatures`, `QueueNumMax`, the config space) in
+//! [`crate::mmio::MmioDevice`], the transport model; feature negotiation (the FEATURES_OK
+//! write, the features requests are processed with), requests, completions and events in
+//! [`crate::IommuDevice`]. Each application is counted in
+//! [`crate::Counters::faults_injected`]. An empty plan (the default) changes nothing and costs
+//! one branch per chain.
 
 use virtio_iommu_driver::wire::RequestType;
 
