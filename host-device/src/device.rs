@@ -515,6 +515,13 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         }
     }
 
+    fn has_avail(&self, index: usize) -> bool {
+        self.queues.get(index).is_some_and(|q| {
+            q.avail_idx(&self.mem, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != q.next_avail())
+        })
+    }
+
     /// One processing round: up to [`crate::Caps::max_requests_per_notify`] requestq chains,
     /// each answered and returned in the used ring (see [`crate::request`]). Does nothing
     /// unless DRIVER_OK and FEATURES_OK are set, DEVICE_NEEDS_RESET and FAILED are not, and the
@@ -701,7 +708,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         }
         let config = self.config.clone();
         let plan = config.fault_plan();
-        if !plan.is_empty() {
+        if !plan.is_empty() && self.has_avail(idx) {
             let flood = self
                 .faults
                 .fire(plan, |m, _| matches!(m, Misbehaviour::EventFlood { .. }));

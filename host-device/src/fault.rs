@@ -182,7 +182,7 @@ pub enum Misbehaviour {
     /// Every available eventq buffer is filled with a synthetic fault report (reason UNKNOWN,
     /// the first configured endpoint, address 0) returned with `used_len`, with no fault
     /// behind it; buffers re-posted are filled again at once. Opportunity: an eventq
-    /// processing pass (eventq notification, DRIVER_OK, a fault). Driver: each event poll is
+    /// processing pass (eventq notification, DRIVER_OK, a fault) that finds a buffer. Driver: each event poll is
     /// bounded (it returns after a bounded number of buffers), however many reports arrive.
     EventFlood {
         /// Used length of each report.
