@@ -19,7 +19,11 @@
 //! `ConfigGenerationUnstable`, `FeaturesChangeAfterFeaturesOk`'s `DeviceFeatures`,
 //! `QueueNumMax`, `ConfigBytes`) are implemented here, where those registers are read.
 
+use std::sync::Arc;
+
 use vm_memory::GuestMemoryBackend;
+
+use crate::config::DeviceConfig;
 
 use crate::device::{lock, status, QueueSetup, SharedDevice, NUM_QUEUES};
 use crate::fault::{FaultCounters, Misbehaviour};
@@ -121,6 +125,8 @@ pub struct MmioDevice<M: GuestMemoryBackend> {
     driver_features_sel: u32,
     queue_sel: u32,
     queues: [QueueRegs; NUM_QUEUES],
+    /// The device's configuration (fixed for its life): its fault plan is read here.
+    config: Arc<DeviceConfig>,
     /// Opportunity counters of the register-level misbehaviours.
     faults: FaultCounters,
     /// Reads of `ConfigGeneration` that returned an injected value (added to the real one).
@@ -130,7 +136,9 @@ pub struct MmioDevice<M: GuestMemoryBackend> {
 impl<M: GuestMemoryBackend> MmioDevice<M> {
     /// A register window for `device`, all selectors at 0.
     pub fn new(device: SharedDevice<M>) -> Self {
+        let config = lock(&device).config().clone();
         Self {
+            config,
             device,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -166,12 +174,8 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
         if offset >= reg::CONFIG {
             let len = data.len();
             if matches!(len, 1 | 2 | 4 | 8) && offset.is_multiple_of(len as u64) {
-                let config = {
-                    let dev = lock(&self.device);
-                    dev.read_config(offset - reg::CONFIG, data);
-                    dev.config().clone()
-                };
-                self.inject_config_bytes(&config, offset - reg::CONFIG, data);
+                lock(&self.device).read_config(offset - reg::CONFIG, data);
+                self.inject_config_bytes(offset - reg::CONFIG, data);
             }
             return;
         }
@@ -184,8 +188,8 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
 
     /// [`Misbehaviour::ConfigBytes`]: overlays the configured bytes on a config read of
     /// `data.len()` bytes at config offset `at`.
-    fn inject_config_bytes(&mut self, config: &crate::DeviceConfig, at: u64, data: &mut [u8]) {
-        let plan = config.fault_plan();
+    fn inject_config_bytes(&mut self, at: u64, data: &mut [u8]) {
+        let plan = self.config.fault_plan();
         if plan.is_empty() {
             return;
         }
@@ -213,12 +217,8 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
     }
 
     /// A register-level misbehaviour `pick` of the fault plan for this read, if one applies.
-    fn inject_reg(
-        &mut self,
-        config: &crate::DeviceConfig,
-        pick: impl Fn(&Misbehaviour) -> bool,
-    ) -> Option<Misbehaviour> {
-        let plan = config.fault_plan();
+    fn inject_reg(&mut self, pick: impl Fn(&Misbehaviour) -> bool) -> Option<Misbehaviour> {
+        let plan = self.config.fault_plan();
         if plan.is_empty() {
             return None;
         }
@@ -226,31 +226,28 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
-        let config = lock(&self.device).config().clone();
         let injected = match offset {
-            reg::CONFIG_GENERATION => self.inject_reg(&config, |m| {
-                matches!(m, Misbehaviour::ConfigGenerationUnstable)
-            }),
-            reg::QUEUE_NUM_MAX => {
-                self.inject_reg(&config, |m| matches!(m, Misbehaviour::QueueNumMax(_)))
+            reg::CONFIG_GENERATION => {
+                self.inject_reg(|m| matches!(m, Misbehaviour::ConfigGenerationUnstable))
             }
+            reg::QUEUE_NUM_MAX => self.inject_reg(|m| matches!(m, Misbehaviour::QueueNumMax(_))),
             _ => None,
         };
-        let dev = lock(&self.device);
-        if injected.is_some() {
-            drop(dev);
-            lock(&self.device).note_fault_injected();
-            let dev = lock(&self.device);
-            return match injected {
-                Some(Misbehaviour::QueueNumMax(n)) => n,
-                _ => {
-                    self.generation_skew = self.generation_skew.wrapping_add(1);
-                    dev.config_generation().wrapping_add(self.generation_skew)
-                }
-            };
+        let mut dev = lock(&self.device);
+        match injected {
+            Some(Misbehaviour::QueueNumMax(n)) => {
+                dev.note_fault_injected();
+                return n;
+            }
+            Some(_) => {
+                dev.note_fault_injected();
+                self.generation_skew = self.generation_skew.wrapping_add(1);
+                return dev.config_generation().wrapping_add(self.generation_skew);
+            }
+            None => {}
         }
         let features_ok = dev.status() & status::FEATURES_OK != 0;
-        let offered = match config.fault_plan().features_after_ok() {
+        let offered = match self.config.fault_plan().features_after_ok() {
             Some(bits) if features_ok => bits,
             _ => dev.device_features(),
         };
