@@ -446,8 +446,8 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// and the first round runs ([`Self::process_requestq`]); eventq ⇒
     /// [`Self::deliver_events`]; other indexes are ignored.
     ///
-    /// Contract (virtio §2.7.13: the device must eventually use every available buffer): the
-    /// chains available at a notification are all processed, in rounds of at most
+    /// Contract (virtio §2.7, split virtqueues: the device eventually uses every available
+    /// buffer): the chains available at a notification are all processed, in rounds of at most
     /// [`crate::Caps::max_requests_per_notify`]. This call runs the first round; while
     /// [`Self::requestq_pending`] is true the transport owes the driver more rounds and runs
     /// them with [`Self::service`], one per call, before it considers the notification handled

@@ -157,8 +157,8 @@ pub enum Misbehaviour {
     UsedTwice,
     /// The chains of one processing round are executed in order but returned in reverse
     /// order. Opportunity: a chain (every chain of a round the fault covers is reordered).
-    /// Driver: completions may come in any order (virtio §2.7.8.1); it matches them by id and
-    /// every request gets its own result.
+    /// Driver: completions may come in any order (VIRTIO_F_IN_ORDER is not negotiated,
+    /// virtio §2.7); it matches them by id and every request gets its own result.
     Reorder,
     /// PROBE only: the properties contain two RESV_MEM regions that overlap (D43 forbids it),
     /// `0x1000..=0x2fff` and `0x2000..=0x3fff` (both RESERVED). Driver: no panic; it reports
@@ -182,8 +182,9 @@ pub enum Misbehaviour {
     /// Every available eventq buffer is filled with a synthetic fault report (reason UNKNOWN,
     /// the first configured endpoint, address 0) returned with `used_len`, with no fault
     /// behind it; buffers re-posted are filled again at once. Opportunity: an eventq
-    /// processing pass (eventq notification, DRIVER_OK, a fault) that finds a buffer. Driver: each event poll is
-    /// bounded (it returns after a bounded number of buffers), however many reports arrive.
+    /// processing pass (eventq notification, DRIVER_OK, a fault) that finds a buffer. Driver:
+    /// each event poll is bounded (it returns after a bounded number of buffers), however many
+    /// reports arrive.
     EventFlood {
         /// Used length of each report.
         used_len: u32,
