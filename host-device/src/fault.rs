@@ -16,7 +16,7 @@
 //! the opportunity).
 //!
 //! Where each misbehaviour is implemented, next to the behaviour it corrupts: register reads
-//! (`ConfigGeneration`, `DeviceFeatures`, `QueueNumMax`, the config space) in
+//! (`ConfigGeneration`, `DeviceFeatures`, `Status`, `QueueNumMax`, the config space) in
 //! [`crate::mmio::MmioDevice`], the transport model; feature negotiation (the FEATURES_OK
 //! write, the features requests are processed with), requests, completions and events in
 //! [`crate::IommuDevice`]. Each application is counted in
@@ -110,6 +110,12 @@ pub enum Misbehaviour {
     /// features. Opportunity: a status write newly setting FEATURES_OK. Driver: fails
     /// initialisation with a typed error and sets FAILED (virtio §3.1.1 step 6).
     FeaturesOkRefused,
+    /// While the device status is 0 (at power-on and after every reset), `Status` reads as this
+    /// value: a reset that does not complete. Opportunity: a `Status` read while the status is
+    /// 0. Driver: after writing 0 it waits, bounded, for 0 to read back (virtio §2.4.2), then
+    /// fails with a typed error; with `times` small enough the reset completes and
+    /// initialisation succeeds.
+    StatusAfterReset(u8),
     /// `QueueNumMax` reads as this value. Opportunity: a `QueueNumMax` read. Driver: refuses a
     /// queue it cannot use (0, or too small) with a typed error, never a queue larger than the
     /// maximum.

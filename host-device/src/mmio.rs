@@ -17,7 +17,8 @@
 //!
 //! The register-level misbehaviours of the config's fault plan ([`crate::fault`]:
 //! `ConfigGenerationUnstable`, `FeaturesChangeAfterFeaturesOk`'s `DeviceFeatures`,
-//! `QueueNumMax`, `ConfigBytes`) are implemented here, where those registers are read.
+//! `StatusAfterReset`, `QueueNumMax`, `ConfigBytes`) are implemented here, where those
+//! registers are read.
 
 use std::sync::Arc;
 
@@ -231,6 +232,9 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
                 self.inject_reg(|m| matches!(m, Misbehaviour::ConfigGenerationUnstable))
             }
             reg::QUEUE_NUM_MAX => self.inject_reg(|m| matches!(m, Misbehaviour::QueueNumMax(_))),
+            reg::STATUS if lock(&self.device).status() == 0 => {
+                self.inject_reg(|m| matches!(m, Misbehaviour::StatusAfterReset(_)))
+            }
             _ => None,
         };
         let mut dev = lock(&self.device);
@@ -238,6 +242,10 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
             Some(Misbehaviour::QueueNumMax(n)) => {
                 dev.note_fault_injected();
                 return n;
+            }
+            Some(Misbehaviour::StatusAfterReset(v)) => {
+                dev.note_fault_injected();
+                return u32::from(v);
             }
             Some(_) => {
                 dev.note_fault_injected();

@@ -357,4 +357,16 @@ fn register_misbehaviours() {
     // `bypass` (byte 36) reads 2; the bytes before it are untouched.
     assert_eq!(r32(reg::CONFIG + 36), 2);
     assert_eq!(r32(reg::CONFIG + 32), 512, "probe_size");
+
+    // A reset that takes two reads to complete.
+    let plan = FaultPlan::new().with(Misbehaviour::StatusAfterReset(3), When::ALWAYS.times(2));
+    let shared = IommuDevice::new_shared(config(plan), common::mem()).unwrap();
+    let mut regs = MmioDevice::new(shared);
+    let mut r32 = |off: u64| {
+        let mut b = [0u8; 4];
+        regs.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let s: Vec<u32> = (0..3).map(|_| r32(reg::STATUS)).collect();
+    assert_eq!(s, vec![3, 3, 0]);
 }

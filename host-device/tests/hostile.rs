@@ -223,6 +223,35 @@ fn features_ok_refused() {
 }
 
 #[test]
+fn reset_that_never_completes() {
+    hostile(|| {
+        let plan = FaultPlan::new().always(Misbehaviour::StatusAfterReset(
+            status::ACKNOWLEDGE | status::DRIVER,
+        ));
+        let bed = bed(plan);
+        assert_eq!(
+            bed.driver_with(options()).err(),
+            Some(IommuError::ResetTimeout)
+        );
+        assert_eq!(bed.device().status() & status::DRIVER_OK, 0);
+    });
+}
+
+#[test]
+fn reset_that_completes_late() {
+    hostile(|| {
+        let plan =
+            FaultPlan::new().with(Misbehaviour::StatusAfterReset(1), When::ALWAYS.times(100));
+        let bed = bed(plan);
+        let mut drv = driver(&bed);
+        let buf = setup(&bed, &mut drv);
+        let mut ledger = Ledger::default();
+        ledger.map(&mut drv, 1, 0x1000, 0x1fff, buf).unwrap();
+        ledger.check(&bed, false);
+    });
+}
+
+#[test]
 fn queue_num_max_too_small() {
     hostile(|| {
         let bed = bed(FaultPlan::new().always(Misbehaviour::QueueNumMax(16)));
