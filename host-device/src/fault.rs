@@ -6,7 +6,20 @@
 //! [`crate::DeviceConfig`] with [`crate::DeviceConfigBuilder::fault_injection`], so the same
 //! plan can drive the in-process bench now and a device server in another process later (one
 //! notification or register access per message: nothing here depends on the caller's thread
-//! or timing).
+//! or timing). It has a text form for command lines and files: [`FaultPlan`]'s `Display`
+//! writes it and its `FromStr` reads it back (errors: [`ParsePlanError`]):
+//!
+//! ```text
+//! plan  = [fault *(";" fault)]            spaces around tokens are ignored
+//! fault = name ["(" args ")"] ["@" when]
+//! when  = [type] ["+" after] ["*" times]   type: attach | detach | map | unmap | probe
+//! ```
+//!
+//! Names are the [`Misbehaviour`] variants in kebab case (`never-complete`, `used-len(0)`,
+//! `features-after-ok(0x100000000)`, `config-bytes(36, 02)`, `probe-properties(01001400...)`,
+//! `event-flood(8)`, ...); integers are decimal or `0x` hex, bytes are hex digits. Example:
+//! `never-complete@map+2*1; config-generation-unstable*3` (the 3rd MAP is never completed;
+//! the first 3 generation reads change).
 //!
 //! Each [`Fault`] pairs a [`Misbehaviour`] with a [`When`]: a misbehaviour has *opportunities*
 //! (its kind of event: a requestq chain, a fault report, a register read, ...; listed on each
@@ -24,6 +37,10 @@
 //! one branch per chain.
 
 use virtio_iommu_driver::wire::RequestType;
+
+mod text;
+
+pub use text::ParsePlanError;
 
 /// When a [`Fault`] applies, counted in the misbehaviour's opportunities (see the module
 /// documentation).
