@@ -548,10 +548,15 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Drop resets the device (writes 0 to the device status) and waits, bounded by the
 /// [`WaitPolicy`], until the status reads 0 (virtio §2.4.2, §4.1.4.3.2); only then are the
-/// rings and buffers freed. If the status never reads 0, the device may still be using them:
-/// they are leaked (never returned to `H`), and a warning is logged.
+/// rings and buffers freed and the transport dropped. If the status never reads 0, the device
+/// may still be using them: they are leaked (never returned to `H`), and so is the transport
+/// (virtio-drivers' `PciTransport` waits for the status to read 0 without bound when dropped);
+/// a warning is logged. Drop does not call `Transport::queue_unset` (the completed reset already
+/// clears the queues, and virtio-drivers' MMIO `queue_unset` waits for QueueReady to read 0
+/// without bound).
 pub struct VirtIOIommu<H: Hal, T: Transport> {
-    transport: T,
+    // Dropped by `Drop` only after the device read back reset (see above).
+    transport: ManuallyDrop<T>,
     // The device-visible memory: dropped by `Drop` only after the device read back reset.
     requestq: ManuallyDrop<RequestQueue<H>>,
     eventq: ManuallyDrop<VirtQueue<H, EVENTQ_SIZE>>,
@@ -600,7 +605,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// changed during each of `options.wait.config_attempts` reads),
     /// [`IommuError::InvalidConfig`] (also for a `requestq` whose `max_queue_size` is below
     /// [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`], [`IommuError::Transport`] (config
-    /// access, queue setup). On error the device is left with FAILED set.
+    /// access, queue setup). On error the device is left with FAILED set. On
+    /// [`IommuError::ResetTimeout`] `transport` is leaked, not dropped (virtio-drivers'
+    /// `PciTransport` waits for the status to read 0 without bound when dropped).
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
         if transport.device_type() != DeviceType::IOMMU {
             return Err(IommuError::WrongDeviceType);
@@ -611,7 +618,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             e
         };
         if !reset(&mut transport, &options.wait) {
-            return Err(fail(&mut transport, IommuError::ResetTimeout));
+            let e = fail(&mut transport, IommuError::ResetTimeout);
+            core::mem::forget(transport);
+            return Err(e);
         }
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = Features::from_bits_retain(transport.read_device_features());
@@ -663,7 +672,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         };
         transport.finish_init();
         let mut iommu = Self {
-            transport,
+            transport: ManuallyDrop::new(transport),
             requestq: ManuallyDrop::new(requestq),
             eventq: ManuallyDrop::new(eventq),
             request_buffer: ManuallyDrop::new(request_buffer),
@@ -751,7 +760,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// bytes; [`IommuError::ConfigUnstable`] when the generation changed during every attempt.
     pub fn read_raw_config(&self) -> Result<crate::wire::Config, IommuError> {
         use zerocopy::FromBytes;
-        let t = &self.transport;
+        let t: &T = &self.transport;
         let bytes = read_consistent(t, self.options.wait.config_attempts, || {
             let mut bytes = [0u8; size_of::<crate::wire::Config>()];
             for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
@@ -773,7 +782,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if !self.features.contains(Features::BYPASS_CONFIG) {
             return Ok(None);
         }
-        let t = &self.transport;
+        let t: &T = &self.transport;
         let v: u8 = read_consistent(t, self.options.wait.config_attempts, || {
             Ok(t.read_config_space::<u8>(config_offset::BYPASS)?)
         })?;
@@ -1366,13 +1375,12 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
     fn drop(&mut self) {
         // Reset first so the device stops using the queues and buffers freed after this; the
         // reset is only done once the status reads 0 (virtio §2.4.2).
-        let reset_done = reset(&mut self.transport, &self.options.wait);
-        self.transport.queue_unset(REQUESTQ);
-        self.transport.queue_unset(EVENTQ);
-        if !reset_done {
+        // No `queue_unset`: the completed reset clears the queues, and virtio-drivers' MMIO
+        // `queue_unset` spins until QueueReady reads 0.
+        if !reset(&mut *self.transport, &self.options.wait) {
             log::warn!(
-                "virtio-iommu: device status did not read 0 after reset; leaking its rings and \
-                 buffers"
+                "virtio-iommu: device status did not read 0 after reset; leaking its rings, \
+                 buffers and transport"
             );
             return;
         }
@@ -1385,6 +1393,7 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
             ManuallyDrop::drop(&mut self.request_buffer);
             ManuallyDrop::drop(&mut self.event_buffer);
             ManuallyDrop::drop(&mut self.batch_buffer);
+            ManuallyDrop::drop(&mut self.transport);
         }
     }
 }

@@ -186,6 +186,42 @@ fn drop_leaks_the_rings_when_the_reset_never_completes() {
     assert_ne!(dev.state().status, 0);
 }
 
+/// virtio-drivers' transports wait without bound too: modern `MmioTransport::queue_unset`
+/// until QueueReady reads 0, `PciTransport::drop` until the status reads 0. `Drop` called
+/// `queue_unset` and then dropped the transport, so a device that never finishes its reset hung
+/// it. The driver no longer calls `queue_unset` (the completed reset clears the queues) and
+/// leaks the transport with the rings when the reset does not complete.
+#[test]
+fn drop_returns_on_transports_that_wait_for_the_reset() {
+    // A compliant device: the driver can be dropped and created again on it.
+    let dev = FakeDevice::new();
+    dev.state().reset_on_drop = true;
+    drop(dev.driver());
+    drop(dev.driver());
+    let d = dev.clone();
+    within_20s("drop", move || {
+        let drv = d.driver();
+        {
+            let mut s = d.state();
+            s.reset_stuck = true;
+            s.queue_ready_stuck = true;
+        }
+        drop(drv);
+    });
+    let dev = FakeDevice::new();
+    {
+        let mut s = dev.state();
+        s.status = DeviceStatus::ACKNOWLEDGE.bits();
+        s.reset_stuck = true;
+        s.reset_on_drop = true;
+    }
+    let t = dev.transport();
+    let r = within_20s("VirtIOIommu::new", move || {
+        VirtIOIommu::<FakeHal, _>::new(t, options(1000)).err()
+    });
+    assert_eq!(r, Some(IommuError::ResetTimeout));
+}
+
 // --- eventq (§5.13.6.7). ---
 
 /// `poll_event` ("never blocks") kept looping while the device returned malformed reports: a

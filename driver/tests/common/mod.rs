@@ -169,6 +169,12 @@ pub struct State {
     pub generation_changes: u64,
     /// A write of 0 to the status register is ignored (the device never finishes a reset).
     pub reset_stuck: bool,
+    /// `queue_unset` behaves like virtio-drivers 0.13's modern `MmioTransport::queue_unset`
+    /// on a device whose QueueReady never reads 0: it spins forever.
+    pub queue_ready_stuck: bool,
+    /// Dropping the transport behaves like virtio-drivers 0.13's `PciTransport::drop`: writes
+    /// 0 to the status and spins until it reads 0.
+    pub reset_on_drop: bool,
     /// When set, every available eventq buffer is completed at once (on each eventq
     /// notification and on [`FakeDevice::complete_events`]) with this used length, writing
     /// nothing (a malformed report for lengths below 24, or one the driver did not see written).
@@ -222,6 +228,8 @@ impl FakeDevice {
             generation: 0,
             generation_changes: 0,
             reset_stuck: false,
+            queue_ready_stuck: false,
+            reset_on_drop: false,
             event_flood: None,
             events_completed: 0,
             probes: 0,
@@ -577,6 +585,17 @@ impl FakeTransport {
     }
 }
 
+impl Drop for FakeTransport {
+    fn drop(&mut self) {
+        if self.state().reset_on_drop {
+            self.set_status(DeviceStatus::empty());
+            while !self.get_status().is_empty() {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
 impl Transport for FakeTransport {
     fn device_type(&self) -> DeviceType {
         DeviceType::IOMMU
@@ -637,6 +656,9 @@ impl Transport for FakeTransport {
         }
     }
     fn queue_unset(&mut self, queue: u16) {
+        while self.state().queue_ready_stuck {
+            std::hint::spin_loop();
+        }
         if let Some(q) = self.state().queues.get_mut(usize::from(queue)) {
             *q = Queue::default();
         }
