@@ -144,6 +144,17 @@ fn setup(bed: &TestBed, drv: &mut Driver) -> u64 {
     bed.alloc(4 * 4096).unwrap()
 }
 
+/// The `i`-th MAP of the batches below: IOVA page `i + 1` to buffer page `i`, as a ledger
+/// entry.
+fn batch_map(buf: u64, i: u64) -> (u32, u64, u64, u64) {
+    (
+        1,
+        0x1000 * (i + 1),
+        0x1000 * (i + 1) + 0xfff,
+        buf + 0x1000 * i,
+    )
+}
+
 fn on_map(what: Misbehaviour) -> FaultPlan {
     FaultPlan::new().with(what, When::ALWAYS.on(RequestType::Map))
 }
@@ -160,6 +171,7 @@ fn config_generation_that_never_settles() {
         let s = bed.device().status();
         assert_ne!(s & status::FAILED, 0, "the driver sets FAILED");
         assert_eq!(s & status::DRIVER_OK, 0);
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -219,6 +231,7 @@ fn features_ok_refused() {
         let s = bed.device().status();
         assert_ne!(s & status::FAILED, 0, "FAILED set");
         assert_eq!(s & status::DRIVER_OK, 0);
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -234,6 +247,7 @@ fn reset_that_never_completes() {
             Some(IommuError::ResetTimeout)
         );
         assert_eq!(bed.device().status() & status::DRIVER_OK, 0);
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -260,6 +274,7 @@ fn queue_num_max_too_small() {
             Some(IommuError::InvalidConfig(_))
         ));
         assert_ne!(bed.device().status() & status::FAILED, 0);
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -275,6 +290,7 @@ fn config_page_size_mask_zero() {
             bed.driver_with(options()).err(),
             Some(IommuError::InvalidConfig("page_size_mask is 0"))
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -290,6 +306,7 @@ fn config_input_range_inverted() {
             bed.driver_with(options()).err(),
             Some(IommuError::InvalidConfig("input_range start > end"))
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -305,6 +322,7 @@ fn config_probe_size_huge() {
             bed.driver_with(options()).err(),
             Some(IommuError::InvalidConfig("probe_size too large"))
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -320,6 +338,7 @@ fn config_bypass_reads_two() {
         let drv = driver(&bed);
         assert_eq!(drv.bypass(), Some(false));
         assert_eq!(drv.read_raw_config().unwrap().bypass, 2);
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -394,6 +413,7 @@ fn used_length_short_for_probe() {
                 expected: 516
             })
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -586,6 +606,12 @@ fn status_outside_the_spec_in_a_batch() {
         let r = b.submit().unwrap();
         assert_eq!(r.get(1), Some(Err(IommuError::UnknownStatus(200))));
         assert_eq!(r.failures(), 1);
+        // The device executed all three (it only lied about the second's status).
+        Ledger {
+            requested: (0..3).map(|i| batch_map(buf, i)).collect(),
+            acknowledged: vec![batch_map(buf, 0), batch_map(buf, 2)],
+        }
+        .check(&bed, false);
     });
 }
 
@@ -724,10 +750,17 @@ fn request_in_a_batch_never_completed() {
         assert_eq!(b.submit().err(), Some(IommuError::Timeout));
         assert!(drv.is_broken());
         // The device executed 1, 2 and 4, never 3.
-        let dev = bed.device();
-        let d = dev.state().domain(1).unwrap();
-        assert!(d.mapping_at(0x3000).is_none());
-        assert_eq!(d.mapping_count(), 3);
+        {
+            let dev = bed.device();
+            let d = dev.state().domain(1).unwrap();
+            assert!(d.mapping_at(0x3000).is_none());
+            assert_eq!(d.mapping_count(), 3);
+        }
+        Ledger {
+            requested: (0..4).map(|i| batch_map(buf, i)).collect(),
+            acknowledged: Vec::new(),
+        }
+        .check(&bed, false);
     });
 }
 
@@ -822,6 +855,7 @@ fn probe_properties_that_overlap() {
                 },
             ]
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -836,6 +870,7 @@ fn probe_property_overruns_probe_size() {
         );
         // Not fatal.
         drv.attach(1, 16).unwrap();
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -854,6 +889,7 @@ fn probe_property_with_reserved_type_bits() {
                 end: MSI.1
             }]
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -869,6 +905,7 @@ fn probe_property_list_scripted_short_resv_mem() {
             drv.probe_reserved_regions(8).err(),
             Some(IommuError::MalformedProbe { offset: 0 })
         );
+        Ledger::default().check(&bed, false);
     });
 }
 
@@ -899,6 +936,7 @@ fn event_of_bad_length() {
         assert_eq!(drv.poll_event().unwrap(), None);
         assert_eq!(drv.event_stats().ignored, 3);
         assert_eq!(drv.event_stats().delivered, 1);
+        Ledger::default().check(&bed, false);
     });
 }
 
