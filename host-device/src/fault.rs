@@ -38,6 +38,7 @@
 
 use virtio_iommu_driver::wire::RequestType;
 
+pub(crate) mod reply;
 mod text;
 
 pub use text::ParsePlanError;
