@@ -341,6 +341,28 @@ fn a_tail_the_device_did_not_write_is_not_s_ok() {
     assert_eq!(r.get(1), Some(Err(IommuError::Status(Status::NoEnt))));
 }
 
+/// A device that advances the used index without writing a used element: the driver finds the
+/// element an earlier request left in that ring slot (its own descriptor id, used length 4) and
+/// takes it for this request's completion. The tail it then reads was never written: with the
+/// old zero pre-fill a MAP the device never saw returned Ok.
+#[test]
+fn a_used_index_advanced_without_an_element_is_not_s_ok() {
+    let (dev, mut drv) = setup();
+    // Fill every used ring slot with (0, 4): one ring's worth of synchronous requests.
+    for _ in 0..drv.requestq_size() {
+        drv.unmap(1, G, 2 * G - 1).unwrap();
+    }
+    dev.state().behaviour = Behaviour::IdxOnly;
+    assert_eq!(
+        drv.map(1, G, 2 * G - 1, 0x8000_0000, RW),
+        Err(IommuError::NotWritten)
+    );
+    assert!(
+        dev.state().mappings.is_empty(),
+        "the device never saw the MAP"
+    );
+}
+
 /// PROBE's writable part was zero-filled: a device writing nothing read as S_OK with no
 /// properties (no reserved regions, silently).
 #[test]

@@ -108,6 +108,9 @@ pub enum Behaviour {
     /// In order, with the correct used length; writes the status but (PROBE) not the
     /// properties.
     StatusOnly,
+    /// Does not process requests; advances the used index by one per request without writing
+    /// a used element (the driver finds whatever the ring slot held before).
+    IdxOnly,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -335,6 +338,15 @@ impl State {
             return;
         }
         if self.behaviour == Behaviour::Hold {
+            return;
+        }
+        if self.behaviour == Behaviour::IdxOnly {
+            let avail_idx: u16 = rd(q.avail + 2);
+            let n = avail_idx.wrapping_sub(q.last_avail);
+            let q = &mut self.queues[0];
+            q.last_avail = avail_idx;
+            q.used_idx = q.used_idx.wrapping_add(n);
+            wr(q.used + 2, q.used_idx);
             return;
         }
         let size = q.size as u16;
