@@ -4,10 +4,11 @@
 use crate::error::IommuError;
 use crate::parse::{parse_fault, parse_probe_properties, FaultEvent, ProbeProperty};
 use crate::wire::{
-    config_offset, Features, MapFlags, ReqAttach, ReqDetach, ReqHead, ReqMap, ReqProbe, ReqTail,
-    ReqUnmap, RequestType, Status, ATTACH_F_BYPASS, EVENTQ, REQUESTQ,
+    config_offset, Features, MapFlags, ProbePropertyHeader, ReqAttach, ReqDetach, ReqHead, ReqMap,
+    ReqProbe, ReqTail, ReqUnmap, RequestType, Status, ATTACH_F_BYPASS, EVENTQ, REQUESTQ,
 };
 use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
@@ -35,6 +36,13 @@ pub const EVENT_BUFFER_SIZE: usize = 64;
 /// Largest `probe_size` (bytes) this driver accepts; a larger value is
 /// [`IommuError::InvalidConfig`].
 pub const MAX_PROBE_SIZE: u32 = 1 << 20;
+/// The byte the driver fills every device-writable part with before posting it: request tails
+/// (synchronous and batched), PROBE's `properties` and tail, and eventq buffers. 0xff is no
+/// status of §5.13.6 (those are 0..=8), so a tail that still holds it after the device returned
+/// the request was not written: [`IommuError::NotWritten`], never read as a status. An eventq
+/// buffer that still holds it has non-zero `reserved` bytes, so it is ignored as a fault report
+/// (§5.13.6.7). [`VirtIOIommu::request_raw`] is the exception: its writable parts are zeroed.
+pub const WRITABLE_FILL: u8 = 0xff;
 
 const TAIL: usize = size_of::<ReqTail>();
 /// Bytes per batch slot: the device-readable part (MAP: 36 bytes, UNMAP: 28) at offset 0, the
@@ -45,21 +53,33 @@ const BATCH_TAIL_AT: usize = 48;
 const MAX_RAW_PARTS: usize = 16;
 const PROBE_HEAD: usize = size_of::<ReqProbe>();
 
-/// How long the driver waits for the device to complete a request.
+/// How long the driver waits for the device: for a request to complete, for a reset to finish,
+/// and for the configuration to read consistently.
 ///
-/// The wait is a poll loop over the used ring. It ends with [`IommuError::Timeout`] after
+/// A request wait is a poll loop over the used ring. It ends with [`IommuError::Timeout`] after
 /// `max_polls` polls, or — when `clock` is given — once `clock()` has advanced by `timeout_ns`
 /// (measured from the 256th poll: the clock is not read for requests that complete sooner).
 /// Every 256 polls the device status is read, and DEVICE_NEEDS_RESET ends the wait with
 /// [`IommuError::DeviceNeedsReset`]. A [`Batch`] waits this long for each of its requests.
+///
+/// After writing 0 to the device status (reset, in [`VirtIOIommu::new`] and on drop), the
+/// driver reads the status until it reads 0 (virtio §2.4.2, §4.1.4.3.2), bounded the same way:
+/// at most `max_polls` status reads, or `timeout_ns` of `clock` from the 256th read.
+///
+/// Every configuration read (§5.13.4) is a consistent read (virtio §2.5.1: the config
+/// generation is read before and after, and the fields read again if it changed), with at most
+/// `config_attempts` attempts (two generation reads each; 0 counts as 1).
 #[derive(Clone, Copy, Debug)]
 pub struct WaitPolicy {
-    /// Upper bound on used-ring polls per request.
+    /// Upper bound on used-ring polls per request, and on status reads per reset.
     pub max_polls: u64,
     /// Optional monotonic clock in nanoseconds.
     pub clock: Option<fn() -> u64>,
     /// Time budget in nanoseconds when `clock` is set.
     pub timeout_ns: u64,
+    /// Upper bound on attempts per consistent configuration read (default 64); when the config
+    /// generation changed during every one, the read fails with [`IommuError::ConfigUnstable`].
+    pub config_attempts: u32,
 }
 
 impl Default for WaitPolicy {
@@ -68,6 +88,7 @@ impl Default for WaitPolicy {
             max_polls: 100_000_000,
             clock: None,
             timeout_ns: 2_000_000_000,
+            config_attempts: 64,
         }
     }
 }
@@ -104,7 +125,9 @@ pub struct IommuConfig {
 pub struct EventStats {
     /// Fault reports delivered to the caller.
     pub delivered: u64,
-    /// Reports ignored as the spec requires (used length < 24 bytes, non-zero `reserved`).
+    /// Reports ignored as the spec requires (used length < 24 bytes, non-zero `reserved` —
+    /// which includes a buffer the device returned without writing it, see [`WRITABLE_FILL`])
+    /// or with a used length above [`EVENT_BUFFER_SIZE`]. Each one's buffer is posted again.
     pub ignored: u64,
 }
 
@@ -237,7 +260,8 @@ struct SlotMeta {
     readable: u8,
     /// Whether the device returned the request.
     done: bool,
-    /// The status byte the device wrote (valid when `done` and `used == 4`).
+    /// The status byte read back (valid when `done` and `used == 4`); [`WRITABLE_FILL`] when
+    /// the device did not write it.
     status: u8,
     /// Used length the device reported, bytes.
     used: u32,
@@ -356,15 +380,17 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// nothing.
     ///
     /// Per-request outcomes (in the [`BatchResult`]): `Ok(())` for S_OK; the device status
-    /// ([`IommuError::Status`], [`IommuError::UnknownStatus`]); [`IommuError::NoResponse`] for
-    /// used length 0; [`IommuError::BadUsedLength`] for any used length other than 4.
+    /// ([`IommuError::Status`], [`IommuError::UnknownStatus`]); [`IommuError::NotWritten`] when
+    /// the device reported used length 4 but did not write the tail; [`IommuError::NoResponse`]
+    /// for used length 0; [`IommuError::BadUsedLength`] for any used length other than 4.
     ///
     /// Errors of the batch as a whole, after which no result is available: [`IommuError::Broken`]
     /// (an earlier fatal error); [`IommuError::Timeout`] and [`IommuError::DeviceNeedsReset`]
     /// while waiting; [`IommuError::DeviceProtocol`] when the device returns a buffer that is
-    /// not an outstanding request of this round; [`IommuError::Transport`] from the queue. All
-    /// but `Broken` leave the driver broken (requests of the batch may or may not have been
-    /// processed).
+    /// not an outstanding request of this round (an unknown id, a repeated one, or a used
+    /// element already in the used ring before the round was posted); [`IommuError::Transport`]
+    /// from the queue. All but `Broken` leave the driver broken (requests of the batch may or
+    /// may not have been processed).
     pub fn submit(self) -> Result<BatchResult<'a>, IommuError> {
         let Batch { iommu, len } = self;
         let notifications = iommu.run_batch(len)?;
@@ -509,17 +535,35 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 /// bytes), [`EVENTQ_SIZE`] event buffers and the batch area (`BATCH_CAPACITY * 64` bytes), all
 /// allocated through `H` by [`Self::new`]; no request allocates.
 ///
+/// Every request checks the device's answer. Errors any request can return, besides its own:
+/// [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`],
+/// [`IommuError::DeviceProtocol`] (a used id that names no request in flight, or a used element
+/// present while none was), [`IommuError::NoResponse`] (used length 0),
+/// [`IommuError::BadUsedLength`], [`IommuError::NotWritten`] (the device-writable part was
+/// pre-filled with [`WRITABLE_FILL`] and the device left it so), [`IommuError::UnknownStatus`]
+/// and [`IommuError::Transport`].
+///
 /// Fatal conditions (timeout, DEVICE_NEEDS_RESET, a used buffer that was never posted) leave
-/// the driver [`IommuError::Broken`]; buffers the device may still own are kept until drop,
-/// which resets the device first.
+/// the driver [`IommuError::Broken`]; buffers the device may still own are kept until drop.
+///
+/// Drop resets the device (writes 0 to the device status) and waits, bounded by the
+/// [`WaitPolicy`], until the status reads 0 (virtio §2.4.2, §4.1.4.3.2); only then are the
+/// rings and buffers freed and the transport dropped. If the status never reads 0, the device
+/// may still be using them: they are leaked (never returned to `H`), and so is the transport
+/// (virtio-drivers' `PciTransport` waits for the status to read 0 without bound when dropped);
+/// a warning is logged. Drop does not call `Transport::queue_unset` (the completed reset already
+/// clears the queues, and virtio-drivers' MMIO `queue_unset` waits for QueueReady to read 0
+/// without bound).
 pub struct VirtIOIommu<H: Hal, T: Transport> {
-    transport: T,
-    requestq: RequestQueue<H>,
-    eventq: VirtQueue<H, EVENTQ_SIZE>,
-    request_buffer: DmaBuffer<H>,
-    event_buffer: DmaBuffer<H>,
+    // Dropped by `Drop` only after the device read back reset (see above).
+    transport: ManuallyDrop<T>,
+    // The device-visible memory: dropped by `Drop` only after the device read back reset.
+    requestq: ManuallyDrop<RequestQueue<H>>,
+    eventq: ManuallyDrop<VirtQueue<H, EVENTQ_SIZE>>,
+    request_buffer: ManuallyDrop<DmaBuffer<H>>,
+    event_buffer: ManuallyDrop<DmaBuffer<H>>,
     /// [`BATCH_CAPACITY`] slots of [`BATCH_SLOT`] bytes for batched requests.
-    batch_buffer: DmaBuffer<H>,
+    batch_buffer: ManuallyDrop<DmaBuffer<H>>,
     batch_slots: [SlotMeta; BATCH_CAPACITY],
     /// `batch_slot_of_token[token]` = slot index + 1 of the batched request posted with `token`.
     batch_slot_of_token: [u16; REQUESTQ_SIZE],
@@ -545,7 +589,9 @@ const OPTIONAL: Features = Features::INPUT_RANGE
 const REQUIRED: Features = Features::VERSION_1.union(Features::MAP_UNMAP);
 
 impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
-    /// Resets and initialises the device (virtio §3.1.1): negotiates `VERSION_1` and `MAP_UNMAP`
+    /// Resets the device and waits until its status reads 0 (virtio §2.4.2, §4.1.4.3.2;
+    /// bounded by `options.wait`, see [`WaitPolicy`]), then initialises it (virtio §3.1.1):
+    /// negotiates `VERSION_1` and `MAP_UNMAP`
     /// (required), plus `INPUT_RANGE`, `DOMAIN_RANGE`, `PROBE`, `MMIO`, `BYPASS_CONFIG` and
     /// `ACCESS_PLATFORM` when offered (§5.13.3); reads and checks the configuration (§5.13.4);
     /// sets up `requestq` and `eventq` and fills `eventq` with [`EVENTQ_SIZE`] buffers.
@@ -553,22 +599,31 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// `requestq` gets [`REQUESTQ_SIZE`] descriptors, or [`REQUESTQ_MIN_SIZE`] when the
     /// device's `max_queue_size` is smaller.
     ///
-    /// Errors: [`IommuError::WrongDeviceType`], [`IommuError::MissingFeatures`],
-    /// [`IommuError::FeaturesRejected`], [`IommuError::InvalidConfig`] (also for a `requestq`
-    /// whose `max_queue_size` is below [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`],
-    /// [`IommuError::Transport`] (queue setup). On error the device is left with FAILED set.
+    /// Errors: [`IommuError::WrongDeviceType`], [`IommuError::ResetTimeout`] (the status did
+    /// not read 0 after the reset), [`IommuError::MissingFeatures`],
+    /// [`IommuError::FeaturesRejected`], [`IommuError::ConfigUnstable`] (the config generation
+    /// changed during each of `options.wait.config_attempts` reads),
+    /// [`IommuError::InvalidConfig`] (also for a `requestq` whose `max_queue_size` is below
+    /// [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`], [`IommuError::Transport`] (config
+    /// access, queue setup). On error the device is left with FAILED set. On
+    /// [`IommuError::ResetTimeout`] `transport` is leaked, not dropped (virtio-drivers'
+    /// `PciTransport` waits for the status to read 0 without bound when dropped).
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
         if transport.device_type() != DeviceType::IOMMU {
             return Err(IommuError::WrongDeviceType);
         }
-        transport.set_status(DeviceStatus::empty());
-        transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        let offered = Features::from_bits_retain(transport.read_device_features());
         let fail = |t: &mut T, e| {
             let s = t.get_status();
             t.set_status(s | DeviceStatus::FAILED);
             e
         };
+        if !reset(&mut transport, &options.wait) {
+            let e = fail(&mut transport, IommuError::ResetTimeout);
+            core::mem::forget(transport);
+            return Err(e);
+        }
+        transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let offered = Features::from_bits_retain(transport.read_device_features());
         if !offered.contains(REQUIRED) {
             return Err(fail(
                 &mut transport,
@@ -587,7 +642,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
             return Err(fail(&mut transport, IommuError::FeaturesRejected));
         }
-        let config = match read_config(&transport, features) {
+        let config = match read_config(&transport, features, options.wait.config_attempts) {
             Ok(c) => c,
             Err(e) => return Err(fail(&mut transport, e)),
         };
@@ -617,12 +672,12 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         };
         transport.finish_init();
         let mut iommu = Self {
-            transport,
-            requestq,
-            eventq,
-            request_buffer,
-            event_buffer,
-            batch_buffer,
+            transport: ManuallyDrop::new(transport),
+            requestq: ManuallyDrop::new(requestq),
+            eventq: ManuallyDrop::new(eventq),
+            request_buffer: ManuallyDrop::new(request_buffer),
+            event_buffer: ManuallyDrop::new(event_buffer),
+            batch_buffer: ManuallyDrop::new(batch_buffer),
             batch_slots: [SlotMeta::default(); BATCH_CAPACITY],
             batch_slot_of_token: [0; REQUESTQ_SIZE],
             request_stats: RequestStats::default(),
@@ -698,28 +753,47 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// [`Self::config`]: fields of features that were not negotiated are included as read. For
     /// diagnostics and conformance checks (e.g. D5, `bypass` only 0 or 1).
     ///
+    /// The read is consistent (all 40 bytes from one config generation, virtio §2.5.1), with at
+    /// most [`WaitPolicy::config_attempts`] attempts.
+    ///
     /// Errors: [`IommuError::Transport`] when the config space is missing or smaller than 40
-    /// bytes.
+    /// bytes; [`IommuError::ConfigUnstable`] when the generation changed during every attempt.
     pub fn read_raw_config(&self) -> Result<crate::wire::Config, IommuError> {
         use zerocopy::FromBytes;
-        let mut bytes = [0u8; size_of::<crate::wire::Config>()];
-        for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
-            word.copy_from_slice(&read_u32(&self.transport, i * 4)?.to_le_bytes());
-        }
+        let t: &T = &self.transport;
+        let bytes = read_consistent(t, self.options.wait.config_attempts, || {
+            let mut bytes = [0u8; size_of::<crate::wire::Config>()];
+            for (i, word) in bytes.chunks_exact_mut(4).enumerate() {
+                word.copy_from_slice(&read_u32(t, i * 4)?.to_le_bytes());
+            }
+            Ok(bytes)
+        })?;
         crate::wire::Config::read_from_bytes(&bytes[..]).map_err(|_| IommuError::BufferSize)
     }
 
-    /// Reads the `bypass` config field (§5.13.4): `Some(true)` when unattached endpoints bypass
-    /// translation. Bits 1-7 are ignored as the spec requires. `None` without BYPASS_CONFIG.
-    pub fn bypass(&self) -> Option<bool> {
+    /// Reads the `bypass` config field (§5.13.4): `Ok(Some(true))` when unattached endpoints
+    /// bypass translation. Bits 1-7 are ignored as the spec requires. `Ok(None)` without
+    /// BYPASS_CONFIG. A consistent read (virtio §2.5.1), as [`Self::read_raw_config`].
+    ///
+    /// Errors: [`IommuError::Transport`] when the field cannot be read;
+    /// [`IommuError::ConfigUnstable`] when the config generation changed during each of
+    /// [`WaitPolicy::config_attempts`] attempts.
+    pub fn try_bypass(&self) -> Result<Option<bool>, IommuError> {
         if !self.features.contains(Features::BYPASS_CONFIG) {
-            return None;
+            return Ok(None);
         }
-        let v: u8 = self
-            .transport
-            .read_config_space(config_offset::BYPASS)
-            .ok()?;
-        Some(v & 1 == 1)
+        let t: &T = &self.transport;
+        let v: u8 = read_consistent(t, self.options.wait.config_attempts, || {
+            Ok(t.read_config_space::<u8>(config_offset::BYPASS)?)
+        })?;
+        Ok(Some(v & 1 == 1))
+    }
+
+    /// [`Self::try_bypass`] with every error as `None`: `Some(true)` when unattached endpoints
+    /// bypass translation; `None` without BYPASS_CONFIG, or when the field could not be read
+    /// (consistently).
+    pub fn bypass(&self) -> Option<bool> {
+        self.try_bypass().ok().flatten()
     }
 
     /// Writes the `bypass` config field (§5.13.4): `false` blocks the DMA of unattached
@@ -875,7 +949,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     ///
     /// Errors: [`IommuError::NotNegotiated`] without F_PROBE; device status `S_NOENT` (unknown
     /// endpoint), `S_INVAL`; [`IommuError::BadUsedLength`] unless the device used exactly
-    /// `probe_size + 4` bytes; [`IommuError::MalformedProbe`].
+    /// `probe_size + 4` bytes; [`IommuError::NotWritten`] when the device did not write the
+    /// tail, or (with `probe_size >= 4`) left the first property header unwritten;
+    /// [`IommuError::MalformedProbe`].
     pub fn probe(&mut self, endpoint: u32, f: impl FnMut(ProbeProperty)) -> Result<(), IommuError> {
         self.need(Features::PROBE)?;
         let req = ReqProbe {
@@ -893,7 +969,14 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         }
         let reply = &self.request_buffer.bytes()[PROBE_HEAD..PROBE_HEAD + writable];
         status_of(reply[probe_size])?;
-        parse_probe_properties(&reply[..probe_size], f)
+        // A property header of all-WRITABLE_FILL bytes (type 0xffff: reserved bits set, length
+        // 0xffff) is what an unwritten `properties` reads as; no device writes it at offset 0.
+        let properties = &reply[..probe_size];
+        let first_header = properties.get(..size_of::<ProbePropertyHeader>());
+        if first_header.is_some_and(|h| h.iter().all(|&b| b == WRITABLE_FILL)) {
+            return Err(IommuError::NotWritten);
+        }
+        parse_probe_properties(properties, f)
     }
 
     /// PROBE returning the reserved regions only (see [`Self::probe`]).
@@ -922,7 +1005,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// Errors: [`IommuError::BufferSize`] for an empty part, more than 16 parts per
     /// direction, no part at all, `writable.len()` not the sum of `writable_lens`, or more
     /// bytes than the request buffer (`max(4096, 72 + probe_size + 4)` bytes); the transport
-    /// errors.
+    /// errors; [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`]
+    /// and [`IommuError::DeviceProtocol`] as for every request.
     pub fn request_raw(
         &mut self,
         readable: &[&[u8]],
@@ -932,7 +1016,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if writable.len() != writable_lens.iter().sum::<usize>() {
             return Err(IommuError::BufferSize);
         }
-        let used = self.submit_parts(readable, writable_lens)?;
+        let used = self.submit_parts(readable, writable_lens, 0)?;
         let start: usize = readable.iter().map(|p| p.len()).sum();
         let n = writable.len();
         writable.copy_from_slice(&self.request_buffer.bytes()[start..start + n]);
@@ -940,14 +1024,19 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Takes the next fault report from `eventq`, if any, and posts its buffer again
-    /// (§5.13.6.7). Reports the spec says to ignore are counted in [`EventStats::ignored`] and
-    /// skipped. Never blocks.
+    /// (§5.13.6.7). Reports the spec says to ignore are counted in [`EventStats::ignored`],
+    /// re-posted and skipped. Never blocks: one call takes at most [`EVENTQ_SIZE`] used
+    /// buffers (one pass over the queue), so a device that keeps returning malformed reports
+    /// cannot hold it.
+    ///
+    /// Returns `Ok(Some(report))` for the first well-formed report; `Ok(None)` when no used
+    /// buffer is left, or after [`EVENTQ_SIZE`] ignored ones (more may be waiting: call again).
     ///
     /// Errors: [`IommuError::DeviceProtocol`] if the device used a buffer that was not posted
     /// (the driver is then broken); transport errors while re-posting.
     pub fn poll_event(&mut self) -> Result<Option<FaultEvent>, IommuError> {
         self.usable()?;
-        loop {
+        for _ in 0..EVENTQ_SIZE {
             let Some(token) = self.eventq.peek_used() else {
                 return Ok(None);
             };
@@ -989,12 +1078,15 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
                 None => self.event_stats.ignored += 1,
             }
         }
+        Ok(None)
     }
 
     fn post_event_buffer(&mut self, slot: usize) -> Result<(), IommuError> {
         let range = slot * EVENT_BUFFER_SIZE..(slot + 1) * EVENT_BUFFER_SIZE;
         let buf = &mut self.event_buffer.bytes()[range];
-        buf.fill(0);
+        // Unwritten bytes read as non-zero `reserved`: a buffer returned without a report
+        // written into it is ignored, not delivered as a fault of endpoint 0.
+        buf.fill(WRITABLE_FILL);
         // SAFETY: the slot's bytes belong to `self.event_buffer`, which lives until after the
         // device is reset in `drop`; the driver does not touch them until `pop_used`.
         let token = unsafe { self.eventq.add(&[], &mut [buf]) }?;
@@ -1018,14 +1110,14 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         status_of(self.request_buffer.bytes()[start])
     }
 
-    /// Posts `readable` followed by `writable_len` device-writable bytes (zeroed) from the
-    /// request buffer, notifies and waits. Returns the used length, which is checked to be
-    /// non-zero and at most `writable_len`.
+    /// Posts `readable` followed by `writable_len` device-writable bytes (filled with
+    /// [`WRITABLE_FILL`]) from the request buffer, notifies and waits. Returns the used length,
+    /// which is checked to be non-zero and at most `writable_len`.
     fn submit(&mut self, readable: &[u8], writable_len: usize) -> Result<u32, IommuError> {
         if readable.is_empty() || writable_len == 0 {
             return Err(IommuError::BufferSize);
         }
-        let used = self.submit_parts(&[readable], &[writable_len])?;
+        let used = self.submit_parts(&[readable], &[writable_len], WRITABLE_FILL)?;
         if used == 0 {
             return Err(IommuError::NoResponse);
         }
@@ -1039,12 +1131,14 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Posts one descriptor per readable part (copied, in order, into the request buffer) and
-    /// one zeroed device-writable descriptor per entry of `writable_lens`, right after them;
-    /// notifies and waits. Returns the used length as the device reported it, unchecked.
+    /// one device-writable descriptor filled with `fill` per entry of `writable_lens`, right
+    /// after them; notifies and waits. Returns the used length as the device reported it,
+    /// unchecked.
     fn submit_parts(
         &mut self,
         readable: &[&[u8]],
         writable_lens: &[usize],
+        fill: u8,
     ) -> Result<u32, IommuError> {
         self.usable()?;
         let r_total: usize = readable.iter().map(|p| p.len()).sum();
@@ -1064,7 +1158,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             buf[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
-        buf[at..at + w_total].fill(0);
+        buf[at..at + w_total].fill(fill);
+        self.check_nothing_used()?;
         let token = {
             let (ins, mut outs) = split_parts(self.request_buffer.bytes(), readable, writable_lens);
             let (ins, outs) = (&ins[..readable.len()], &mut outs[..writable_lens.len()]);
@@ -1101,6 +1196,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         let mut next = 0;
         while next < len {
             let end = len.min(next + per_round);
+            self.check_nothing_used()?;
             for slot in next..end {
                 self.post_batch_slot(slot)?;
             }
@@ -1119,11 +1215,12 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         Ok(notifications)
     }
 
-    /// Posts batch slot `slot` (its readable part and a zeroed 4-byte tail) on `requestq`.
+    /// Posts batch slot `slot` (its readable part and a 4-byte tail filled with
+    /// [`WRITABLE_FILL`]) on `requestq`.
     fn post_batch_slot(&mut self, slot: usize) -> Result<(), IommuError> {
         let readable = usize::from(self.batch_slots[slot].readable);
         let (ins, outs) = batch_slot_parts(self.batch_buffer.bytes(), slot, readable);
-        outs.fill(0);
+        outs.fill(WRITABLE_FILL);
         let token = {
             // SAFETY: both slices belong to `self.batch_buffer`, which outlives any use by the
             // device (on a fatal error the driver is broken and the buffer is only freed after
@@ -1186,31 +1283,31 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     fn wait_used(&mut self) -> Result<(), IommuError> {
-        if self.requestq.can_pop() {
-            return Ok(());
-        }
         let wait = self.options.wait;
-        // The clock is read from the first check on (256 polls in), not before: most requests
-        // complete sooner, and reading a clock can cost more than the request.
-        let mut start = None;
-        let mut polls = 0u64;
-        while !self.requestq.can_pop() {
-            polls += 1;
-            if polls.is_multiple_of(256) {
+        let done = bounded_poll(&wait, |polls| {
+            if self.requestq.can_pop() {
+                return Ok(true);
+            }
+            if polls > 0 && polls.is_multiple_of(256) {
                 self.check_needs_reset()?;
-                if let Some(clock) = wait.clock {
-                    let t0 = *start.get_or_insert_with(clock);
-                    if clock().wrapping_sub(t0) > wait.timeout_ns {
-                        self.broken = true;
-                        return Err(IommuError::Timeout);
-                    }
-                }
             }
-            if polls >= wait.max_polls {
-                self.broken = true;
-                return Err(IommuError::Timeout);
-            }
-            core::hint::spin_loop();
+            Ok(false)
+        })?;
+        if !done {
+            self.broken = true;
+            return Err(IommuError::Timeout);
+        }
+        Ok(())
+    }
+
+    /// Before posting: nothing is in flight on `requestq`, so its used ring must be empty. A
+    /// used element there names a request that was never posted or already completed (stale,
+    /// repeated, invented); taking it for the next request's completion would read that
+    /// request's result before the device wrote it. Fatal: [`IommuError::DeviceProtocol`].
+    fn check_nothing_used(&mut self) -> Result<(), IommuError> {
+        if self.requestq.can_pop() {
+            self.broken = true;
+            return Err(IommuError::DeviceProtocol);
         }
         Ok(())
     }
@@ -1276,11 +1373,65 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
 
 impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
     fn drop(&mut self) {
-        // Reset first so the device stops using the queues and buffers freed after this.
-        self.transport.set_status(DeviceStatus::empty());
-        self.transport.queue_unset(REQUESTQ);
-        self.transport.queue_unset(EVENTQ);
+        // Reset first so the device stops using the queues and buffers freed after this; the
+        // reset is only done once the status reads 0 (virtio §2.4.2).
+        // No `queue_unset`: the completed reset clears the queues, and virtio-drivers' MMIO
+        // `queue_unset` spins until QueueReady reads 0.
+        if !reset(&mut *self.transport, &self.options.wait) {
+            log::warn!(
+                "virtio-iommu: device status did not read 0 after reset; leaking its rings, \
+                 buffers and transport"
+            );
+            return;
+        }
+        // SAFETY: each field is dropped exactly once, here, and never used again (this is the
+        // driver's `drop`). The device has completed its reset, so it no longer accesses the
+        // rings or buffers.
+        unsafe {
+            ManuallyDrop::drop(&mut self.requestq);
+            ManuallyDrop::drop(&mut self.eventq);
+            ManuallyDrop::drop(&mut self.request_buffer);
+            ManuallyDrop::drop(&mut self.event_buffer);
+            ManuallyDrop::drop(&mut self.batch_buffer);
+            ManuallyDrop::drop(&mut self.transport);
+        }
     }
+}
+
+/// Polls `poll` (called with the number of earlier calls) until it returns true: at most
+/// `max(wait.max_polls, 1)` calls, and — with `wait.clock` — until `wait.timeout_ns` have passed
+/// since the 256th. Returns whether `poll` returned true; its errors end the wait.
+fn bounded_poll(
+    wait: &WaitPolicy,
+    mut poll: impl FnMut(u64) -> Result<bool, IommuError>,
+) -> Result<bool, IommuError> {
+    // The clock is read from the first check on (256 polls in), not before: most waits end
+    // sooner, and reading a clock can cost more than the request.
+    let mut start = None;
+    let mut polls = 0u64;
+    while !poll(polls)? {
+        polls += 1;
+        if polls.is_multiple_of(256) {
+            if let Some(clock) = wait.clock {
+                let t0 = *start.get_or_insert_with(clock);
+                if clock().wrapping_sub(t0) > wait.timeout_ns {
+                    return Ok(false);
+                }
+            }
+        }
+        if polls >= wait.max_polls {
+            return Ok(false);
+        }
+        core::hint::spin_loop();
+    }
+    Ok(true)
+}
+
+/// Writes 0 to the device status (reset) and reads it until it reads 0, bounded by `wait`.
+/// Returns whether it did.
+fn reset<T: Transport>(t: &mut T, wait: &WaitPolicy) -> bool {
+    t.set_status(DeviceStatus::empty());
+    bounded_poll(wait, |_| Ok(t.get_status().is_empty())).unwrap_or(false)
 }
 
 /// The device-readable part (`readable` bytes) and the 4-byte tail of batch slot `slot`.
@@ -1312,7 +1463,12 @@ fn split_parts<'a>(
     (ins, outs)
 }
 
+/// The outcome of a tail's status byte: [`IommuError::NotWritten`] for [`WRITABLE_FILL`] (the
+/// device did not write it), else the status.
 fn status_of(byte: u8) -> Result<(), IommuError> {
+    if byte == WRITABLE_FILL {
+        return Err(IommuError::NotWritten);
+    }
     match Status::from_u8(byte) {
         Some(Status::Ok) => Ok(()),
         Some(s) => Err(IommuError::Status(s)),
@@ -1331,28 +1487,54 @@ fn read_u64<T: Transport>(t: &T, offset: usize) -> Result<u64, IommuError> {
     Ok(u64::from(lo) | u64::from(hi) << 32)
 }
 
-/// Reads the configuration (consistently, via the generation counter) and checks it.
-fn read_config<T: Transport>(t: &T, features: Features) -> Result<IommuConfig, IommuError> {
-    let raw = t.read_consistent(|| {
-        let page_size_mask = read_u64(t, config_offset::PAGE_SIZE_MASK).map_err(to_vd)?;
+/// Runs `read` between two reads of the config generation (virtio §2.5.1) until both agree, at
+/// most `attempts` times (at least once): virtio-drivers' `Transport::read_consistent` retries
+/// without bound. An error of `read` ends it at once.
+///
+/// Errors: those of `read`; [`IommuError::ConfigUnstable`] when the generation changed during
+/// every attempt.
+fn read_consistent<T: Transport, R>(
+    t: &T,
+    attempts: u32,
+    mut read: impl FnMut() -> Result<R, IommuError>,
+) -> Result<R, IommuError> {
+    for _ in 0..attempts.max(1) {
+        let before = t.read_config_generation();
+        let value = read()?;
+        if t.read_config_generation() == before {
+            return Ok(value);
+        }
+    }
+    Err(IommuError::ConfigUnstable)
+}
+
+/// Reads the configuration (consistently, at most `attempts` times, see [`read_consistent`])
+/// and checks it.
+fn read_config<T: Transport>(
+    t: &T,
+    features: Features,
+    attempts: u32,
+) -> Result<IommuConfig, IommuError> {
+    let raw = read_consistent(t, attempts, || {
+        let page_size_mask = read_u64(t, config_offset::PAGE_SIZE_MASK)?;
         let input_range = if features.contains(Features::INPUT_RANGE) {
             (
-                read_u64(t, config_offset::INPUT_RANGE_START).map_err(to_vd)?,
-                read_u64(t, config_offset::INPUT_RANGE_END).map_err(to_vd)?,
+                read_u64(t, config_offset::INPUT_RANGE_START)?,
+                read_u64(t, config_offset::INPUT_RANGE_END)?,
             )
         } else {
             (0, u64::MAX)
         };
         let domain_range = if features.contains(Features::DOMAIN_RANGE) {
             (
-                read_u32(t, config_offset::DOMAIN_RANGE_START).map_err(to_vd)?,
-                read_u32(t, config_offset::DOMAIN_RANGE_END).map_err(to_vd)?,
+                read_u32(t, config_offset::DOMAIN_RANGE_START)?,
+                read_u32(t, config_offset::DOMAIN_RANGE_END)?,
             )
         } else {
             (0, u32::MAX)
         };
         let probe_size = if features.contains(Features::PROBE) {
-            read_u32(t, config_offset::PROBE_SIZE).map_err(to_vd)?
+            read_u32(t, config_offset::PROBE_SIZE)?
         } else {
             0
         };
@@ -1378,11 +1560,4 @@ fn read_config<T: Transport>(t: &T, features: Features) -> Result<IommuConfig, I
         domain_range,
         probe_size,
     })
-}
-
-fn to_vd(e: IommuError) -> virtio_drivers::Error {
-    match e {
-        IommuError::Transport(e) => e,
-        _ => virtio_drivers::Error::IoError,
-    }
 }

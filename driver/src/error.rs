@@ -10,7 +10,8 @@ pub enum IommuError {
     /// The device completed the request with an error status (§5.13.6): `S_IOERR`, `S_UNSUPP`,
     /// `S_DEVERR`, `S_INVAL`, `S_RANGE`, `S_NOENT`, `S_FAULT` or `S_NOMEM`. Never `Status::Ok`.
     Status(Status),
-    /// The device wrote a status value the spec does not define (9..=255).
+    /// The device wrote a status value the spec does not define (9..=254; 255 is
+    /// [`IommuError::NotWritten`]).
     UnknownStatus(u8),
     /// The device returned the request with used length 0: per §5.13.6 (driver requirement
     /// "SHOULD treat as failure") the request failed without a status — what a device does for
@@ -24,14 +25,33 @@ pub enum IommuError {
         /// Length of the device-writable part the driver posted.
         expected: u32,
     },
-    /// The device used a buffer the driver had not posted (or not in order).
+    /// The device used a buffer the driver had not posted: an id that names no request in
+    /// flight (never posted, already completed, a repeated used element, or a used element
+    /// found in the used ring while no request was in flight). Fatal: the driver is broken.
     DeviceProtocol,
+    /// The device returned the request with a used length that covers its device-writable part
+    /// but did not write it: the tail's status byte (or, for PROBE, the first property header)
+    /// still holds the driver's fill value [`crate::WRITABLE_FILL`] (0xff, no status of
+    /// §5.13.6). A per-request failure like a status; the driver stays usable.
+    NotWritten,
+    /// The config generation (virtio §2.5.1) changed during each of
+    /// [`crate::WaitPolicy::config_attempts`] attempts to read the configuration (§5.13.4), so
+    /// no consistent value could be read. From [`crate::VirtIOIommu::new`] (the device is then
+    /// left with FAILED set), `read_raw_config` and `try_bypass`; the driver stays usable after
+    /// the latter two.
+    ConfigUnstable,
+    /// After the driver wrote 0 to the device status (reset), the status did not read back 0
+    /// within the [`crate::WaitPolicy`] (virtio §2.4.2, §4.1.4.3.2). From
+    /// [`crate::VirtIOIommu::new`]; the device is left with FAILED set.
+    ResetTimeout,
     /// The device did not complete the request within the wait budget ([`crate::WaitPolicy`]).
     /// The driver is then unusable until re-created: the buffers stay owned by it.
     Timeout,
     /// The device set DEVICE_NEEDS_RESET (virtio §2.1); the driver is unusable until reset.
     DeviceNeedsReset,
     /// An earlier fatal error (timeout, protocol error, needs-reset) left the driver unusable.
+    /// Per-request failures (a status, [`IommuError::NoResponse`],
+    /// [`IommuError::BadUsedLength`], [`IommuError::NotWritten`]) do not.
     Broken,
     /// The transport does not present a virtio-iommu (device type other than 23).
     WrongDeviceType,
@@ -91,6 +111,9 @@ impl fmt::Display for IommuError {
                 write!(f, "used length {used} for a {expected}-byte writable part")
             }
             Self::DeviceProtocol => write!(f, "device used a buffer that was not posted"),
+            Self::NotWritten => write!(f, "device returned the request without writing it"),
+            Self::ConfigUnstable => write!(f, "config generation changed on every read"),
+            Self::ResetTimeout => write!(f, "device status did not read 0 after reset"),
             Self::Timeout => write!(f, "request timed out"),
             Self::DeviceNeedsReset => write!(f, "device needs reset"),
             Self::Broken => write!(f, "driver unusable after an earlier fatal error"),

@@ -32,7 +32,7 @@ pub mod topology;
 pub use device::{
     Batch, BatchOp, BatchResult, EventStats, IommuConfig, IommuOptions, RequestStats, VirtIOIommu,
     WaitPolicy, BATCH_CAPACITY, EVENTQ_SIZE, EVENT_BUFFER_SIZE, MAX_PROBE_SIZE, REQUESTQ_MIN_SIZE,
-    REQUESTQ_SIZE,
+    REQUESTQ_SIZE, WRITABLE_FILL,
 };
 pub use error::IommuError;
 pub use parse::{FaultEvent, FaultReason, ProbeProperty, ReservedRegion, ResvMemKind};

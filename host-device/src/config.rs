@@ -11,6 +11,8 @@ use std::fmt;
 
 use virtio_iommu_driver::wire::{Features, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED};
 
+use crate::fault::FaultPlan;
+
 /// Size in bytes of one RESV_MEM property in a PROBE response (header included, §5.13.6.6.1).
 pub const RESV_MEM_PROPERTY_SIZE: u32 = 24;
 
@@ -111,9 +113,15 @@ pub struct Caps {
     /// Largest number of mappings existing at once, over all domains. MAP creating one more
     /// fails with `S_NOMEM`. Default 65536.
     pub max_mappings: usize,
-    /// Largest number of requestq descriptor chains processed per notification (or per call
-    /// to [`crate::IommuDevice::process_requestq`]). Chains beyond it stay in the queue and are
-    /// processed on the next notification. Default 256.
+    /// Largest number of requestq descriptor chains processed in one *round* (one call to
+    /// [`crate::IommuDevice::process_requestq`]): a fairness bound, not a limit on what gets
+    /// processed. Every chain available when the driver notifies is processed, in rounds of at
+    /// most this many; the rounds after the first are owed
+    /// ([`crate::IommuDevice::requestq_pending`]) and run by the transport
+    /// ([`crate::IommuDevice::service`]; [`crate::MmioDevice`] runs them all before the
+    /// `QueueNotify` write returns, unlocking the device between rounds). So at most
+    /// `queue_size` chains are processed per notification, at most this many per round.
+    /// Must be at least 1. Default 256.
     pub max_requests_per_notify: usize,
     /// Largest number of fault reports kept while no eventq buffer is available. Faults beyond
     /// it are dropped and counted ([`crate::Counters::faults_dropped`]). Default 64.
@@ -143,6 +151,7 @@ pub struct DeviceConfig {
     endpoints: BTreeMap<u32, Vec<ResvRegion>>,
     caps: Caps,
     queue_size: u16,
+    fault_plan: FaultPlan,
 }
 
 impl Default for DeviceConfig {
@@ -159,6 +168,7 @@ impl Default for DeviceConfig {
             endpoints: BTreeMap::new(),
             caps: b.caps,
             queue_size: b.queue_size,
+            fault_plan: FaultPlan::default(),
         }
     }
 }
@@ -251,6 +261,11 @@ impl DeviceConfig {
     /// Maximum size (number of descriptors) of each virtqueue, reported in `QueueNumMax`.
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    /// The fault-injection plan (empty: the device behaves); see [`crate::fault`].
+    pub fn fault_plan(&self) -> &FaultPlan {
+        &self.fault_plan
     }
 }
 
@@ -361,6 +376,7 @@ pub struct DeviceConfigBuilder {
     resv: Vec<(u32, ResvRegion)>,
     caps: Caps,
     queue_size: u16,
+    fault_plan: FaultPlan,
 }
 
 impl Default for DeviceConfigBuilder {
@@ -382,6 +398,7 @@ impl Default for DeviceConfigBuilder {
             resv: Vec::new(),
             caps: Caps::default(),
             queue_size: 256,
+            fault_plan: FaultPlan::default(),
         }
     }
 }
@@ -488,6 +505,15 @@ impl DeviceConfigBuilder {
         self
     }
 
+    /// Makes the device misbehave as `plan` says (fault injection, to test drivers; see
+    /// [`crate::fault`] for every misbehaviour and what a correct driver must do). The default
+    /// is an empty plan: a well-behaved device. Not validated against the rest of the
+    /// configuration: a plan may well break the device's own guarantees, that is its purpose.
+    pub fn fault_injection(mut self, plan: FaultPlan) -> Self {
+        self.fault_plan = plan;
+        self
+    }
+
     /// Validates and returns the configuration.
     ///
     /// Errors: every [`ConfigError`] variant, one check each: D3 (`page_size_mask != 0`), D2
@@ -565,6 +591,7 @@ impl DeviceConfigBuilder {
             endpoints,
             caps,
             queue_size: self.queue_size,
+            fault_plan: self.fault_plan,
         })
     }
 }
@@ -647,6 +674,11 @@ mod tests {
         assert_eq!(
             b().max_mappings(0).build(),
             Err(ConfigError::ZeroCap("max_mappings"))
+        );
+        // A cap of 0 chains per round would strand every request.
+        assert_eq!(
+            b().max_requests_per_notify(0).build(),
+            Err(ConfigError::ZeroCap("max_requests_per_notify"))
         );
         assert_eq!(
             b().queue_size(3).build(),

@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_iommu_driver::wire::{self, Features, EVENTQ, REQUESTQ};
 use virtio_queue::{Queue, QueueT, Writer};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::IntoBytes;
 
 use crate::config::DeviceConfig;
+use crate::fault::reply::{corrupt_reply, peek_type};
+use crate::fault::{FaultCounters, Misbehaviour};
 use crate::request::{handle_request, validate_chain, Outcome};
 use crate::state::{Access, FaultRecord, IommuState, Piece, TranslateError};
 
@@ -69,9 +71,12 @@ pub struct Counters {
     pub requests_unknown_type: u64,
     /// Chains returned unwritten because of a framing error.
     pub requests_malformed: u64,
-    /// Notifications after which requests were left in the queue because of
-    /// [`crate::Caps::max_requests_per_notify`].
+    /// Processing rounds that ended with chains still owed (available at the last
+    /// notification and not yet processed) because of [`crate::Caps::max_requests_per_notify`]:
+    /// each needs another round ([`IommuDevice::service`]).
     pub requests_deferred: u64,
+    /// Misbehaviours applied by the fault plan ([`crate::fault`]), all kinds together.
+    pub faults_injected: u64,
     /// Translation faults raised (delivered, pending or dropped).
     pub faults_raised: u64,
     /// Fault reports written into eventq buffers.
@@ -155,6 +160,11 @@ pub struct IommuDevice<M: GuestMemoryBackend> {
     interrupt_status: u32,
     config_generation: u32,
     irq: Option<Box<dyn FnMut(u32) + Send>>,
+    /// requestq chains available at the last notification and not processed yet (at most the
+    /// queue size): the work still owed for notifications already received.
+    requestq_owed: u16,
+    /// Opportunity counters of the config's fault plan (device-side misbehaviours).
+    faults: FaultCounters,
 }
 
 impl<M: GuestMemoryBackend> fmt::Debug for IommuDevice<M> {
@@ -193,6 +203,8 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             interrupt_status: 0,
             config_generation: 0,
             irq: None,
+            requestq_owed: 0,
+            faults: FaultCounters::default(),
         })
     }
 
@@ -221,6 +233,12 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// Counters.
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// Counts a misbehaviour applied by a transport model (fault injection,
+    /// [`Counters::faults_injected`]).
+    pub fn note_fault_injected(&mut self) {
+        self.counters.faults_injected += 1;
     }
 
     /// Number of fault reports waiting for an eventq buffer.
@@ -293,9 +311,19 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let offered = self.config.offered().bits();
             let wanted = self.driver_features;
-            if wanted & !offered == 0 && wanted & Features::VERSION_1.bits() != 0 {
-                self.state
-                    .set_negotiated(Features::from_bits_retain(wanted));
+            let config = self.config.clone();
+            let plan = config.fault_plan();
+            let refused = self
+                .faults
+                .fire(plan, |m, _| matches!(m, Misbehaviour::FeaturesOkRefused))
+                .is_some();
+            if refused {
+                self.counters.faults_injected += 1;
+                new &= !status::FEATURES_OK;
+            } else if wanted & !offered == 0 && wanted & Features::VERSION_1.bits() != 0 {
+                // Fault injection: the device goes on as if only these had been negotiated.
+                let kept = plan.features_after_ok().map_or(wanted, |o| wanted & o);
+                self.state.set_negotiated(Features::from_bits_retain(kept));
             } else {
                 new &= !status::FEATURES_OK;
             }
@@ -318,6 +346,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         }
         self.pending.clear();
         self.interrupt_status = 0;
+        self.requestq_owed = 0;
     }
 
     /// System reset: [`Self::reset`], and `bypass` restored to its boot value (D4).
@@ -409,17 +438,69 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         if let Some(q) = self.queues.get_mut(usize::from(index)) {
             q.reset();
         }
+        if index == REQUESTQ {
+            self.requestq_owed = 0;
+        }
     }
 
-    /// A driver notification of queue `index`: requestq ⇒ [`Self::process_requestq`], eventq
-    /// ⇒ [`Self::deliver_events`]; other indexes are ignored.
+    /// A driver notification of queue `index`: requestq ⇒ every chain now available is owed
+    /// and the first round runs ([`Self::process_requestq`]); eventq ⇒
+    /// [`Self::deliver_events`]; other indexes are ignored.
+    ///
+    /// Contract (virtio §2.7, split virtqueues: the device eventually uses every available
+    /// buffer): the chains available at a notification are all processed, in rounds of at most
+    /// [`crate::Caps::max_requests_per_notify`]. This call runs the first round; while
+    /// [`Self::requestq_pending`] is true the transport owes the driver more rounds and runs
+    /// them with [`Self::service`], one per call, before it considers the notification handled
+    /// — without waiting for another notification, which a polling driver never sends. The
+    /// in-process [`crate::MmioDevice`] runs them all before the `QueueNotify` write returns,
+    /// unlocking the device between rounds so that endpoints translating on other threads
+    /// are not starved; a server where one notification is one message should run one round
+    /// between messages and all owed rounds before it waits for the next message. Chains the
+    /// driver adds later come with their own notification (the device never suppresses
+    /// notifications), so the work per notification is bounded by the queue size.
     pub fn notify(&mut self, index: u16) {
         match index {
             REQUESTQ => {
+                self.owe_available();
                 self.process_requestq();
             }
             EVENTQ => self.deliver_events(),
             _ => {}
+        }
+    }
+
+    /// Records the chains now in the requestq available ring as owed (see [`Self::notify`]).
+    fn owe_available(&mut self) {
+        let idx = usize::from(REQUESTQ);
+        if !self.can_process() || !self.queues[idx].ready() {
+            return;
+        }
+        let q = &self.queues[idx];
+        if let Ok(avail) = q.avail_idx(&self.mem, Ordering::Acquire) {
+            let n = (avail - Wrapping(q.next_avail())).0;
+            // More than the queue holds is a broken queue: `process_requestq` handles it.
+            if n <= q.size() {
+                self.requestq_owed = self.requestq_owed.max(n);
+            }
+        }
+    }
+
+    /// Whether chains available at an earlier requestq notification are still unprocessed
+    /// (only while the device and the queue are running): the transport then owes the driver
+    /// [`Self::service`] calls until this is false (see [`Self::notify`]). Becomes false after
+    /// at most `queue_size / max_requests_per_notify` (rounded up) rounds.
+    pub fn requestq_pending(&self) -> bool {
+        self.requestq_owed > 0 && self.can_process() && self.queues[usize::from(REQUESTQ)].ready()
+    }
+
+    /// Runs one owed processing round if [`Self::requestq_pending`] (else does nothing);
+    /// returns the number of chains processed.
+    pub fn service(&mut self) -> usize {
+        if self.requestq_pending() {
+            self.process_requestq()
+        } else {
+            0
         }
     }
 
@@ -442,62 +523,152 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         })
     }
 
-    /// Processes up to [`crate::Caps::max_requests_per_notify`] requestq chains, each answered
-    /// and returned in the used ring (see [`crate::request`]). Does nothing unless DRIVER_OK
-    /// and FEATURES_OK are set, DEVICE_NEEDS_RESET and FAILED are not, and the queue is ready.
-    /// Returns the number of chains processed; chains left over stay in the queue for the next
-    /// notification (or call).
+    /// One processing round: up to [`crate::Caps::max_requests_per_notify`] requestq chains,
+    /// each answered and returned in the used ring (see [`crate::request`]). Does nothing
+    /// unless DRIVER_OK and FEATURES_OK are set, DEVICE_NEEDS_RESET and FAILED are not, and the
+    /// queue is ready. Returns the number of chains taken from the available ring. Chains left
+    /// over and owed to an earlier notification make [`Self::requestq_pending`] true (see
+    /// [`Self::notify`] for who runs the next round).
     ///
     /// An available ring claiming more chains than the queue size, or a used ring write that
-    /// fails, sets DEVICE_NEEDS_RESET.
+    /// fails, sets DEVICE_NEEDS_RESET. The config's fault plan ([`crate::fault`]) may change
+    /// what happens to each chain.
     pub fn process_requestq(&mut self) -> usize {
         let idx = usize::from(REQUESTQ);
         if !self.can_process() || !self.queues[idx].ready() {
+            self.requestq_owed = 0;
             return 0;
         }
         if !self.avail_sane(idx) {
+            self.requestq_owed = 0;
             self.set_needs_reset();
             return 0;
         }
-        let max = self.config.caps().max_requests_per_notify;
+        let config = self.config.clone();
+        let plan = config.fault_plan();
+        let max = config.caps().max_requests_per_notify;
         let mut done = 0;
+        let mut reordered: Vec<(u16, u32)> = Vec::new();
         while done < max {
             let Self {
                 queues, mem, state, ..
             } = self;
             let Some(chain) = queues[idx].pop_descriptor_chain(&*mem) else {
+                // Nothing left: whatever was owed has been taken (or the driver rewound its
+                // available index, which owes nothing).
+                self.requestq_owed = 0;
                 break;
             };
+            done += 1;
+            self.requestq_owed = self.requestq_owed.saturating_sub(1);
             let head = chain.head_index();
-            let handled = handle_request(state, &*mem, chain, usize::from(queues[idx].size()));
-            match handled.outcome {
-                Outcome::Completed { status, .. } => {
-                    self.counters.requests_completed += 1;
-                    if status != wire::Status::Ok {
-                        self.counters.requests_failed += 1;
+            let size = queues[idx].size();
+            let fault = if plan.is_empty() {
+                None
+            } else {
+                let t = peek_type(&*mem, &chain);
+                self.faults.fire_request(plan, t).cloned()
+            };
+            if fault.is_some() {
+                self.counters.faults_injected += 1;
+            }
+            let used_len = match &fault {
+                Some(Misbehaviour::NeverComplete) => continue,
+                Some(Misbehaviour::NeedsReset) => {
+                    self.set_needs_reset();
+                    break;
+                }
+                Some(Misbehaviour::ResetSelf) => {
+                    self.reset();
+                    return done;
+                }
+                Some(Misbehaviour::TailNotWritten) => Writer::new(&*mem, chain)
+                    .ok()
+                    .and_then(|w| u32::try_from(w.available_bytes()).ok())
+                    .unwrap_or(0),
+                _ => {
+                    let handled = handle_request(state, &*mem, chain.clone(), usize::from(size));
+                    match handled.outcome {
+                        Outcome::Completed { status, .. } => {
+                            self.counters.requests_completed += 1;
+                            if status != wire::Status::Ok {
+                                self.counters.requests_failed += 1;
+                            }
+                        }
+                        Outcome::UnknownType(_) | Outcome::ProbeNotOffered => {
+                            self.counters.requests_unknown_type += 1;
+                        }
+                        Outcome::Malformed(_) => self.counters.requests_malformed += 1,
+                    }
+                    match &fault {
+                        Some(m) => corrupt_reply(&*mem, chain, m, &config, handled.used_len),
+                        None => handled.used_len,
                     }
                 }
-                Outcome::UnknownType(_) | Outcome::ProbeNotOffered => {
-                    self.counters.requests_unknown_type += 1;
+            };
+            let added = match fault {
+                Some(Misbehaviour::UsedIdOutOfRange) => self.add_used_raw(
+                    idx,
+                    u32::from(head) + u32::from(self.queues[idx].size()),
+                    used_len,
+                ),
+                Some(Misbehaviour::UsedTwice) => self.queues[idx]
+                    .add_used(&self.mem, head, used_len)
+                    .and_then(|()| self.queues[idx].add_used(&self.mem, head, used_len))
+                    .is_ok(),
+                Some(Misbehaviour::Reorder) => {
+                    reordered.push((head, used_len));
+                    true
                 }
-                Outcome::Malformed(_) => self.counters.requests_malformed += 1,
-            }
-            done += 1;
-            if self.queues[idx]
-                .add_used(&self.mem, head, handled.used_len)
-                .is_err()
-            {
+                _ => self.queues[idx].add_used(&self.mem, head, used_len).is_ok(),
+            };
+            if !added {
                 self.set_needs_reset();
                 break;
             }
         }
-        if done == max && self.has_avail(idx) {
+        if !self.needs_reset() {
+            for (head, len) in reordered.into_iter().rev() {
+                if self.queues[idx].add_used(&self.mem, head, len).is_err() {
+                    self.set_needs_reset();
+                    break;
+                }
+            }
+        }
+        if self.requestq_pending() {
             self.counters.requests_deferred += 1;
         }
         if done > 0 {
             self.signal_used(idx);
         }
         done
+    }
+
+    /// Adds a used element with any `id` (fault injection: virtio-queue refuses ids outside
+    /// the table). Returns whether the used ring could be written.
+    fn add_used_raw(&mut self, idx: usize, id: u32, len: u32) -> bool {
+        let q = &mut self.queues[idx];
+        let next = q.next_used();
+        let ring = q.used_ring();
+        let slot = u64::from(next % q.size().max(1));
+        let elem = ring.checked_add(4 + 8 * slot).map(GuestAddress);
+        let idx_addr = ring.checked_add(2).map(GuestAddress);
+        let (Some(elem), Some(idx_addr)) = (elem, idx_addr) else {
+            return false;
+        };
+        let mut bytes = [0u8; 8];
+        bytes[..4].copy_from_slice(&id.to_le_bytes());
+        bytes[4..].copy_from_slice(&len.to_le_bytes());
+        let next = next.wrapping_add(1);
+        if self.mem.write_slice(&bytes, elem).is_err() {
+            return false;
+        }
+        std::sync::atomic::fence(Ordering::Release);
+        if self.mem.write_obj(next.to_le(), idx_addr).is_err() {
+            return false;
+        }
+        q.set_next_used(next);
+        true
     }
 
     fn signal_used(&mut self, idx: usize) {
@@ -533,7 +704,22 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// (as for [`Self::process_requestq`]) and the eventq is ready.
     pub fn deliver_events(&mut self) {
         let idx = usize::from(EVENTQ);
-        if self.pending.is_empty() || !self.can_process() || !self.queues[idx].ready() {
+        if !self.can_process() || !self.queues[idx].ready() {
+            return;
+        }
+        let config = self.config.clone();
+        let plan = config.fault_plan();
+        if !plan.is_empty() && self.has_avail(idx) {
+            let flood = self
+                .faults
+                .fire(plan, |m, _| matches!(m, Misbehaviour::EventFlood { .. }));
+            if let Some(&Misbehaviour::EventFlood { used_len }) = flood {
+                self.counters.faults_injected += 1;
+                self.flood_events(used_len);
+                return;
+            }
+        }
+        if self.pending.is_empty() {
             return;
         }
         if !self.avail_sane(idx) {
@@ -549,7 +735,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             let head = chain.head_index();
             let max = usize::from(queues[idx].size());
             let well_formed = validate_chain(&chain, max).is_ok_and(|l| l.readable == 0);
-            let used = match Writer::new(&*mem, chain) {
+            let mut used = match Writer::new(&*mem, chain) {
                 Ok(mut w) if well_formed && w.available_bytes() >= FAULT_SIZE => {
                     match std::io::Write::write_all(&mut w, fault.to_wire().as_bytes()) {
                         Ok(()) => FAULT_SIZE as u32,
@@ -558,6 +744,24 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
                 }
                 _ => 0,
             };
+            if used != 0 && !plan.is_empty() {
+                let lie = self
+                    .faults
+                    .fire(plan, |m, _| matches!(m, Misbehaviour::EventUsedLen(_)));
+                if let Some(&Misbehaviour::EventUsedLen(n)) = lie {
+                    self.counters.faults_injected += 1;
+                    // The report is consumed: the driver was told (wrongly) about it.
+                    self.pending.pop_front();
+                    self.counters.faults_delivered += 1;
+                    used = n;
+                    added = true;
+                    if self.queues[idx].add_used(&self.mem, head, used).is_err() {
+                        self.set_needs_reset();
+                        break;
+                    }
+                    continue;
+                }
+            }
             if used == 0 {
                 self.counters.event_buffers_skipped += 1;
             } else {
@@ -566,6 +770,46 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             }
             added = true;
             if self.queues[idx].add_used(&self.mem, head, used).is_err() {
+                self.set_needs_reset();
+                break;
+            }
+        }
+        if added {
+            self.signal_used(idx);
+        }
+    }
+
+    /// Fault injection ([`Misbehaviour::EventFlood`]): fills every available eventq buffer (at
+    /// most one queue size per call) with a synthetic report, returned with `used_len`.
+    fn flood_events(&mut self, used_len: u32) {
+        let idx = usize::from(EVENTQ);
+        if !self.avail_sane(idx) {
+            self.set_needs_reset();
+            return;
+        }
+        let record = FaultRecord {
+            reason: wire::FAULT_R_UNKNOWN,
+            flags: 0,
+            endpoint: self.config.endpoints().next().unwrap_or(0),
+            address: 0,
+        };
+        let mut added = false;
+        for _ in 0..self.queues[idx].size() {
+            let Self { queues, mem, .. } = self;
+            let Some(chain) = queues[idx].pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            if let Ok(mut w) = Writer::new(&*mem, chain) {
+                if w.available_bytes() >= FAULT_SIZE {
+                    let _ = std::io::Write::write_all(&mut w, record.to_wire().as_bytes());
+                }
+            }
+            added = true;
+            if self.queues[idx]
+                .add_used(&self.mem, head, used_len)
+                .is_err()
+            {
                 self.set_needs_reset();
                 break;
             }

@@ -8,6 +8,8 @@
 //! - [`request`]: parsing and answering one requestq descriptor chain, any descriptor layout.
 //! - [`device`]: [`IommuDevice`], the transport-independent device: status, features, queues,
 //!   config space, fault event queue, translation with fault reporting.
+//! - [`fault`]: [`FaultPlan`], fault injection: scripted device misbehaviours for testing
+//!   drivers.
 //! - [`mmio`]: [`MmioDevice`], the virtio-mmio (version 2) register model.
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
@@ -24,6 +26,7 @@
 pub mod config;
 pub mod device;
 pub mod endpoint;
+pub mod fault;
 pub mod mmio;
 pub mod request;
 pub mod state;
@@ -35,6 +38,7 @@ pub mod inprocess;
 pub use config::{Caps, ConfigError, DeviceConfig, DeviceConfigBuilder, ResvKind, ResvRegion};
 pub use device::{Counters, IommuDevice, QueueError, QueueSetup, SharedDevice};
 pub use endpoint::{DmaEndpoint, DmaError};
+pub use fault::{Fault, FaultPlan, Misbehaviour, When};
 pub use mmio::MmioDevice;
 pub use state::{Access, Domain, FaultRecord, IommuState, Mapping, Piece, TranslateError};
 pub use translate::{EndpointIommu, TranslationFailure};

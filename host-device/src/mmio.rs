@@ -11,10 +11,23 @@
 //! driver writes `QueueReady = 1`; a configuration the device refuses (bad size, misaligned or
 //! outside guest memory) sets DEVICE_NEEDS_RESET and leaves the queue not ready. Writes to a
 //! queue's registers while it is ready are ignored (virtio §4.2.2.2 forbids them).
+//!
+//! A `QueueNotify` write of requestq runs every processing round the notification owes before
+//! it returns (see [`crate::IommuDevice::notify`]), unlocking the device between rounds.
+//!
+//! The register-level misbehaviours of the config's fault plan ([`crate::fault`]:
+//! `ConfigGenerationUnstable`, `FeaturesChangeAfterFeaturesOk`'s `DeviceFeatures`,
+//! `StatusAfterReset`, `QueueNumMax`, `ConfigBytes`) are implemented here, where those
+//! registers are read.
+
+use std::sync::Arc;
 
 use vm_memory::GuestMemoryBackend;
 
-use crate::device::{lock, QueueSetup, SharedDevice, NUM_QUEUES};
+use crate::config::DeviceConfig;
+
+use crate::device::{lock, status, QueueSetup, SharedDevice, NUM_QUEUES};
+use crate::fault::{FaultCounters, Misbehaviour};
 
 /// `MagicValue`: "virt" in little-endian.
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -113,17 +126,27 @@ pub struct MmioDevice<M: GuestMemoryBackend> {
     driver_features_sel: u32,
     queue_sel: u32,
     queues: [QueueRegs; NUM_QUEUES],
+    /// The device's configuration (fixed for its life): its fault plan is read here.
+    config: Arc<DeviceConfig>,
+    /// Opportunity counters of the register-level misbehaviours.
+    faults: FaultCounters,
+    /// Reads of `ConfigGeneration` that returned an injected value (added to the real one).
+    generation_skew: u32,
 }
 
 impl<M: GuestMemoryBackend> MmioDevice<M> {
     /// A register window for `device`, all selectors at 0.
     pub fn new(device: SharedDevice<M>) -> Self {
+        let config = lock(&device).config().clone();
         Self {
+            config,
             device,
             device_features_sel: 0,
             driver_features_sel: 0,
             queue_sel: 0,
             queues: [QueueRegs::default(); NUM_QUEUES],
+            faults: FaultCounters::default(),
+            generation_skew: 0,
         }
     }
 
@@ -153,6 +176,7 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
             let len = data.len();
             if matches!(len, 1 | 2 | 4 | 8) && offset.is_multiple_of(len as u64) {
                 lock(&self.device).read_config(offset - reg::CONFIG, data);
+                self.inject_config_bytes(offset - reg::CONFIG, data);
             }
             return;
         }
@@ -163,16 +187,86 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
         data.copy_from_slice(&v.to_le_bytes());
     }
 
+    /// [`Misbehaviour::ConfigBytes`]: overlays the configured bytes on a config read of
+    /// `data.len()` bytes at config offset `at`.
+    fn inject_config_bytes(&mut self, at: u64, data: &mut [u8]) {
+        let plan = self.config.fault_plan();
+        if plan.is_empty() {
+            return;
+        }
+        let end = at.saturating_add(data.len() as u64);
+        let hit = self.faults.fire(plan, |m, _| match m {
+            Misbehaviour::ConfigBytes { offset, bytes } => {
+                let (o, e) = (u64::from(*offset), u64::from(*offset) + bytes.len() as u64);
+                o < end && at < e
+            }
+            _ => false,
+        });
+        if let Some(Misbehaviour::ConfigBytes { offset, bytes }) = hit {
+            for (i, b) in bytes.iter().enumerate() {
+                let pos = u64::from(*offset) + i as u64;
+                if let Some(d) = pos
+                    .checked_sub(at)
+                    .and_then(|p| usize::try_from(p).ok())
+                    .and_then(|p| data.get_mut(p))
+                {
+                    *d = *b;
+                }
+            }
+            lock(&self.device).note_fault_injected();
+        }
+    }
+
+    /// A register-level misbehaviour `pick` of the fault plan for this read, if one applies.
+    fn inject_reg(&mut self, pick: impl Fn(&Misbehaviour) -> bool) -> Option<Misbehaviour> {
+        let plan = self.config.fault_plan();
+        if plan.is_empty() {
+            return None;
+        }
+        self.faults.fire(plan, |m, _| pick(m)).cloned()
+    }
+
     fn read_reg(&mut self, offset: u64) -> u32 {
-        let dev = lock(&self.device);
+        let injected = match offset {
+            reg::CONFIG_GENERATION => {
+                self.inject_reg(|m| matches!(m, Misbehaviour::ConfigGenerationUnstable))
+            }
+            reg::QUEUE_NUM_MAX => self.inject_reg(|m| matches!(m, Misbehaviour::QueueNumMax(_))),
+            reg::STATUS if lock(&self.device).status() == 0 => {
+                self.inject_reg(|m| matches!(m, Misbehaviour::StatusAfterReset(_)))
+            }
+            _ => None,
+        };
+        let mut dev = lock(&self.device);
+        match injected {
+            Some(Misbehaviour::QueueNumMax(n)) => {
+                dev.note_fault_injected();
+                return n;
+            }
+            Some(Misbehaviour::StatusAfterReset(v)) => {
+                dev.note_fault_injected();
+                return u32::from(v);
+            }
+            Some(_) => {
+                dev.note_fault_injected();
+                self.generation_skew = self.generation_skew.wrapping_add(1);
+                return dev.config_generation().wrapping_add(self.generation_skew);
+            }
+            None => {}
+        }
+        let features_ok = dev.status() & status::FEATURES_OK != 0;
+        let offered = match self.config.fault_plan().features_after_ok() {
+            Some(bits) if features_ok => bits,
+            _ => dev.device_features(),
+        };
         match offset {
             reg::MAGIC_VALUE => MAGIC_VALUE,
             reg::VERSION => VERSION,
             reg::DEVICE_ID => virtio_iommu_driver::wire::VIRTIO_ID_IOMMU,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => dev.device_features() as u32,
-                1 => (dev.device_features() >> 32) as u32,
+                0 => offered as u32,
+                1 => (offered >> 32) as u32,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => match self.selected_queue() {
@@ -188,7 +282,7 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
                 u32::MAX
             }
-            reg::CONFIG_GENERATION => dev.config_generation(),
+            reg::CONFIG_GENERATION => dev.config_generation().wrapping_add(self.generation_skew),
             _ => 0,
         }
     }
@@ -244,6 +338,9 @@ impl<M: GuestMemoryBackend> MmioDevice<M> {
             reg::QUEUE_NOTIFY => {
                 if let Ok(q) = u16::try_from(v) {
                     lock(&self.device).notify(q);
+                    // The rounds this notification owes (bounded: see `IommuDevice::notify`),
+                    // the device unlocked between them.
+                    while lock(&self.device).service() > 0 {}
                 }
             }
             reg::INTERRUPT_ACK => lock(&self.device).ack_interrupt(v),

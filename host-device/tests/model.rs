@@ -507,8 +507,17 @@ fn expand(pieces: &[virtio_iommu_device::Piece]) -> Vec<(u64, u64, Access)> {
         .collect()
 }
 
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+    // 256 cases (about 2.5 s in a debug build): these tests run under cargo-mutants, once per
+    // mutant. `PROPTEST_CASES=N` runs more.
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn state_matches_the_reference_model(setup in setup(), ops in prop::collection::vec(op(), 1..80)) {

@@ -502,7 +502,7 @@ fn bogus_avail_ring_sets_needs_reset_without_panic() {
 }
 
 #[test]
-fn per_notification_cap_leaves_the_rest_for_the_next_notification() {
+fn per_round_cap_splits_a_notification_into_owed_rounds() {
     let mem = mem();
     let cfg = DeviceConfig::builder()
         .endpoint(8)
@@ -528,13 +528,18 @@ fn per_notification_cap_leaves_the_rest_for_the_next_notification() {
             },
         ]);
     }
+    // The notification owes all 5 chains; each call runs one round of at most 2.
     h.dev.notify(0);
     assert_eq!(h.rq_used_idx(), 2);
+    assert!(h.dev.requestq_pending());
     assert_eq!(h.dev.counters().requests_deferred, 1);
-    h.dev.notify(0);
+    assert_eq!(h.dev.service(), 2);
     assert_eq!(h.rq_used_idx(), 4);
-    assert_eq!(h.dev.process_requestq(), 1);
+    assert!(h.dev.requestq_pending());
+    assert_eq!(h.dev.service(), 1);
     assert_eq!(h.rq_used_idx(), 5);
+    assert!(!h.dev.requestq_pending());
+    assert_eq!(h.dev.service(), 0, "nothing owed: nothing done");
     assert_eq!(h.dev.counters().requests_deferred, 2);
 }
 
@@ -817,4 +822,59 @@ fn chains_longer_than_the_queue_size_are_refused() {
             written: vec![OK, 0, 0, 0]
         }
     );
+}
+
+#[test]
+fn only_chains_available_at_the_notification_are_owed() {
+    let mem = mem();
+    let cfg = DeviceConfig::builder()
+        .endpoint(8)
+        .max_requests_per_notify(1)
+        .build()
+        .unwrap();
+    let mut h = Harness::new(&mem, cfg);
+    let req = bytes(&attach(1, 8, 0));
+    let post = |h: &mut Harness<'_>| {
+        let rd = h.buffer(req.len(), 0);
+        h.mem.write_slice(&req, GuestAddress(rd)).unwrap();
+        let wr = h.buffer(4, POISON);
+        h.post_request(&[
+            D {
+                addr: rd,
+                len: 20,
+                flags: 0,
+            },
+            D {
+                addr: wr,
+                len: 4,
+                flags: F_WRITE,
+            },
+        ]);
+    };
+    for _ in 0..3 {
+        post(&mut h);
+    }
+    h.dev.notify(0);
+    assert_eq!(h.rq_used_idx(), 1);
+    // Two more arrive without a notification: they are not owed (their notification will
+    // come), so the owed rounds stop after the first three.
+    post(&mut h);
+    post(&mut h);
+    while h.dev.service() > 0 {}
+    assert_eq!(h.rq_used_idx(), 3);
+    assert!(!h.dev.requestq_pending());
+    // Their notification: all of them, in rounds.
+    h.dev.notify(0);
+    while h.dev.service() > 0 {}
+    assert_eq!(h.rq_used_idx(), 5);
+
+    // A device reset cancels what is owed.
+    for _ in 0..3 {
+        post(&mut h);
+    }
+    h.dev.notify(0);
+    assert!(h.dev.requestq_pending());
+    h.dev.write_status(0);
+    assert!(!h.dev.requestq_pending());
+    assert_eq!(h.dev.service(), 0);
 }

@@ -1,7 +1,9 @@
 //! A fake virtio-iommu for host tests of the real `VirtIOIommu`: a virtio-drivers `Transport`
 //! whose `notify` runs a small device model over the driver's split rings (in this process's
 //! memory: `FakeHal`'s physical address = the host pointer), with knobs to misbehave (complete
-//! out of order, return unknown tokens, bad used lengths, never complete, need a reset).
+//! out of order, return unknown tokens, bad used lengths, never complete, need a reset, complete
+//! without writing, change the config generation on every read, never finish a reset, flood the
+//! eventq with malformed reports, inject used elements).
 //!
 //! The model allocates nothing while processing requests (fixed arrays, a `Vec` with reserved
 //! capacity), so the allocation-counting test can count the driver alone.
@@ -22,6 +24,13 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 thread_local! {
     /// > 0 while allocations of this thread are not the driver's (see `uncounted`).
     static PAUSED: Cell<u32> = const { Cell::new(0) };
+    /// Pages currently allocated by `FakeHal::dma_alloc` on this thread and not freed.
+    static DMA_LIVE_PAGES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Pages of DMA memory this thread allocated through `FakeHal` and has not freed yet.
+pub fn dma_live_pages() -> usize {
+    DMA_LIVE_PAGES.with(Cell::get)
 }
 
 /// Runs `f` with this thread's allocations excluded from the counting allocator of
@@ -53,12 +62,14 @@ unsafe impl Hal for FakeHal {
         // SAFETY: the layout has a non-zero size.
         let p = uncounted(|| unsafe { std::alloc::alloc_zeroed(layout(pages)) });
         let p = NonNull::new(p).expect("out of memory");
+        DMA_LIVE_PAGES.with(|c| c.set(c.get() + pages.max(1)));
         (p.as_ptr() as PhysAddr, p)
     }
 
     unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
         // SAFETY: allocated by `dma_alloc` with this layout.
         uncounted(|| unsafe { std::alloc::dealloc(vaddr.as_ptr(), layout(pages)) });
+        DMA_LIVE_PAGES.with(|c| c.set(c.get() - pages.max(1)));
         0
     }
 
@@ -91,6 +102,15 @@ pub enum Behaviour {
     Duplicate,
     /// Sets DEVICE_NEEDS_RESET instead of completing.
     NeedsReset,
+    /// In order, with the correct used length (4, or `probe_size + 4` for PROBE), but writes
+    /// nothing into the device-writable part.
+    NoWrite,
+    /// In order, with the correct used length; writes the status but (PROBE) not the
+    /// properties.
+    StatusOnly,
+    /// Does not process requests; advances the used index by one per request without writing
+    /// a used element (the driver finds whatever the ring slot held before).
+    IdxOnly,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -145,6 +165,27 @@ pub struct State {
     pub attached: Vec<(u32, u32)>,
     /// Domains that exist.
     pub domains: Vec<u32>,
+    /// Config generation (`read_config_generation`).
+    pub generation: u32,
+    /// Number of upcoming `read_config_generation` calls that advance the generation first
+    /// (`u64::MAX`: every one, a config that never reads consistently).
+    pub generation_changes: u64,
+    /// A write of 0 to the status register is ignored (the device never finishes a reset).
+    pub reset_stuck: bool,
+    /// `queue_unset` behaves like virtio-drivers 0.13's modern `MmioTransport::queue_unset`
+    /// on a device whose QueueReady never reads 0: it spins forever.
+    pub queue_ready_stuck: bool,
+    /// Dropping the transport behaves like virtio-drivers 0.13's `PciTransport::drop`: writes
+    /// 0 to the status and spins until it reads 0.
+    pub reset_on_drop: bool,
+    /// When set, every available eventq buffer is completed at once (on each eventq
+    /// notification and on [`FakeDevice::complete_events`]) with this used length, writing
+    /// nothing (a malformed report for lengths below 24, or one the driver did not see written).
+    pub event_flood: Option<u32>,
+    /// eventq buffers completed so far.
+    pub events_completed: u64,
+    /// Requests completed with the PROBE type.
+    pub probes: u64,
 }
 
 /// The transport handed to the driver; [`FakeDevice::state`] reaches the same state.
@@ -187,7 +228,52 @@ impl FakeDevice {
             mappings: Vec::with_capacity(1 << 16),
             attached: Vec::with_capacity(64),
             domains: Vec::with_capacity(1024),
+            generation: 0,
+            generation_changes: 0,
+            reset_stuck: false,
+            queue_ready_stuck: false,
+            reset_on_drop: false,
+            event_flood: None,
+            events_completed: 0,
+            probes: 0,
         })))
+    }
+
+    /// The same device offering F_PROBE with `probe_size` bytes of properties. PROBE of a known
+    /// endpoint answers one RESV_MEM MSI region `0x0800_0000..=0x080f_ffff`, zero-filled after.
+    pub fn with_probe(probe_size: u32) -> Self {
+        let dev = Self::new();
+        {
+            let mut s = dev.state();
+            s.offered |= Features::PROBE.bits();
+            s.config[32..36].copy_from_slice(&probe_size.to_le_bytes());
+        }
+        dev
+    }
+
+    /// Completes every available eventq buffer per [`State::event_flood`] (nothing without it).
+    pub fn complete_events(&self) {
+        self.state().process_eventq();
+    }
+
+    /// Writes `report` into the next available eventq buffer and completes it with used length
+    /// `used`. Returns the buffer's descriptor id, `None` when no buffer is available.
+    pub fn push_event(&self, report: &[u8], used: u32) -> Option<u32> {
+        self.state().push_event(report, used)
+    }
+
+    /// Appends a used element `(id, len)` to queue `queue`'s used ring without any request
+    /// behind it (a stale, duplicate or invented completion).
+    pub fn inject_used(&self, queue: usize, id: u32, len: u32) {
+        self.state().push_used_on(queue, id, len);
+    }
+
+    /// A driver with these options.
+    pub fn driver_with(
+        &self,
+        options: IommuOptions,
+    ) -> Result<VirtIOIommu<FakeHal, FakeTransport>, virtio_iommu_driver::IommuError> {
+        VirtIOIommu::new(self.transport(), options)
     }
 
     /// The shared state.
@@ -254,6 +340,15 @@ impl State {
         if self.behaviour == Behaviour::Hold {
             return;
         }
+        if self.behaviour == Behaviour::IdxOnly {
+            let avail_idx: u16 = rd(q.avail + 2);
+            let n = avail_idx.wrapping_sub(q.last_avail);
+            let q = &mut self.queues[0];
+            q.last_avail = avail_idx;
+            q.used_idx = q.used_idx.wrapping_add(n);
+            wr(q.used + 2, q.used_idx);
+            return;
+        }
         let size = q.size as u16;
         let avail_idx: u16 = rd(q.avail + 2);
         let mut done = [(0u32, 0u32); 256];
@@ -284,7 +379,11 @@ impl State {
     }
 
     fn push_used(&mut self, id: u32, len: u32) {
-        let q = &mut self.queues[0];
+        self.push_used_on(0, id, len);
+    }
+
+    fn push_used_on(&mut self, queue: usize, id: u32, len: u32) {
+        let q = &mut self.queues[queue];
         let slot = u64::from(q.used_idx % q.size as u16);
         wr(q.used + 4 + 8 * slot, id);
         wr(q.used + 8 + 8 * slot, len);
@@ -321,18 +420,97 @@ impl State {
             i = next;
         }
         self.requests += 1;
-        let status = self.handle(&req[..req_len]);
+        let req = &req[..req_len];
+        if req.first() == Some(&5) && req_len >= 72 {
+            return self.probe(req, writable);
+        }
+        let status = self.handle(req);
         let used = match self.behaviour {
             Behaviour::UsedLen(n) => n,
             _ => 4,
         };
-        if status.is_some() && used >= 4 && writable.1 >= 4 {
+        if status.is_some() && used >= 4 && writable.1 >= 4 && self.behaviour != Behaviour::NoWrite
+        {
             wr(writable.0, status.unwrap_or(Status::Ok) as u8);
         }
         match status {
             None => 0,
             Some(_) => used,
         }
+    }
+
+    /// PROBE (§5.13.6.5) into the writable part `(addr, len)`: one RESV_MEM MSI property,
+    /// zeroes, the status at `probe_size`. Returns the used length.
+    fn probe(&mut self, req: &[u8], writable: (u64, u32)) -> u32 {
+        self.probes += 1;
+        let probe_size = self.u32_at(32);
+        let writable_needed = probe_size + 4;
+        if writable.1 < writable_needed {
+            return 0;
+        }
+        let endpoint = u32::from_le_bytes(req[4..8].try_into().unwrap());
+        let status = if ENDPOINTS.contains(&endpoint) {
+            Status::Ok
+        } else {
+            Status::NoEnt
+        };
+        let write_props = !matches!(self.behaviour, Behaviour::NoWrite | Behaviour::StatusOnly)
+            && status == Status::Ok;
+        if write_props {
+            let mut prop = [0u8; 24];
+            prop[0..2].copy_from_slice(&1u16.to_le_bytes()); // RESV_MEM
+            prop[2..4].copy_from_slice(&20u16.to_le_bytes());
+            prop[4] = 1; // MSI
+            prop[8..16].copy_from_slice(&0x0800_0000u64.to_le_bytes());
+            prop[16..24].copy_from_slice(&0x080f_ffffu64.to_le_bytes());
+            for k in 0..probe_size as usize {
+                wr(writable.0 + k as u64, prop.get(k).copied().unwrap_or(0));
+            }
+        }
+        if self.behaviour != Behaviour::NoWrite {
+            wr(writable.0 + u64::from(probe_size), status as u8);
+        }
+        match self.behaviour {
+            Behaviour::UsedLen(n) => n,
+            _ => writable_needed,
+        }
+    }
+
+    /// Completes every available eventq buffer per `event_flood`.
+    fn process_eventq(&mut self) {
+        let Some(used) = self.event_flood else {
+            return;
+        };
+        while let Some((id, _, _)) = self.next_event_buffer() {
+            self.push_used_on(1, id, used);
+            self.events_completed += 1;
+        }
+    }
+
+    /// Takes the next available eventq buffer: `(head, address, length)`.
+    fn next_event_buffer(&mut self) -> Option<(u32, u64, u32)> {
+        let q = self.queues[1];
+        if !q.ready || q.size == 0 {
+            return None;
+        }
+        let avail_idx: u16 = rd(q.avail + 2);
+        if q.last_avail == avail_idx {
+            return None;
+        }
+        let head: u16 = rd(q.avail + 4 + 2 * u64::from(q.last_avail % q.size as u16));
+        self.queues[1].last_avail = q.last_avail.wrapping_add(1);
+        let d = q.desc + 16 * u64::from(head);
+        Some((u32::from(head), rd(d), rd(d + 8)))
+    }
+
+    fn push_event(&mut self, report: &[u8], used: u32) -> Option<u32> {
+        let (id, addr, len) = self.next_event_buffer()?;
+        for (k, &b) in report.iter().take(len as usize).enumerate() {
+            wr(addr + k as u64, b);
+        }
+        self.push_used_on(1, id, used);
+        self.events_completed += 1;
+        Some(id)
     }
 
     /// The request's status; `None` for an unknown type (used length 0).
@@ -419,6 +597,17 @@ impl FakeTransport {
     }
 }
 
+impl Drop for FakeTransport {
+    fn drop(&mut self) {
+        if self.state().reset_on_drop {
+            self.set_status(DeviceStatus::empty());
+            while !self.get_status().is_empty() {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
 impl Transport for FakeTransport {
     fn device_type(&self) -> DeviceType {
         DeviceType::IOMMU
@@ -437,6 +626,8 @@ impl Transport for FakeTransport {
         if queue == 0 {
             s.notifications += 1;
             s.process_requestq();
+        } else if queue == 1 {
+            s.process_eventq();
         }
     }
     fn get_status(&self) -> DeviceStatus {
@@ -444,6 +635,9 @@ impl Transport for FakeTransport {
     }
     fn set_status(&mut self, status: DeviceStatus) {
         let mut s = self.state();
+        if status.is_empty() && s.reset_stuck {
+            return;
+        }
         s.status = status.bits();
         if status.is_empty() {
             s.queues = [Queue::default(); 2];
@@ -474,6 +668,9 @@ impl Transport for FakeTransport {
         }
     }
     fn queue_unset(&mut self, queue: u16) {
+        while self.state().queue_ready_stuck {
+            std::hint::spin_loop();
+        }
         if let Some(q) = self.state().queues.get_mut(usize::from(queue)) {
             *q = Queue::default();
         }
@@ -488,7 +685,14 @@ impl Transport for FakeTransport {
         InterruptStatus::empty()
     }
     fn read_config_generation(&self) -> u32 {
-        0
+        let mut s = self.state();
+        if s.generation_changes > 0 {
+            s.generation = s.generation.wrapping_add(1);
+            if s.generation_changes != u64::MAX {
+                s.generation_changes -= 1;
+            }
+        }
+        s.generation
     }
     fn read_config_space<V: FromBytes + IntoBytes>(
         &self,
