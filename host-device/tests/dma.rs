@@ -220,7 +220,7 @@ fn driver_iommu_hal_maps_buffers_that_the_endpoint_can_reach() {
     for r in drv.probe_reserved_regions(16).unwrap() {
         iova.reserve(r.start, r.end);
     }
-    CTX.with(|c| *c.borrow_mut() = Some((drv, DmaSpace::new(7, iova))));
+    CTX.with(|c| *c.borrow_mut() = Some((drv, DmaSpace::new(7, iova).unwrap())));
     let ep = bed.dma_endpoint(16).unwrap();
 
     // dma_alloc: READ|WRITE mapping of fresh pages.
