@@ -368,7 +368,10 @@ fn blk_case(
         .map_err(|e| format!("PCI transport: {e:?}"))?;
     let mut blk =
         Blk::new(AccessPlatform::new(transport)).map_err(|e| format!("VirtIOBlk: {e}"))?;
+    let start = crate::timer::now_ticks();
     let result = blk_io(&mut blk);
+    let us = crate::timer::ticks_to_us(crate::timer::now_ticks().wrapping_sub(start));
+    println!("# virtio-blk {mode:?}: whole-disk read + scratch round trip in {us} us");
     if result.is_err() {
         // The device may still own buffers: keep everything.
         core::mem::forget(blk);
