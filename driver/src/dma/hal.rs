@@ -258,11 +258,18 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
             // SAFETY: the caller's guarantee: `buffer` is valid and not accessed by anyone
             // else during this call; `phys` is its physical address from the inner `Hal`.
             let r = unsafe { space.share_buffer(iommu, phys, buffer, flags_for(direction)) };
-            Ok(r.map_err(|e| (e, space.fault_window().start)))
+            Ok(r.map_err(|e| (e, space.fault_window())))
         });
         let (e, fault) = match outcome {
             Ok(Ok(addr)) => return addr,
-            Ok(Err((e, fault))) => (e, fault),
+            Ok(Err((e, w))) => {
+                if (len as u64).saturating_sub(1) > w.end - w.start {
+                    log::error!(
+                        "virtio-iommu: failed buffer of {len} bytes is longer than the fault window {w:x?}"
+                    );
+                }
+                (e, w.start)
+            }
             Err(e) => (e, 0),
         };
         log::error!(
