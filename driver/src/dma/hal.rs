@@ -516,6 +516,32 @@ mod tests {
         assert!(iommu.maps.is_empty());
     }
 
+    #[test]
+    fn unshare_and_dma_dealloc_after_unmap_all_still_copy_back_and_free() {
+        let iova = IovaAllocator::new(0, 0xffff_ffff, 0x1000).unwrap();
+        install(FakeIommu::new(), DmaSpace::new(1, iova).unwrap());
+        let mut buf = std::vec![0u8; 32];
+        let ptr = NonNull::from(buf.as_mut_slice());
+        // SAFETY: `buf` is valid and untouched until `unshare`.
+        let addr = unsafe { Bounce::share(ptr, BufferDirection::DeviceToDriver) };
+        let (dma, vaddr) = Bounce::dma_alloc(1, BufferDirection::Both);
+        state(|iommu, space| {
+            iommu.device_write(1, addr, b"before the end").unwrap();
+            // The device goes away: everything is UNMAPped while the driver holds both.
+            assert_eq!(space.unmap_all(iommu), Ok(2));
+            assert!(iommu.maps.is_empty());
+        });
+        // SAFETY: the address `share` returned for `buf`.
+        unsafe { Bounce::unshare(addr, ptr, BufferDirection::DeviceToDriver) };
+        assert_eq!(&buf[..14], b"before the end", "copied back");
+        // SAFETY: what `dma_alloc` returned.
+        assert_eq!(unsafe { Bounce::dma_dealloc(dma, vaddr, 1) }, 0);
+        assert_eq!(BounceHal::live(), (0, 0), "inner unshare and dealloc ran");
+        let (_, space) = uninstall();
+        assert_eq!((space.live_mappings(), space.failures), (0, 0));
+        assert_eq!(space.iova_allocator().unwrap().live_allocations(), 0);
+    }
+
     /// Every physical range the device can reach through `iommu` lies inside `allowed` (physical
     /// ranges, inclusive).
     fn exposure_ok(iommu: &FakeIommu, allowed: &[(u64, u64)]) -> bool {

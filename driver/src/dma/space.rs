@@ -62,6 +62,10 @@ struct LiveMapping {
     /// The UNMAP failed: the IOVAs (and bounce granules) stay allocated until a later UNMAP
     /// succeeds ([`DmaSpace::unmap_all`]).
     stale: bool,
+    /// UNMAPped by [`DmaSpace::unmap_all`] while the buffer is still held: its IOVAs and
+    /// bounce granules stay allocated until the buffer's `unshare`/`dma_dealloc`, which then
+    /// sends no request but still copies back and frees.
+    unmapped: bool,
 }
 
 impl Weight for LiveMapping {
@@ -458,8 +462,8 @@ impl DmaSpace {
         (self.fault.start..=self.fault.end).contains(&addr)
     }
 
-    /// Number of live per-buffer mappings, including those kept after a failed UNMAP (0 in
-    /// identity mode).
+    /// Number of live per-buffer mappings, including those kept after a failed UNMAP and those
+    /// UNMAPped by [`Self::unmap_all`] but not yet released by the driver (0 in identity mode).
     pub fn live_mappings(&self) -> usize {
         match &self.mode {
             Mode::Strict { live, .. } => live.len(),
@@ -702,6 +706,7 @@ impl DmaSpace {
             alloc_vaddr,
             alloc_pages,
             stale: false,
+            unmapped: false,
         };
         if let Err(e) = live.insert(at, entry) {
             let _ = iova.free(at, span);
@@ -795,8 +800,13 @@ impl DmaSpace {
             self.failures += 1;
             return Err(IommuError::InvalidRange);
         };
-        self.unmaps += 1;
-        let unmapped = iommu.unmap(self.domain, base, base + (m.len - 1));
+        let unmapped = if m.unmapped {
+            // Already UNMAPped by `unmap_all`.
+            Ok(())
+        } else {
+            self.unmaps += 1;
+            iommu.unmap(self.domain, base, base + (m.len - 1))
+        };
         if unmapped.is_err() {
             self.failures += 1;
         }
@@ -922,8 +932,10 @@ impl DmaSpace {
     /// Mappings whose UNMAP fails are kept. Returns the number of mappings removed. Allocates
     /// one small batch buffer.
     ///
-    /// After this, buffers still held by a device driver are unreachable for the device (their
-    /// later `unshare` finds no mapping: no copy back); identity-mapped mode then refuses new
+    /// After this, buffers still held by a device driver are unreachable for the device; their
+    /// record (IOVAs, bounce granules, slot) stays until the driver's `unshare`/`dma_dealloc`,
+    /// which sends no request but still copies back (inner `unshare`) and frees, so
+    /// [`Self::live_mappings`] counts them until then. Identity-mapped mode then refuses new
     /// buffers.
     ///
     /// Errors: the fatal errors of [`IommuMapper::submit_batch`].
@@ -962,9 +974,12 @@ impl DmaSpace {
                         if n == CHUNK {
                             break;
                         }
+                        next = base.checked_add(1);
+                        if m.unmapped {
+                            continue;
+                        }
                         ops[n] = unmap(base, base + (m.len - 1));
                         n += 1;
-                        next = base.checked_add(1);
                     }
                     if n == 0 {
                         break;
@@ -981,12 +996,19 @@ impl DmaSpace {
                             self.failures += 1;
                             continue;
                         }
+                        let Some(m) = live.get_mut(virt_start) else {
+                            continue;
+                        };
+                        removed += 1;
+                        if !m.stale {
+                            // Still held by the device driver: kept until it is released.
+                            m.unmapped = true;
+                            continue;
+                        }
+                        // Released already (its UNMAP had failed): free it now.
                         if let Some(m) = live.remove(virt_start) {
-                            if m.stale {
-                                self.leaked = self.leaked.saturating_sub(1);
-                            }
+                            self.leaked = self.leaked.saturating_sub(1);
                             Self::free_resources(iova, bounce, virt_start, &m, &mut self.failures);
-                            removed += 1;
                         }
                     }
                 }
@@ -1111,7 +1133,7 @@ mod tests {
         let a = space
             .map_buffer(&mut iommu, 0x1000, 0x1000, MapFlags::READ)
             .unwrap();
-        space
+        let b = space
             .map_buffer(&mut iommu, 0x8000, 0x3000, MapFlags::WRITE)
             .unwrap();
         assert_eq!(
@@ -1120,16 +1142,19 @@ mod tests {
         );
         assert_eq!(iommu.maps.len(), 2, "nothing sent for the refused buffer");
         space.unmap_buffer(&mut iommu, a).unwrap();
-        for k in 0..20u64 {
-            if space.live_mappings() == 2 {
-                break;
-            }
-            space
-                .map_buffer(&mut iommu, 0x10_0000 * k, 0x1000, MapFlags::READ)
-                .unwrap();
-        }
+        let c = space
+            .map_buffer(&mut iommu, 0x10_0000, 0x1000, MapFlags::READ)
+            .unwrap();
         assert_eq!(space.unmap_all(&mut iommu).unwrap(), 2);
         assert!(iommu.maps.is_empty());
+        // Still held: kept until released, which sends nothing more and gives the physical
+        // address back.
+        assert_eq!(space.live_mappings(), 2);
+        assert_eq!(space.unmap_all(&mut iommu).unwrap(), 0);
+        let unmaps = space.unmaps;
+        assert_eq!(space.unmap_buffer(&mut iommu, b + 0x10), Ok(0x8010));
+        assert_eq!(space.unmap_buffer(&mut iommu, c), Ok(0x10_0000));
+        assert_eq!(space.unmaps, unmaps);
         assert_eq!(space.live_mappings(), 0);
         let alloc = space.iova_allocator().unwrap();
         assert_eq!(alloc.free_ranges(), 1);
