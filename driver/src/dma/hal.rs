@@ -2,7 +2,7 @@
 //! [`with_locked`], [`dma_context!`](crate::dma_context)).
 
 use super::mapper::IommuMapper;
-use super::space::DmaSpace;
+use super::space::{DmaSpace, NO_CONTEXT_ADDRESS};
 use crate::error::IommuError;
 use crate::wire::MapFlags;
 use core::marker::PhantomData;
@@ -90,7 +90,8 @@ macro_rules! dma_context {
 ///   of the space's [fault window](DmaSpace::fault_window), device addresses that reach no
 ///   memory in that mode; the later `unshare` of that address does nothing. When the context
 ///   itself is missing ([`DmaContext::with`] fails: the embedder did not install the space
-///   before creating the device, which it must), no mode is known and `share` returns 0;
+///   before creating the device, which it must), no mode is known and `share` returns
+///   [`NO_CONTEXT_ADDRESS`](super::NO_CONTEXT_ADDRESS), which no mode hands out;
 /// - a failed `dma_alloc` frees the memory again and returns 0, which virtio-drivers' `Dma::new`
 ///   reads as failure;
 /// - `unshare` always runs `C::Inner::unshare` (so a bounce buffer is copied back) once the
@@ -167,19 +168,26 @@ impl<C: DmaContext> IommuHal<C> {
 // SAFETY: the `Hal` contract, in every mode:
 // - `dma_alloc` returns `C::Inner::dma_alloc`'s own virtual address (page-aligned, zeroed, not
 //   aliased: the inner `Hal`'s guarantees), or in isolated strict mode a PAGE_SIZE multiple
-//   inside that allocation (checked), with a device address that reaches exactly that memory:
-//   a mapping made here (strict modes), or the physical address itself inside an identity range
-//   or a bypass domain (identity modes); the memory is freed only after the mapping is gone, or
-//   leaked when the UNMAP fails. On failure it returns 0 with nothing mapped.
+//   inside that allocation (checked), with a device address through which the device reaches
+//   that memory: a mapping made here of its whole granules (strict; isolated strict: exactly
+//   the granule-aligned granules handed out), or the physical address itself inside an
+//   identity range or a bypass domain (identity modes, where the device reaches other memory
+//   too: that is the mode's documented exposure, set up by the embedder, not an address this
+//   adapter makes up). The memory is freed only after its mapping is gone (or leaked when the
+//   UNMAP fails). On failure it returns 0, which virtio-drivers reads as failure, with nothing
+//   mapped and the inner allocation freed.
 // - `share` returns a device address that reaches the buffer's memory (`C::Inner::share`'s)
-//   until `unshare`, and in isolated strict mode reaches only the buffer's bytes and bounce
-//   granules the space owns; the buffer is only read (copy-in) during `share` and only written
-//   (copy-back) during `unshare` of a device-writable direction, within its bounds, as the
-//   caller's guarantees allow. On failure it returns an address in the fault window, which
-//   reaches no memory (strict: never mapped; identity-mapped: neither mapped nor reserved;
-//   bypass: unbacked by the embedder's word), after undoing the inner share.
+//   until `unshare`, with the direction's permissions in the strict modes, and in isolated
+//   strict mode only the buffer's bytes and bounce granules the space owns. The buffer is only
+//   read (copy-in) during `share`, and only written (copy-back) during `unshare` of a
+//   device-writable direction, within its bounds, as the caller's guarantees allow. On failure
+//   it undoes the inner share and returns the start of the fault window, which reaches no
+//   memory: strict modes: IOVAs reserved and never mapped; identity-mapped: IOVAs neither
+//   mapped nor reserved in a translated domain; bypass: the range the embedder vouched is
+//   unbacked (when the context itself is missing: `NO_CONTEXT_ADDRESS`, which no mode hands
+//   out and which reaches nothing in any of them).
 // - every inner `Hal` call gets back exactly the values it returned (`dma_dealloc` with the
-//   recorded allocation, `unshare` with the physical address of the share).
+//   recorded allocation, `unshare` with the physical address of the share), once.
 unsafe impl<C: DmaContext> Hal for IommuHal<C> {
     fn dma_alloc(pages: usize, direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         if pages == 0 {
@@ -270,7 +278,7 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
                 }
                 (e, w.start)
             }
-            Err(e) => (e, 0),
+            Err(e) => (e, NO_CONTEXT_ADDRESS),
         };
         log::error!(
             "virtio-iommu: share of {len} bytes at {phys:#x} failed ({e}): device address {fault:#x} (reaches nothing)"
@@ -287,7 +295,7 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
             BufferDirection::DeviceToDriver | BufferDirection::Both
         );
         let r = C::with(|iommu, space| {
-            if paddr == 0 || space.is_fault_address(paddr) {
+            if paddr == NO_CONTEXT_ADDRESS || space.is_fault_address(paddr) {
                 // A failed share: the inner share was undone then.
                 return Ok(());
             }
@@ -471,7 +479,7 @@ mod tests {
         let ptr = NonNull::from(&mut buf[..]);
         // SAFETY: `buf` is valid and untouched until `unshare`.
         let addr = unsafe { Bounce::share(ptr, BufferDirection::Both) };
-        assert_eq!(addr, 0);
+        assert_eq!(addr, NO_CONTEXT_ADDRESS);
         assert_eq!(BounceHal::live().0, 0);
         // SAFETY: as above.
         unsafe { Bounce::unshare(addr, ptr, BufferDirection::Both) };

@@ -33,8 +33,9 @@
 //!   to two granules per buffer and up to three MAPs.
 //! - **Identity-mapped** ([`DmaSpace::identity_mapped`], or [`DmaSpace::attach_identity`]
 //!   without a bypass range): device address = physical address; the RAM ranges the embedder
-//!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions and the
-//!   first granule; `share`/`dma_alloc` send no request. Exposes **all the listed RAM, all the
+//!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions, the
+//!   first granule and the granule of [`NO_CONTEXT_ADDRESS`]; `share`/`dma_alloc` send no
+//!   request. Exposes **all the listed RAM, all the
 //!   time**, READ|WRITE.
 //! - **Identity-bypass** ([`DmaSpace::identity_bypass`], or [`DmaSpace::attach_identity`] with
 //!   a bypass range and `VIRTIO_IOMMU_F_BYPASS_CONFIG`): the endpoint is attached to a bypass
@@ -51,7 +52,8 @@
 //! range of IOVAs that is neither mapped nor reserved (construction fails when there is none);
 //! a bypass domain translates nothing, so the embedder must name a physical range that no RAM
 //! or device decodes, and [`DmaSpace::attach_identity`] falls back to identity-mapped without
-//! one. The inner `Hal`'s share is undone at once.
+//! one. The inner `Hal`'s share is undone at once. Without an installed space (an embedder
+//! error) `share` returns [`NO_CONTEXT_ADDRESS`], which no mode hands out.
 //!
 //! # Shared state and locking
 //!
@@ -111,7 +113,7 @@ pub use bounce::DEFAULT_BOUNCE_GRANULES;
 pub use hal::{with_locked, DmaContext, IommuHal};
 pub use mapper::IommuMapper;
 pub use ranges::PhysRange;
-pub use space::{DmaMode, DmaSpace, DEFAULT_MAX_MAPPINGS, FAULT_WINDOW_MAX};
+pub use space::{DmaMode, DmaSpace, DEFAULT_MAX_MAPPINGS, FAULT_WINDOW_MAX, NO_CONTEXT_ADDRESS};
 /// The `spin` crate the locking helpers use ([`with_locked`], [`dma_context!`](crate::dma_context)),
 /// so that embedders name the same `spin::Mutex`.
 pub use spin;

@@ -38,6 +38,16 @@ pub const DEFAULT_MAX_MAPPINGS: usize = 1024;
 /// Largest fault window (bytes) a strict [`DmaSpace`] reserves from its IOVA allocator: 1 TiB.
 pub const FAULT_WINDOW_MAX: u64 = 1 << 40;
 
+/// The device address a failed `IommuHal::share` returns when no [`DmaSpace`] is installed
+/// (the embedder's [`DmaContext::with`](super::DmaContext::with) fails, so no mode is known):
+/// `2^64 - FAULT_WINDOW_MAX`. No space ever hands it out: strict modes reserve its granule
+/// from their allocator (with a 64-bit `input_range` it is the start of the usual fault
+/// window; with a smaller one, as QEMU ≥ 9.0's 48 bits, it is outside `input_range`, never
+/// mapped), identity-mapped mode leaves its granule unmapped, and bypass mode refuses buffers
+/// there; as a physical address it lies far above the physical address space of any Arm or x86
+/// CPU (52 bits at most), so it reaches nothing in a bypass domain either.
+pub const NO_CONTEXT_ADDRESS: u64 = u64::MAX - (FAULT_WINDOW_MAX - 1);
+
 /// "No bounce granule".
 const NO_SLOT: u32 = u32::MAX;
 
@@ -194,6 +204,9 @@ impl DmaSpace {
         let start = e - (window - 1);
         // The tail of a free range: needs no new node, cannot fail for lack of one.
         iova.try_reserve(start, e)?;
+        // Never hand out `NO_CONTEXT_ADDRESS` (usually inside the window, or outside the
+        // allocator's range; `reserve` cannot fail, at worst it drops a small remainder).
+        iova.reserve(NO_CONTEXT_ADDRESS, NO_CONTEXT_ADDRESS);
         Ok(Self::with_mode(
             domain,
             Mode::Strict {
@@ -246,8 +259,8 @@ impl DmaSpace {
     /// `domain`: MAPs every range of `ram` (guest-physical, inclusive ends) at IOVA = physical
     /// address with READ|WRITE, in batches ([`IommuMapper::submit_batch`]), after clipping each
     /// to `input_range`, shrinking it to whole granules, leaving out the first granule (device
-    /// address 0 is never handed out) and cutting out every `reserved` region (widened to whole
-    /// granules; R30). Overlapping RAM ranges are merged first. The fault window is the largest
+    /// address 0 is never handed out) and the granule of [`NO_CONTEXT_ADDRESS`], and cutting out
+    /// every `reserved` region (widened to whole granules; R30). Overlapping RAM ranges are merged first. The fault window is the largest
     /// granule-aligned range of IOVAs that is neither mapped nor reserved (accesses there fault).
     ///
     /// Errors: the first failed MAP (every MAP that succeeded is UNMAPped again);
@@ -265,10 +278,14 @@ impl DmaSpace {
             return Err(IommuError::InvalidRange);
         }
         let (lo, hi) = iommu.input_range();
-        let holes = sorted_union(reserved.iter().map(|r| PhysRange {
-            start: r.start & !(g - 1),
-            end: r.end | (g - 1),
-        }));
+        let widen = |start: u64, end: u64| PhysRange {
+            start: start & !(g - 1),
+            end: end | (g - 1),
+        };
+        let reserved_holes = sorted_union(reserved.iter().map(|r| widen(r.start, r.end)));
+        // Not mapped either: the granule of `NO_CONTEXT_ADDRESS` (it may be in the window).
+        let no_context = widen(NO_CONTEXT_ADDRESS, NO_CONTEXT_ADDRESS);
+        let holes = sorted_union(reserved_holes.iter().copied().chain([no_context]));
         let mut ranges = Vec::new();
         for r in sorted_union(ram.iter().copied()) {
             let Some(start) = r.start.max(lo).max(g).checked_next_multiple_of(g) else {
@@ -290,7 +307,7 @@ impl DmaSpace {
         if ranges.is_empty() {
             return Err(IommuError::InvalidRange);
         }
-        let taken = sorted_union(ranges.iter().chain(&holes).copied());
+        let taken = sorted_union(ranges.iter().chain(&reserved_holes).copied());
         let fault = largest_gap(&taken, g).ok_or(IommuError::InvalidRange)?;
         let rw = MapFlags::READ | MapFlags::WRITE;
         let ops = ranges.iter().map(|r| BatchOp::Map {
@@ -603,6 +620,7 @@ impl DmaSpace {
             Mode::Identity { bypass, ranges } => {
                 let reachable = if *bypass {
                     phys != 0
+                        && !(phys..=last).contains(&NO_CONTEXT_ADDRESS)
                         && !overlaps_any(ranges, phys, last)
                         && !overlaps_any(&[self.fault], phys, last)
                 } else {
@@ -1294,6 +1312,39 @@ mod tests {
     }
 
     #[test]
+    fn no_mode_hands_out_the_no_context_address() {
+        let nc = NO_CONTEXT_ADDRESS;
+        // Strict, with the largest free range elsewhere so the window does not cover it.
+        let mut iova = IovaAllocator::new(0, u64::MAX, 0x1000).unwrap();
+        iova.reserve(1 << 63, nc - (1 << 40));
+        let space = DmaSpace::new(1, iova).unwrap();
+        assert!(!space.is_fault_address(nc));
+        let free = space.iova_allocator().unwrap();
+        assert!(free.iter_free().all(|(s, e)| !(s..=e).contains(&nc)));
+        // Identity-mapped over RAM that contains it.
+        let mut iommu = FakeIommu::new();
+        let ram = [PhysRange {
+            start: nc - 0x10_0000,
+            end: nc + 0x10_0000,
+        }];
+        let mut space = DmaSpace::identity_mapped(&mut iommu, 2, &ram, &[]).unwrap();
+        assert!(!iommu.any_mapped(2, nc, nc));
+        assert!(space.map_buffer(&mut iommu, nc, 1, MapFlags::READ).is_err());
+        // Bypass.
+        let unbacked = PhysRange {
+            start: 1,
+            end: 0xfff,
+        };
+        let mut space = DmaSpace::identity_bypass(3, &[], &[], unbacked).unwrap();
+        assert!(space
+            .map_buffer(&mut iommu, nc - 1, 2, MapFlags::READ)
+            .is_err());
+        assert!(space
+            .map_buffer(&mut iommu, nc + 1, 2, MapFlags::READ)
+            .is_ok());
+    }
+
+    #[test]
     fn unmap_all_of_an_identity_range_covering_all_2_64_bytes() {
         let mut iommu = FakeIommu::new();
         let rw = MapFlags::READ | MapFlags::WRITE;
@@ -1312,13 +1363,28 @@ mod tests {
     #[test]
     fn identity_mapped_fault_window_is_unmapped_and_required() {
         let mut iommu = FakeIommu::new();
-        // RAM covering everything leaves no IOVA that faults: refused, nothing sent.
+        // RAM covering everything: only the granule of NO_CONTEXT_ADDRESS stays unmapped
+        // (and the first one, never part of a window); that is the window.
         let all = [PhysRange {
             start: 0,
             end: u64::MAX,
         }];
+        let space = DmaSpace::identity_mapped(&mut iommu, 9, &all, &[]).unwrap();
+        let nc = NO_CONTEXT_ADDRESS;
         assert_eq!(
-            DmaSpace::identity_mapped(&mut iommu, 9, &all, &[]).err(),
+            space.fault_window(),
+            PhysRange {
+                start: nc,
+                end: nc + 0xfff
+            }
+        );
+        assert!(!iommu.any_mapped(9, nc, nc + 0xfff));
+        iommu.maps.clear();
+        // ... and when a reserved region covers that too, no IOVA faults: refused, nothing
+        // sent.
+        let reserved = [msi(nc, nc + 0xfff)];
+        assert_eq!(
+            DmaSpace::identity_mapped(&mut iommu, 9, &all, &reserved).err(),
             Some(IommuError::InvalidRange)
         );
         assert!(iommu.maps.is_empty());
