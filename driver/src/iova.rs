@@ -286,6 +286,20 @@ impl<V: Weight> AvlPool<V> {
         best
     }
 
+    /// The value of `key`, mutable. The caller must not change its weight (subtree maxima are
+    /// not recomputed); meant for payloads of constant weight.
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut V> {
+        let mut i = self.root;
+        while i != NIL {
+            let n = self.node(i);
+            if key == n.key {
+                return Some(&mut self.node_mut(i).val);
+            }
+            i = if key < n.key { n.left } else { n.right };
+        }
+        None
+    }
+
     /// The entry with the smallest key `>= key`.
     pub(crate) fn ceil(&self, key: u64) -> Option<(u64, V)> {
         let mut i = self.root;

@@ -8,7 +8,7 @@
 //! - [`topology`] (feature `alloc`): which IOMMU and endpoint ID serve a PCI requester or a
 //!   platform device, from the devicetree.
 //! - [`dma`] (feature `alloc`): run virtio-drivers device drivers behind the IOMMU (`Hal`
-//!   adapter, strict and identity modes).
+//!   adapter; strict, isolated strict and identity modes).
 //! - [`iova`] (feature `alloc`): the O(log n), allocation-free IOVA allocator.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]

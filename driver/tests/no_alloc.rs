@@ -9,6 +9,8 @@
 //! - the `Hal` adapter `IommuHal` on that driver, strict mode: `share`/`unshare` of buffers in
 //!   every direction, `dma_alloc`/`dma_dealloc` (the inner `Hal`'s own allocation of the memory
 //!   is excluded: it is the embedder's, not the adapter's);
+//! - `IommuHal` in isolated strict mode (bounce granules for the unaligned head and tail):
+//!   `share`/`unshare`;
 //! - `IommuHal` in identity mode (bypass and mapped): `share`/`unshare`;
 //! - `IovaAllocator` alloc/free churn and `DmaSpace::map_buffer`/`unmap_buffer`.
 
@@ -135,11 +137,15 @@ fn driver_map_unmap_and_batches_do_not_allocate() {
 
 static IOMMU: Mutex<Option<Driver>> = Mutex::new(None);
 static STRICT: Mutex<Option<DmaSpace>> = Mutex::new(None);
+static ISOLATED: Mutex<Option<DmaSpace>> = Mutex::new(None);
 static BYPASS: Mutex<Option<DmaSpace>> = Mutex::new(None);
 static MAPPED: Mutex<Option<DmaSpace>> = Mutex::new(None);
 
 virtio_iommu_driver::dma_context! {
     struct StrictCtx { inner: FakeHal, iommu: IOMMU, space: STRICT }
+}
+virtio_iommu_driver::dma_context! {
+    struct IsolatedCtx { inner: FakeHal, iommu: IOMMU, space: ISOLATED }
 }
 virtio_iommu_driver::dma_context! {
     struct BypassCtx { inner: FakeHal, iommu: IOMMU, space: BYPASS }
@@ -172,7 +178,13 @@ fn hal_adapter_share_unshare_and_dma_alloc_do_not_allocate() {
     let dev = FakeDevice::new();
     let mut drv = dev.driver();
     let strict = DmaSpace::attach_strict(&mut drv, 1, 8, &[]).unwrap();
-    let bypass = DmaSpace::attach_identity(&mut drv, 2, 16, &[], &[]).unwrap();
+    let isolated = DmaSpace::attach_isolated::<FakeHal, _, _>(&mut drv, 4, 32, &[], 8).unwrap();
+    assert_eq!(isolated.mode(), DmaMode::IsolatedStrict);
+    let unbacked = PhysRange {
+        start: 1 << 63,
+        end: u64::MAX,
+    };
+    let bypass = DmaSpace::attach_identity(&mut drv, 2, 16, &[], &[], Some(unbacked)).unwrap();
     assert_eq!(bypass.mode(), DmaMode::IdentityBypass);
     let mut buf = vec![0u8; 3 * 4096 + 100];
     let ram = [PhysRange::from_start_size(buf.as_ptr() as u64 & !0xfff, 0x10_0000).unwrap()];
@@ -181,6 +193,7 @@ fn hal_adapter_share_unshare_and_dma_alloc_do_not_allocate() {
     assert_eq!(mapped.maps, 1);
     *IOMMU.lock() = Some(drv);
     *STRICT.lock() = Some(strict);
+    *ISOLATED.lock() = Some(isolated);
     *BYPASS.lock() = Some(bypass);
     *MAPPED.lock() = Some(mapped);
     let mapping_count = dev.state().mappings.len();
@@ -196,6 +209,7 @@ fn hal_adapter_share_unshare_and_dma_alloc_do_not_allocate() {
                 unsafe { IommuHal::<StrictCtx>::dma_dealloc(iova, vaddr, 3) },
                 0
             );
+            share_unshare::<IsolatedCtx>(&mut buf[5..]);
             for addr in share_unshare::<BypassCtx>(&mut buf[7..]) {
                 assert_eq!(addr, buf.as_ptr() as u64 + 7);
             }
@@ -217,6 +231,15 @@ fn hal_adapter_share_unshare_and_dma_alloc_do_not_allocate() {
     assert_eq!(
         (strict.maps, strict.unmaps, strict.failures),
         (1200, 1200, 0)
+    );
+    let isolated = ISOLATED.lock().take().unwrap();
+    assert_eq!(
+        (
+            isolated.failures,
+            isolated.leaked,
+            isolated.bounce_granules()
+        ),
+        (0, 0, (0, 8))
     );
     for space in [BYPASS.lock().take(), MAPPED.lock().take()] {
         let space = space.unwrap();
@@ -247,7 +270,8 @@ impl IommuMapper for Accept {
 fn allocator_and_dma_space_do_not_allocate() {
     let mut a = IovaAllocator::with_capacity(0, u64::MAX, G, 4096).unwrap();
     a.reserve(0x0802_0000, 0x0802_0fff);
-    let mut space = DmaSpace::strict(1, IovaAllocator::new(0, 0xffff_ffff, G).unwrap(), 512);
+    let mut space =
+        DmaSpace::strict(1, IovaAllocator::new(0, 0xffff_ffff, G).unwrap(), 512).unwrap();
     let mut live = [0u64; 300];
     let (n, ()) = allocations(|| {
         for round in 0..20u64 {

@@ -9,8 +9,8 @@
 //!   non-zero when they do not hold. Under QEMU TCG the 8× does not hold (see BENCHMARKS.md).
 //! - `dma-modes` ([`dma_modes::run`]): unmodified virtio-drivers devices (virtio-blk, and
 //!   virtio-rng when QEMU has one with `iommu_platform=on`) behind the IOMMU through
-//!   [`IommuHal`](virtio_iommu_driver::dma::IommuHal), in strict, identity-bypass and
-//!   identity-mapped mode, data verified; TAP output like the cases.
+//!   [`IommuHal`](virtio_iommu_driver::dma::IommuHal), in strict, isolated strict,
+//!   identity-bypass and identity-mapped mode, data verified; TAP output like the cases.
 
 pub mod dma_modes;
 

@@ -220,7 +220,7 @@ fn driver_iommu_hal_maps_buffers_that_the_endpoint_can_reach() {
     for r in drv.probe_reserved_regions(16).unwrap() {
         iova.reserve(r.start, r.end);
     }
-    CTX.with(|c| *c.borrow_mut() = Some((drv, DmaSpace::new(7, iova))));
+    CTX.with(|c| *c.borrow_mut() = Some((drv, DmaSpace::new(7, iova).unwrap())));
     let ep = bed.dma_endpoint(16).unwrap();
 
     // dma_alloc: READ|WRITE mapping of fresh pages.
@@ -277,4 +277,50 @@ fn driver_iommu_hal_maps_buffers_that_the_endpoint_can_reach() {
         n += 1;
     }
     assert_eq!(n, 4);
+}
+
+/// Isolated strict mode on this device: a buffer with an unaligned head and tail around whole
+/// granules is MAPped in three pieces (bounce, direct, bounce) and UNMAPped with one request
+/// over the whole range; the endpoint reaches exactly the buffer's bytes there, and its writes
+/// come back.
+#[test]
+fn driver_isolated_iommu_hal_bounces_head_and_tail_on_this_device() {
+    let bed = bed();
+    let mut drv = bed.driver().unwrap();
+    drv.attach(7, 8).unwrap();
+    let g = drv.config().granule;
+    let (lo, hi) = drv.config().input_range;
+    let iova = IovaAllocator::new(lo, hi, g).unwrap();
+    let space = DmaSpace::isolated::<TestHal>(7, iova, 16, 4).unwrap();
+    CTX.with(|c| *c.borrow_mut() = Some((drv, space)));
+    let ep = bed.dma_endpoint(8).unwrap();
+    // A buffer inside guest RAM (shared in place), from 0x10 into its first granule to 0x10
+    // into its fourth.
+    let (_, vaddr) = TestHal::dma_alloc(4 * g as usize / 4096, BufferDirection::Both);
+    let len = 3 * g as usize;
+    // SAFETY: `vaddr` points to 4 granules of zeroed guest RAM owned by this test.
+    let whole = unsafe { std::slice::from_raw_parts_mut(vaddr.as_ptr(), 4 * g as usize) };
+    for (i, b) in whole.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let ptr = NonNull::from(&mut whole[0x10..0x10 + len]);
+    // SAFETY: `whole` is not touched until `unshare`.
+    let addr = unsafe { IommuHal::<Ctx>::share(ptr, BufferDirection::Both) };
+    assert_eq!(bed.device().state().mapping_count(), 3);
+    let mut seen = vec![0u8; len];
+    ep.read(addr, &mut seen).unwrap();
+    assert!(seen.iter().enumerate().all(|(i, &b)| b == (i + 0x10) as u8));
+    ep.write(addr, &vec![0xee; len]).unwrap();
+    // SAFETY: the same buffer and the address `share` returned for it.
+    unsafe { IommuHal::<Ctx>::unshare(addr, ptr, BufferDirection::Both) };
+    assert_eq!(
+        bed.device().state().mapping_count(),
+        0,
+        "one UNMAP removed all three"
+    );
+    assert!(whole[0x10..0x10 + len].iter().all(|&b| b == 0xee));
+    assert_eq!((whole[0xf], whole[0x10 + len]), (0xf, (0x10 + len) as u8));
+    let (_, space) = CTX.with(|c| c.borrow_mut().take()).unwrap();
+    assert_eq!((space.maps, space.unmaps, space.failures), (3, 1, 0));
+    assert_eq!((space.bounced, space.bounce_granules()), (1, (0, 4)));
 }

@@ -99,7 +99,7 @@ fn dropping_a_queue_behind_a_broken_iommu_does_not_panic() {
     let mut drv = bed.driver_with(options).unwrap();
     drv.attach(1, 8).unwrap();
     let iova = IovaAllocator::new(0, 0xffff_ffff, 4096).unwrap();
-    CTX.with(|c| *c.borrow_mut() = Some((drv, DmaSpace::new(1, iova))));
+    CTX.with(|c| *c.borrow_mut() = Some((drv, DmaSpace::new(1, iova).unwrap())));
     let queue = VirtQueue::<IommuHal<Ctx>, 4>::new(&mut Inert, 0, false, false).unwrap();
     // The IOMMU breaks: an invalid config write sets DEVICE_NEEDS_RESET, so UNMAP fails.
     CTX.with(|c| {

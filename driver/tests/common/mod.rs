@@ -197,7 +197,7 @@ pub struct FakeTransport(Arc<Mutex<State>>);
 pub struct FakeDevice(Arc<Mutex<State>>);
 
 /// Endpoint IDs the fake device knows.
-pub const ENDPOINTS: [u32; 3] = [8, 16, 24];
+pub const ENDPOINTS: [u32; 4] = [8, 16, 24, 32];
 
 impl FakeDevice {
     /// A device with granule 4 KiB, input range 0..=2^48-1, domains 1..=1000, BYPASS_CONFIG, no

@@ -25,7 +25,8 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, env: &mut Env) {
         let domain = env.domain()?;
         with_iommu(|i| i.attach(domain, dev.endpoint))
             .map_err(|e| format!("ATTACH endpoint {:#x} to domain {domain}: {e}", dev.endpoint))?;
-        *BLK_DMA.lock() = Some(DmaSpace::new(domain, env.iova_allocator(dev.endpoint)?));
+        let space = DmaSpace::new(domain, env.iova_allocator(dev.endpoint)?);
+        *BLK_DMA.lock() = Some(space.map_err(|e| format!("DmaSpace: {e}"))?);
         let root = &mut pci.roots[dev.function.host_bridge];
         let transport = PciTransport::new::<IommuHal<BlkDma>, _>(root, dev.function.device_function)
             .map_err(|e| format!("PCI transport: {e:?}"))?;

@@ -1,0 +1,120 @@
+//! DMA glue: run virtio-drivers device drivers (`VirtIOBlk`, `VirtIORng`, `VirtIONet`, …) behind
+//! a virtio-iommu without changing them.
+//!
+//! - [`AccessPlatform`] wraps a device's `Transport` so that it negotiates
+//!   `VIRTIO_F_ACCESS_PLATFORM` (bit 33) when offered. virtio-drivers' device drivers do not ask
+//!   for it, and QEMU refuses FEATURES_OK to a device with `iommu_platform=on` without it.
+//! - [`IommuHal<C>`] is a `Hal` wrapping the embedder's own `Hal` ([`DmaContext::Inner`]): memory
+//!   comes from the inner `Hal`, and the addresses handed to the device are device addresses in
+//!   the device's domain, per the endpoint's [`DmaSpace`] mode ([`DmaMode`]).
+//!
+//! The mode is chosen per endpoint: each device has its own `DmaSpace`.
+//!
+//! # Modes, and what each exposes to the device
+//!
+//! "Exposes" is what the device can reach while a buffer is shared or allocated; a granule is
+//! the IOMMU's page (lowest bit of `page_size_mask`, §5.13.4).
+//!
+//! - **Strict** — the default ([`DmaSpace::new`], [`DmaSpace::attach_strict`]): every
+//!   `dma_alloc` and `share` allocates a fresh IOVA range ([`IovaAllocator`]: never 0, never
+//!   equal to the physical address) and MAPs it with the direction's permissions;
+//!   `dma_dealloc` and `unshare` UNMAP it. Exposes each live buffer **widened to whole
+//!   granules**: a 1-byte device-writable buffer exposes the rest of its granule (4 KiB, or
+//!   64 KiB with a 64 KiB granule) to reads and writes — neighbouring heap data. Nothing else.
+//! - **Isolated strict** ([`DmaSpace::isolated`], [`DmaSpace::attach_isolated`]; what Linux
+//!   does for untrusted devices with its swiotlb bounce): as strict, but a granule the buffer
+//!   only partly covers (its head and tail) is not mapped; a dedicated bounce granule from a
+//!   fixed pool (allocated once from the inner `Hal`'s `dma_alloc`, owned by the space, at most
+//!   `bounce_granules` in use, two per buffer at most) is mapped in its place, filled from the
+//!   buffer on `share` and copied back to it on `unshare` for device-writable directions. Whole
+//!   granules inside the buffer are mapped directly. `dma_alloc` memory is allocated
+//!   granule-aligned in whole granules. Exposes **only the buffer's own bytes and bytes of
+//!   bounce granules** (zeroed when taken, so nothing of an earlier buffer). Costs a copy of up
+//!   to two granules per buffer and up to three MAPs.
+//! - **Identity-mapped** ([`DmaSpace::identity_mapped`], or [`DmaSpace::attach_identity`]
+//!   without a bypass range): device address = physical address; the RAM ranges the embedder
+//!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions, the
+//!   first granule and the granule of [`NO_CONTEXT_ADDRESS`]; `share`/`dma_alloc` send no
+//!   request. Exposes **all the listed RAM, all the
+//!   time**, READ|WRITE.
+//! - **Identity-bypass** ([`DmaSpace::identity_bypass`], or [`DmaSpace::attach_identity`] with
+//!   a bypass range and `VIRTIO_IOMMU_F_BYPASS_CONFIG`): the endpoint is attached to a bypass
+//!   domain (ATTACH_F_BYPASS, §5.13.6.1); no request at all. Exposes **the whole physical
+//!   address space** — RAM, MMIO, everything — as if there were no IOMMU.
+//!
+//! # Failed buffers
+//!
+//! The `Hal` cannot return an error from `share`, and virtio-drivers puts whatever it returns in
+//! a descriptor. A failed `share` therefore returns the start of the space's fault window
+//! ([`DmaSpace::fault_window`]), device addresses that reach no memory, chosen per mode:
+//! strict modes reserve IOVAs from the allocator that are never mapped (the top
+//! `min(FAULT_WINDOW_MAX, half)` of its largest free range); identity-mapped uses the largest
+//! range of IOVAs that is neither mapped nor reserved (construction fails when there is none);
+//! a bypass domain translates nothing, so the embedder must name a physical range that no RAM
+//! or device decodes, and [`DmaSpace::attach_identity`] falls back to identity-mapped without
+//! one. The inner `Hal`'s share is undone at once. Without an installed space (an embedder
+//! error) `share` returns [`NO_CONTEXT_ADDRESS`], which no mode hands out.
+//!
+//! # Shared state and locking
+//!
+//! `Hal` methods take no `self`, so the state lives in the embedder's statics, reached through
+//! [`DmaContext::with`] on a zero-sized type: one [`spin::Mutex`] around the IOMMU driver shared
+//! by every device, and one per device around its `DmaSpace`. [`with_locked`] locks them in that
+//! order (IOMMU, then space) and [`dma_context!`](crate::dma_context) writes the whole context
+//! type:
+//!
+//! ```ignore
+//! use virtio_iommu_driver::dma::{spin::Mutex, AccessPlatform, DmaSpace, IommuHal};
+//!
+//! static IOMMU: Mutex<Option<VirtIOIommu<MyHal, PciTransport>>> = Mutex::new(None);
+//! static BLK_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
+//! virtio_iommu_driver::dma_context! {
+//!     /// DMA context of the disk.
+//!     pub struct BlkDma { inner: MyHal, iommu: IOMMU, space: BLK_DMA }
+//! }
+//!
+//! let mut guard = IOMMU.lock();
+//! let iommu = guard.as_mut().unwrap();
+//! let space = DmaSpace::attach_strict(iommu, domain, endpoint, &reserved_regions)?;
+//! // or: DmaSpace::attach_isolated::<MyHal, _, _>(iommu, domain, endpoint, &reserved_regions,
+//! //                                              DEFAULT_BOUNCE_GRANULES)?;
+//! drop(guard);
+//! *BLK_DMA.lock() = Some(space);
+//! let blk = VirtIOBlk::<IommuHal<BlkDma>, _>::new(AccessPlatform::new(transport))?;
+//! ```
+//!
+//! Rules: install the space before creating the device driver and keep it until the driver is
+//! dropped; never call a device driver (which calls the `Hal`) while holding `IOMMU` or a space
+//! lock — a spin lock is not re-entrant and that deadlocks; and take `IOMMU` before any space
+//! lock everywhere else too. On several CPUs the locks serialise DMA mapping of all devices on
+//! the IOMMU lock, which is what the single request queue does anyway.
+//!
+//! # Allocation
+//!
+//! After the `DmaSpace` is built, `share`, `unshare`, and the mapping part of `dma_alloc` and
+//! `dma_dealloc` do not allocate heap memory: IOVA ranges, live mappings and bounce granules
+//! live in pools whose size is fixed at construction ([`DEFAULT_IOVA_CAPACITY`],
+//! [`DEFAULT_MAX_MAPPINGS`], [`DEFAULT_BOUNCE_GRANULES`]; exhaustion is
+//! [`IommuError::DmaAlloc`](crate::IommuError::DmaAlloc)), and the IOMMU driver's requests use
+//! DMA buffers it allocated once.
+
+mod bounce;
+mod hal;
+mod mapper;
+mod ranges;
+mod space;
+mod transport;
+
+#[cfg(test)]
+mod fake;
+
+pub use crate::iova::{IovaAllocator, DEFAULT_IOVA_CAPACITY};
+pub use bounce::DEFAULT_BOUNCE_GRANULES;
+pub use hal::{with_locked, DmaContext, IommuHal};
+pub use mapper::IommuMapper;
+pub use ranges::PhysRange;
+pub use space::{DmaMode, DmaSpace, DEFAULT_MAX_MAPPINGS, FAULT_WINDOW_MAX, NO_CONTEXT_ADDRESS};
+/// The `spin` crate the locking helpers use ([`with_locked`], [`dma_context!`](crate::dma_context)),
+/// so that embedders name the same `spin::Mutex`.
+pub use spin;
+pub use transport::AccessPlatform;
