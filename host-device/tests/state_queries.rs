@@ -349,3 +349,28 @@ fn the_wire_fault_has_reserved_fields_zero_d46() {
     assert_eq!(&b[12..16], &[0, 0, 0, 0]);
     assert_eq!(&b[16..24], &0x1122_3344_5566_7788u64.to_le_bytes());
 }
+
+#[test]
+fn debug_output_shows_the_domains_and_their_mappings() {
+    let mut s = state(DeviceConfig::builder().endpoint(1));
+    assert_eq!(s.attach(&attach(7, 1, 0)), Status::Ok);
+    assert_eq!(s.map(&map(7, 0xabc000, 0xabcfff, 0x1000, RW)), Status::Ok);
+    let d = format!("{:?}", s.domain(7).unwrap());
+    assert!(d.contains(&format!("{}", 0xabc000u64)), "{d}");
+    assert!(d.contains(&format!("{}", 0xabcfffu64)), "{d}");
+    let all = format!("{s:?}");
+    assert!(all.contains(&format!("{}", 0xabc000u64)), "{all}");
+    // Equal mapping sets compare equal, different ones do not.
+    let mut t = state(DeviceConfig::builder().endpoint(1));
+    assert_eq!(t.attach(&attach(7, 1, 0)), Status::Ok);
+    assert_ne!(t.domain(7), s.domain(7));
+    assert_eq!(t.map(&map(7, 0xabc000, 0xabcfff, 0x1000, RW)), Status::Ok);
+    assert_eq!(t.domain(7), s.domain(7));
+    assert_eq!(t.map(&map(7, 0, 0xfff, 0x1000, RW)), Status::Ok);
+    assert_ne!(t.domain(7), s.domain(7));
+    // Same number of mappings, different ones: not equal.
+    let mut u = state(DeviceConfig::builder().endpoint(1));
+    assert_eq!(u.attach(&attach(7, 1, 0)), Status::Ok);
+    assert_eq!(u.map(&map(7, 0xabc000, 0xabcfff, 0x2000, RW)), Status::Ok);
+    assert_ne!(u.domain(7), s.domain(7));
+}

@@ -348,3 +348,14 @@ fn system_reset_restores_boot_bypass_and_bumps_the_generation_only_on_change() {
     h.dev.system_reset();
     assert!(h.dev.state().bypass());
 }
+
+#[test]
+fn debug_output_shows_the_status_and_counters() {
+    let m = mem();
+    let mut h = idle(&m);
+    h.dev.write_status(RUNNING);
+    let d = format!("{:?}", h.dev);
+    assert!(d.contains("IommuDevice"), "{d}");
+    assert!(d.contains(&format!("status: {RUNNING}")), "{d}");
+    assert!(d.contains("counters"), "{d}");
+}

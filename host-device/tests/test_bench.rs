@@ -431,3 +431,46 @@ fn the_driver_initialises_on_the_bench() {
     assert!(bed2.device().status() & 4 != 0);
     drop(drv2);
 }
+
+#[test]
+fn test_hal_pages_stay_mapped_after_their_bench_is_dropped() {
+    // Module docs: a RAM stays mapped while the driver may still hold pointers into it, even
+    // once its bench is gone and other benches were made on the thread.
+    let bed = TestBed::with_ram(config(), 0x3000_0000, 1 << 20).unwrap();
+    let (paddr, vaddr) = TestHal::dma_alloc(1, BufferDirection::Both);
+    assert!((0x3000_0000..0x3010_0000).contains(&paddr));
+    drop(bed);
+    let other = TestBed::with_ram(config(), 0x5000_0000, 1 << 20).unwrap();
+    let (p2, _) = TestHal::dma_alloc(1, BufferDirection::Both);
+    assert!(
+        (0x5000_0000..0x5010_0000).contains(&p2),
+        "the new bench is current"
+    );
+    // SAFETY: `vaddr` is the page allocated above, still outstanding, so still mapped.
+    unsafe { vaddr.as_ptr().write_bytes(0x5c, PAGE_SIZE) };
+    // SAFETY: as above.
+    assert_eq!(unsafe { vaddr.as_ptr().add(PAGE_SIZE - 1).read() }, 0x5c);
+    // SAFETY: returns the page; nothing uses `vaddr` afterwards.
+    assert_eq!(unsafe { TestHal::dma_dealloc(paddr, vaddr, 1) }, 0);
+    drop(other);
+}
+
+#[test]
+fn the_driver_runs_on_ram_above_4_gib() {
+    // Queue addresses then need both 32-bit halves of every queue register.
+    let base = 0x1_2000_0000;
+    let bed = TestBed::with_ram(config(), base, 2 << 20).unwrap();
+    let mut drv = bed.driver().unwrap();
+    {
+        let dev = bed.device();
+        use virtio_queue::QueueT;
+        for q in 0..2 {
+            let queue = dev.queue(q).unwrap();
+            assert!(queue.ready(), "queue {q}");
+            assert!(queue.desc_table() >= base && queue.used_ring() >= base);
+        }
+    }
+    drv.attach(3, 2).unwrap();
+    assert_eq!(bed.device().state().endpoint_domain(2), Some(3));
+    assert!(!bed.device().needs_reset());
+}
