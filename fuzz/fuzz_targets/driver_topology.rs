@@ -125,9 +125,13 @@ fuzz_target!(|data: &[u8]| {
                 );
             }
         }
-        assert_eq!(topo.pci_endpoint(topo.host_bridges.len(), 0), Ok(None));
+        assert_eq!(
+            topo.pci_endpoint(topo.host_bridges.len(), 0),
+            Err(TopologyError::NoSuchHostBridge(topo.host_bridges.len()))
+        );
     }
-    for path in node_paths(&fdt, 64).iter().map(String::as_str).chain([
+    let existing = node_paths(&fdt, 64);
+    for path in existing.iter().map(String::as_str).chain([
         "/",
         "",
         "//",
@@ -144,6 +148,8 @@ fuzz_target!(|data: &[u8]| {
             }
             Err(TopologyError::UnknownPhandle(p)) => assert!(topo.iommu_by_phandle(p).is_none()),
             Err(TopologyError::MalformedProperty { property: "iommus" }) => {}
+            // Only a path that names no node; every path of the tree exists.
+            Err(TopologyError::NoSuchNode) => assert!(!existing.iter().any(|p| p == path)),
             Err(e) => panic!("platform_endpoints({path}): unexpected {e:?}"),
         }
     }
