@@ -43,14 +43,26 @@ pub fn with_locked<M: IommuMapper, R>(
 /// and a `spin::Mutex<Option<DmaSpace>>` for the device, locked with
 /// [`with_locked`](crate::dma::with_locked):
 ///
-/// ```ignore
+/// ```
+/// # use virtio_iommu_device::inprocess::{InProcessTransport as PciTransport, TestHal as MyHal};
+/// # use virtio_drivers::device::net::VirtIONetRaw;
+/// use virtio_iommu_driver::dma::{spin::Mutex, AccessPlatform, DmaSpace, IommuHal};
+/// use virtio_iommu_driver::VirtIOIommu;
+///
 /// static IOMMU: Mutex<Option<VirtIOIommu<MyHal, PciTransport>>> = Mutex::new(None);
 /// static NET_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
 /// virtio_iommu_driver::dma_context! {
 ///     /// DMA context of the network card.
 ///     pub struct NetDma { inner: MyHal, iommu: IOMMU, space: NET_DMA }
 /// }
-/// type Net = VirtIONet<IommuHal<NetDma>, AccessPlatform<PciTransport>, 16>;
+/// type Net = VirtIONetRaw<IommuHal<NetDma>, AccessPlatform<PciTransport>, 16>;
+/// # // Without an installed IOMMU and space, the context reports the driver unusable.
+/// # use virtio_iommu_driver::dma::DmaContext;
+/// # assert_eq!(
+/// #     NetDma::with(|_, _| Ok(())),
+/// #     Err(virtio_iommu_driver::IommuError::Broken)
+/// # );
+/// # let _: Option<Net> = None;
 /// ```
 #[macro_export]
 macro_rules! dma_context {

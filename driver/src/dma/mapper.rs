@@ -39,7 +39,9 @@ pub trait IommuMapper {
     /// ring-sized round); the default sends them one by one with [`Self::map`] and
     /// [`Self::unmap`].
     ///
-    /// Errors of the whole call (`results` then only partly written): [`IommuError::BufferSize`]
+    /// # Errors
+    ///
+    /// Of the whole call (`results` then only partly written): [`IommuError::BufferSize`]
     /// when `results.len() != ops.len()`; the fatal errors of [`crate::Batch::submit`].
     fn submit_batch(
         &mut self,
