@@ -142,7 +142,7 @@ pub struct RequestStats {
 }
 
 /// One MAP or UNMAP request, as queued in a [`Batch`] or given to
-/// [`crate::dma::IommuMapper::submit_batch`]. IOVA ends are inclusive.
+/// `dma::IommuMapper::submit_batch` (feature `alloc`). IOVA ends are inclusive.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum BatchOp {
     /// MAP (§5.13.6.3), see [`VirtIOIommu::map`].
@@ -347,6 +347,10 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     }
 
     /// Queues `op` (see [`Self::map`] and [`Self::unmap`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::map`] or [`Self::unmap`] for the operation (nothing is queued).
     pub fn push(&mut self, op: BatchOp) -> Result<usize, IommuError> {
         match op {
             BatchOp::Map {
@@ -809,8 +813,13 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Writes the `bypass` config field (§5.13.4): `false` blocks the DMA of unattached
-    /// endpoints. Needs BYPASS_CONFIG ([`IommuError::NotNegotiated`]); the device setting
-    /// DEVICE_NEEDS_RESET in response is [`IommuError::DeviceNeedsReset`].
+    /// endpoints.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::Broken`] after an earlier fatal error; [`IommuError::NotNegotiated`]
+    /// without BYPASS_CONFIG; [`IommuError::Transport`] from the config write;
+    /// [`IommuError::DeviceNeedsReset`] when the device sets DEVICE_NEEDS_RESET in response.
     pub fn set_bypass(&mut self, bypass: bool) -> Result<(), IommuError> {
         self.usable()?;
         self.need(Features::BYPASS_CONFIG)?;
@@ -833,6 +842,11 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
 
     /// ATTACH with `VIRTIO_IOMMU_ATTACH_F_BYPASS` (§5.13.6.1): `domain` is an identity
     /// (bypass) domain, for endpoints that need no isolation. Needs BYPASS_CONFIG.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::NotNegotiated`] without BYPASS_CONFIG; otherwise those of
+    /// [`Self::attach`].
     pub fn attach_bypass(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError> {
         self.need(Features::BYPASS_CONFIG)?;
         self.attach_with_flags(domain, endpoint, ATTACH_F_BYPASS)
@@ -1001,7 +1015,12 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         parse_probe_properties(properties, f)
     }
 
-    /// PROBE returning the reserved regions only (see [`Self::probe`]).
+    /// PROBE returning the reserved regions only (see [`Self::probe`]), in the order the
+    /// device listed them; `start..=end` inclusive IOVAs.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::probe`].
     #[cfg(feature = "alloc")]
     pub fn probe_reserved_regions(
         &mut self,

@@ -432,6 +432,10 @@ impl IovaAllocator {
 
     /// As [`Self::new`], with a node pool of `capacity` entries (allocated now; at least 2 are
     /// needed for one allocation).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::new`].
     pub fn with_capacity(
         start: u64,
         end: u64,
@@ -536,8 +540,12 @@ impl IovaAllocator {
         let _ = self.reserve_inner(start, end, false);
     }
 
-    /// As [`Self::reserve`], but fails with [`IommuError::DmaAlloc`] (nothing changed) when the
-    /// node pool cannot hold the split, and [`IommuError::InvalidRange`] when `start > end`.
+    /// As [`Self::reserve`], but fails instead of dropping IOVAs.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is changed on error. [`IommuError::DmaAlloc`] when the node pool cannot hold
+    /// the split; [`IommuError::InvalidRange`] when `start > end`.
     pub fn try_reserve(&mut self, start: u64, end: u64) -> Result<(), IommuError> {
         self.reserve_inner(start, end, true)
     }

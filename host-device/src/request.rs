@@ -116,6 +116,10 @@ pub struct ChainLayout {
 /// Checks the shape of a chain without touching its buffers: at most `max_descriptors`
 /// descriptors ([`Malformed::TooLong`]), readable ones first ([`Malformed::DescriptorOrder`]),
 /// and not cut short by virtio-queue ([`Malformed::Truncated`]). Indirect tables are followed.
+///
+/// # Errors
+///
+/// The first of those problems found, as the [`Malformed`] variant named above.
 pub fn validate_chain<M: GuestMemory>(
     chain: &DescriptorChain<&M>,
     max_descriptors: usize,

@@ -16,7 +16,11 @@ pub trait DmaContext: 'static {
     /// `share`, may bounce). Its physical addresses are what the IOVAs map to.
     type Inner: Hal;
     /// Runs `f` with exclusive access to the IOMMU driver and this device's [`DmaSpace`].
-    /// Returns `Err(IommuError::Broken)` (or another error) when the state is not set up.
+    ///
+    /// # Errors
+    ///
+    /// `Err(IommuError::Broken)` (or another error) when the state is not set up; otherwise
+    /// what `f` returns.
     fn with<R>(
         f: impl FnOnce(&mut dyn IommuMapper, &mut DmaSpace) -> Result<R, IommuError>,
     ) -> Result<R, IommuError>;
@@ -25,6 +29,10 @@ pub trait DmaContext: 'static {
 /// The body of a [`DmaContext::with`] over two statics: locks `iommu`, then `space` (always in
 /// this order, see the module documentation) and runs `f`; [`IommuError::Broken`] when either
 /// is `None`. Spins while another CPU holds a lock.
+///
+/// # Errors
+///
+/// [`IommuError::Broken`] when either static holds `None`; otherwise what `f` returns.
 pub fn with_locked<M: IommuMapper, R>(
     iommu: &spin::Mutex<Option<M>>,
     space: &spin::Mutex<Option<DmaSpace>>,
