@@ -33,8 +33,8 @@ impl fmt::Display for DmaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownEndpoint(e) => write!(f, "unknown endpoint {e}"),
-            Self::Fault(r) => write!(f, "IOMMU fault {r:?}"),
-            Self::Refused(e) => write!(f, "access refused: {e:?}"),
+            Self::Fault(r) => write!(f, "IOMMU {r}"),
+            Self::Refused(e) => write!(f, "access refused: {e}"),
             Self::Unrepresentable => write!(f, "access ends at the top of the IOVA space"),
             Self::Memory(e) => write!(f, "guest memory: {e}"),
         }
