@@ -197,7 +197,11 @@ impl<C: DmaContext> IommuHal<C> {
 //   UNMAP fails). On failure it returns 0, which virtio-drivers reads as failure, with nothing
 //   mapped and the inner allocation freed.
 // - `share` returns a device address that reaches the buffer's memory (`C::Inner::share`'s)
-//   until `unshare`, with the direction's permissions in the strict modes, and in isolated
+//   until `unshare`'s UNMAP completes (if it fails, the mapping's IOVAs and bounce granules
+//   are kept and counted in `DmaSpace::leaked`, but the buffer's memory returns to its owner
+//   and may stay reachable by the endpoint: a failed UNMAP means the IOMMU device misbehaves,
+//   and it controls every DMA anyway, or timed out; the embedder is told to stop the endpoint
+//   while `leaked > 0`; no Rust memory is touched by this adapter after `unshare` returns), with the direction's permissions in the strict modes, and in isolated
 //   strict mode only the buffer's bytes and bounce granules the space owns. The buffer is only
 //   read (copy-in) during `share`, and only written (copy-back) during `unshare` of a
 //   device-writable direction, within its bounds, as the caller's guarantees allow. On failure

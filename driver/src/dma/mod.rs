@@ -29,8 +29,9 @@
 //!   buffer on `share` and copied back to it on `unshare` for device-writable directions. Whole
 //!   granules inside the buffer are mapped directly. `dma_alloc` memory is allocated
 //!   granule-aligned in whole granules. Exposes **only the buffer's own bytes and bytes of
-//!   bounce granules** (zeroed when taken, so nothing of an earlier buffer). Costs a copy of up
-//!   to two granules per buffer and up to three MAPs.
+//!   bounce granules** (zeroed when taken, so nothing of an earlier buffer), as long as the
+//!   IOMMU carries out the UNMAPs (see [`DmaSpace::leaked`]). Costs a copy of up to two
+//!   granules per buffer and up to three MAPs.
 //! - **Identity-mapped** ([`DmaSpace::identity_mapped`], or [`DmaSpace::attach_identity`]
 //!   without a bypass range): device address = physical address; the RAM ranges the embedder
 //!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions, the

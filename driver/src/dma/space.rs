@@ -138,8 +138,11 @@ pub struct DmaSpace {
     /// start of the [fault window](Self::fault_window).
     pub failures: u64,
     /// Number of mappings kept after a failed UNMAP (strict modes): their IOVAs and bounce
-    /// granules stay allocated, so nothing is reused while the device may still reach it;
-    /// [`Self::unmap_all`] retries them.
+    /// granules stay allocated, so neither is handed out again while the device may still
+    /// reach it; [`Self::unmap_all`] retries them. The buffer memory behind such a mapping has
+    /// gone back to its owner (the `Hal` contract gives no way to keep it), so while this is
+    /// non-zero the endpoint may still reach that memory: stop the endpoint (reset it, clear
+    /// its bus mastering) before the memory is reused.
     pub leaked: u64,
     /// Number of buffers whose head or tail went through a bounce granule (isolated strict).
     pub bounced: u64,
@@ -901,7 +904,8 @@ impl DmaSpace {
 
     /// Finishes [`Self::take`]: after a successful UNMAP frees the mapping's IOVAs, bounce
     /// granules and slot; after a failed one keeps them all (marked stale, counted in
-    /// [`Self::leaked`]) so nothing is reused while the device may still reach it.
+    /// [`Self::leaked`]) so no IOVA or bounce granule is reused while the device may still
+    /// reach it (the buffer's memory itself is the caller's: see [`Self::leaked`]).
     pub(super) fn release(&mut self, taken: &Taken) {
         let (Mode::Strict { iova, live, bounce }, Some(key)) = (&mut self.mode, taken.key) else {
             return;
@@ -955,7 +959,8 @@ impl DmaSpace {
     ///
     /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict); the
     /// UNMAP request's errors — the mapping is then kept (counted in [`Self::leaked`]), so
-    /// nothing is reused while it may still be mapped.
+    /// its IOVAs are not reused while it may still be mapped; the buffer's memory is the
+    /// caller's again and may still be reachable (see [`Self::leaked`]).
     pub fn unmap_buffer(
         &mut self,
         iommu: &mut dyn IommuMapper,
