@@ -20,8 +20,9 @@ use zerocopy::IntoBytes;
 /// `REQUESTQ_SIZE / 2` = 64 requests are in flight at once. Not 256: virtio-drivers'
 /// `VirtQueue::new` assembles the queue (16 bytes per descriptor) and its descriptor shadow (16
 /// more) in its own stack frame, 8 KiB for 256 descriptors, which alone would exceed the
-/// driver's 8 KiB stack budget (BENCHMARKS.md, "Stack use of the driver"); batches of 64 per
-/// notification are within 2 % of 128 in throughput. When the device's `max_queue_size`
+/// driver's 8 KiB stack budget (BENCHMARKS.md, "Stack use of the driver"); in the firmware's
+/// bench, batches with 64 requests per notification were as fast as with 128, within the
+/// run-to-run noise. When the device's `max_queue_size`
 /// is smaller, the driver falls back to [`REQUESTQ_MIN_SIZE`]; see
 /// [`VirtIOIommu::requestq_size`].
 pub const REQUESTQ_SIZE: usize = 128;
@@ -176,6 +177,7 @@ pub enum BatchOp {
 /// The `requestq`: [`REQUESTQ_SIZE`] descriptors, or [`REQUESTQ_MIN_SIZE`] when the device's
 /// maximum is smaller (the size is a const parameter of `VirtQueue`). The queue is held (on
 /// the heap with `alloc`, see [`crate::held`]).
+#[cfg_attr(not(feature = "alloc"), allow(clippy::large_enum_variant))]
 enum RequestQueue<H: Hal> {
     Full(HeldQueue<H, REQUESTQ_SIZE>),
     Small(HeldQueue<H, REQUESTQ_MIN_SIZE>),
@@ -532,7 +534,12 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Memory: besides the two virtqueues, one request buffer (`max(4096, 76 + probe_size)`
 /// bytes), [`EVENTQ_SIZE`] event buffers and the batch area (`BATCH_CAPACITY * 64` bytes), all
-/// allocated through `H` by [`Self::new`]; no request allocates.
+/// allocated through `H` by [`Self::new`]; no request allocates. With feature `alloc`, the
+/// driver-side state of the two queues (virtio-drivers keeps 16 bytes per descriptor, 32 with
+/// its own `alloc` feature) and the batch and token tables (4.5 KiB) are five allocations of
+/// the global allocator, made by [`Self::new`]: `VirtIOIommu` itself is a few hundred bytes, and
+/// `new` + ATTACH + MAP + PROBE need under 6 KiB of stack in release on aarch64 (BENCHMARKS.md,
+/// "Stack use of the driver"). Without `alloc` they are inline (about 8 KiB).
 ///
 /// Every request checks the device's answer. Errors any request can return, besides its own:
 /// [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`],
@@ -604,7 +611,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// changed during each of `options.wait.config_attempts` reads),
     /// [`IommuError::InvalidConfig`] (also for a `requestq` whose `max_queue_size` is below
     /// [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`], [`IommuError::Transport`] (config
-    /// access, queue setup). On error the device is left with FAILED set. On
+    /// access, queue setup). On error the device is left with FAILED set. With feature `alloc`,
+    /// a failed global allocation (about 8 KiB in five blocks) aborts, as for `Box::new`. On
     /// [`IommuError::ResetTimeout`] `transport` is leaked, not dropped (virtio-drivers'
     /// `PciTransport` waits for the status to read 0 without bound when dropped).
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
