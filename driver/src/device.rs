@@ -2,6 +2,7 @@
 //! `VirtQueue`.
 
 use crate::error::IommuError;
+use crate::held::{held_array, Held, HeldQueue};
 use crate::parse::{parse_fault, parse_probe_properties, FaultEvent, ProbeProperty};
 use crate::wire::{
     config_offset, Features, MapFlags, ProbePropertyHeader, ReqAttach, ReqDetach, ReqHead, ReqMap,
@@ -10,17 +11,21 @@ use crate::wire::{
 use core::marker::PhantomData;
 use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
-use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::IntoBytes;
 
-/// Number of descriptors of `requestq` when the device allows it (QEMU's maximum, 256). Every
+/// Number of descriptors of `requestq` when the device allows it (QEMU offers 256). Every
 /// request uses 2 descriptors (device-readable part, device-writable part), so at most
-/// `REQUESTQ_SIZE / 2` = 128 requests are in flight at once. When the device's `max_queue_size`
+/// `REQUESTQ_SIZE / 2` = 64 requests are in flight at once. Not 256: virtio-drivers'
+/// `VirtQueue::new` assembles the queue (16 bytes per descriptor) and its descriptor shadow (16
+/// more) in its own stack frame, 8 KiB for 256 descriptors, which alone would exceed the
+/// driver's 8 KiB stack budget (BENCHMARKS.md, "Stack use of the driver"); in the firmware's
+/// bench, batches with 64 requests per notification were as fast as with 128, within the
+/// run-to-run noise. When the device's `max_queue_size`
 /// is smaller, the driver falls back to [`REQUESTQ_MIN_SIZE`]; see
 /// [`VirtIOIommu::requestq_size`].
-pub const REQUESTQ_SIZE: usize = 256;
+pub const REQUESTQ_SIZE: usize = 128;
 /// Number of descriptors of `requestq` when the device's `max_queue_size` is below
 /// [`REQUESTQ_SIZE`] (32 requests in flight). A device that cannot take even this many is
 /// refused with [`IommuError::InvalidConfig`].
@@ -170,12 +175,12 @@ pub enum BatchOp {
 }
 
 /// The `requestq`: [`REQUESTQ_SIZE`] descriptors, or [`REQUESTQ_MIN_SIZE`] when the device's
-/// maximum is smaller (the size is a const parameter of `VirtQueue`). Not boxed: this module
-/// works without `alloc`, and the queue lives as long as the driver anyway.
-#[allow(clippy::large_enum_variant)]
+/// maximum is smaller (the size is a const parameter of `VirtQueue`). The queue is held (on
+/// the heap with `alloc`, see [`crate::held`]).
+#[cfg_attr(not(feature = "alloc"), allow(clippy::large_enum_variant))]
 enum RequestQueue<H: Hal> {
-    Full(VirtQueue<H, REQUESTQ_SIZE>),
-    Small(VirtQueue<H, REQUESTQ_MIN_SIZE>),
+    Full(HeldQueue<H, REQUESTQ_SIZE>),
+    Small(HeldQueue<H, REQUESTQ_MIN_SIZE>),
 }
 
 /// Runs `$body` with `$q` bound to the `VirtQueue` inside a `RequestQueue`.
@@ -192,13 +197,9 @@ impl<H: Hal> RequestQueue<H> {
     fn new<T: Transport>(transport: &mut T) -> Result<Self, IommuError> {
         let max = transport.max_queue_size(REQUESTQ);
         if max >= REQUESTQ_SIZE as u32 {
-            Ok(Self::Full(VirtQueue::new(
-                transport, REQUESTQ, false, false,
-            )?))
+            Ok(Self::Full(HeldQueue::new(transport, REQUESTQ)?))
         } else if max >= REQUESTQ_MIN_SIZE as u32 {
-            Ok(Self::Small(VirtQueue::new(
-                transport, REQUESTQ, false, false,
-            )?))
+            Ok(Self::Small(HeldQueue::new(transport, REQUESTQ)?))
         } else {
             Err(IommuError::InvalidConfig(
                 "requestq max_queue_size below 64 descriptors",
@@ -543,7 +544,12 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Memory: besides the two virtqueues, one request buffer (`max(4096, 76 + probe_size)`
 /// bytes), [`EVENTQ_SIZE`] event buffers and the batch area (`BATCH_CAPACITY * 64` bytes), all
-/// allocated through `H` by [`Self::new`]; no request allocates.
+/// allocated through `H` by [`Self::new`]; no request allocates. With feature `alloc`, the
+/// driver-side state of the two queues (virtio-drivers keeps 16 bytes per descriptor, 32 with
+/// its own `alloc` feature) and the batch and token tables (4.5 KiB) are five allocations of
+/// the global allocator, made by [`Self::new`]: `VirtIOIommu` itself is a few hundred bytes, and
+/// `new` + ATTACH + MAP + PROBE need under 6 KiB of stack in release on aarch64 (BENCHMARKS.md,
+/// "Stack use of the driver"). Without `alloc` they are inline (about 8 KiB).
 ///
 /// Every request checks the device's answer. Errors any request can return, besides its own:
 /// [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`],
@@ -569,17 +575,17 @@ pub struct VirtIOIommu<H: Hal, T: Transport> {
     transport: ManuallyDrop<T>,
     // The device-visible memory: dropped by `Drop` only after the device read back reset.
     requestq: ManuallyDrop<RequestQueue<H>>,
-    eventq: ManuallyDrop<VirtQueue<H, EVENTQ_SIZE>>,
+    eventq: ManuallyDrop<HeldQueue<H, EVENTQ_SIZE>>,
     request_buffer: ManuallyDrop<DmaBuffer<H>>,
     event_buffer: ManuallyDrop<DmaBuffer<H>>,
     /// [`BATCH_CAPACITY`] slots of [`BATCH_SLOT`] bytes for batched requests.
     batch_buffer: ManuallyDrop<DmaBuffer<H>>,
-    batch_slots: [SlotMeta; BATCH_CAPACITY],
+    batch_slots: Held<[SlotMeta; BATCH_CAPACITY]>,
     /// `batch_slot_of_token[token]` = slot index + 1 of the batched request posted with `token`.
-    batch_slot_of_token: [u16; REQUESTQ_SIZE],
+    batch_slot_of_token: Held<[u16; REQUESTQ_SIZE]>,
     request_stats: RequestStats,
     /// `event_slot_of_token[token]` = slot index + 1 of the event buffer posted with `token`.
-    event_slot_of_token: [u16; EVENTQ_SIZE],
+    event_slot_of_token: Held<[u16; EVENTQ_SIZE]>,
     features: Features,
     offered: Features,
     config: IommuConfig,
@@ -617,7 +623,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// changed during each of `options.wait.config_attempts` reads),
     /// [`IommuError::InvalidConfig`] (also for a `requestq` whose `max_queue_size` is below
     /// [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`], [`IommuError::Transport`] (config
-    /// access, queue setup). On error the device is left with FAILED set. On
+    /// access, queue setup). On error the device is left with FAILED set. With feature `alloc`,
+    /// a failed global allocation (about 8 KiB in five blocks) aborts, as for `Box::new`. On
     /// [`IommuError::ResetTimeout`] `transport` is leaked, not dropped (virtio-drivers'
     /// `PciTransport` waits for the status to read 0 without bound when dropped).
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
@@ -661,7 +668,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         let request_bytes = PROBE_HEAD + config.probe_size as usize + TAIL;
         let setup = (|| {
             let requestq = RequestQueue::new(&mut transport)?;
-            let eventq = VirtQueue::new(&mut transport, EVENTQ, false, false)?;
+            let eventq = HeldQueue::new(&mut transport, EVENTQ)?;
             Ok::<_, IommuError>((requestq, eventq))
         })();
         let (mut requestq, eventq) = match setup {
@@ -690,10 +697,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             request_buffer: ManuallyDrop::new(request_buffer),
             event_buffer: ManuallyDrop::new(event_buffer),
             batch_buffer: ManuallyDrop::new(batch_buffer),
-            batch_slots: [SlotMeta::default(); BATCH_CAPACITY],
-            batch_slot_of_token: [0; REQUESTQ_SIZE],
+            batch_slots: held_array(SlotMeta::default()),
+            batch_slot_of_token: held_array(0),
             request_stats: RequestStats::default(),
-            event_slot_of_token: [0; EVENTQ_SIZE],
+            event_slot_of_token: held_array(0),
             features,
             offered,
             config,

@@ -32,6 +32,7 @@ extern crate alloc;
 
 mod device;
 mod error;
+mod held;
 pub mod parse;
 pub mod wire;
 

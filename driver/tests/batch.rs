@@ -82,9 +82,9 @@ fn batches_larger_than_the_ring_go_in_rounds() {
     let rounds = (n as usize).div_ceil(REQUESTQ_SIZE / 2);
     assert_eq!(r.notifications() as usize, rounds);
     assert_eq!(dev.state().mappings.len(), n as usize);
-    // The same with a device that only takes 64 descriptors.
+    // The same with a device that takes fewer than REQUESTQ_SIZE descriptors.
     let small = FakeDevice::new();
-    small.state().max_queue_size = 128;
+    small.state().max_queue_size = REQUESTQ_SIZE as u32 / 2;
     let mut drv = small.driver();
     assert_eq!(drv.requestq_size(), REQUESTQ_MIN_SIZE);
     drv.attach(1, 8).unwrap();

@@ -63,3 +63,12 @@ pub fn wfi() {
     // SAFETY: `wfi` only suspends execution until an interrupt or other wake-up event.
     unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
 }
+
+/// The stack pointer of the calling function (inlined into it).
+#[inline(always)]
+pub fn stack_pointer() -> u64 {
+    let sp: u64;
+    // SAFETY: copying SP into a register has no side effects and touches no memory.
+    unsafe { asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
+    sp
+}

@@ -28,6 +28,7 @@ pub mod hal;
 pub mod heap;
 pub mod mmu;
 pub mod pci;
+pub mod stack;
 pub mod timer;
 
 pub mod bench;

@@ -12,6 +12,7 @@ use virtio_iommu_runner::{
 /// Cases every boot must report as `ok` (by name prefix): the whole end-to-end path.
 const REQUIRED_CASES: &[&str] = &[
     "virtio-iommu found through the devicetree",
+    "driver bring-up (new + ATTACH + MAP + PROBE) within 8 KiB of stack",
     "virtio-iommu initialised",
     "PROBE every endpoint",
     "virtio-blk: attached to a domain",

@@ -11,6 +11,7 @@ mod edu;
 mod env;
 mod errors;
 mod isolation;
+mod stack;
 
 use alloc::format;
 use alloc::string::String;
@@ -180,6 +181,7 @@ fn setup(tap: &mut Tap, pci: &mut PciBus) -> Option<Env> {
             .ok_or_else(|| "no PCI virtio-iommu".into())
     });
     let (iommu_index, iommu_fn) = found?;
+    stack::run(tap, pci, iommu_index, &iommu_fn);
 
     let mut env = None;
     tap.case("virtio-iommu initialised: features and config", || {
