@@ -6,7 +6,7 @@
 //!   PROBE, event queue) on any virtio-drivers `Transport` and `Hal`.
 //! - [`parse`]: decoding of PROBE properties and fault events.
 //! - [`topology`] (feature `alloc`): which IOMMU and endpoint ID serve a PCI requester or a
-//!   platform device, from the devicetree.
+//!   platform device, from the devicetree or the ACPI VIOT.
 //! - [`dma`] (feature `alloc`): run virtio-drivers device drivers behind the IOMMU (`Hal`
 //!   adapter; strict, isolated strict and identity modes).
 //! - [`iova`] (feature `alloc`): the O(log n), allocation-free IOVA allocator.
