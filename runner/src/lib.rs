@@ -25,6 +25,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod toolchain;
+pub use toolchain::ensure_target;
+
 /// Debian package version of the QEMU 7.2 build used with [`QemuChoice::Debian72`].
 pub const QEMU_72_DEB_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
 /// Size of the generated default disk image.
@@ -57,6 +60,9 @@ pub enum Error {
     },
     /// No usable QEMU; the message says how to get one.
     QemuUnavailable(String),
+    /// The firmware's Rust target is missing and cannot be installed; the message says how to
+    /// get it.
+    TargetUnavailable(String),
     /// The disk image is unusable.
     InvalidDisk {
         /// The image.
@@ -95,7 +101,9 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Self::QemuUnavailable(message) => f.write_str(message),
+            Self::QemuUnavailable(message) | Self::TargetUnavailable(message) => {
+                f.write_str(message)
+            }
             Self::InvalidDisk { path, reason } => {
                 write!(f, "disk image {}: {reason}", path.display())
             }
@@ -272,26 +280,68 @@ fn run_captured(command: &mut Command) -> Result<std::process::Output> {
     }
 }
 
+/// Where the firmware build's own output (cargo's progress and diagnostics) goes.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum BuildOutput {
+    /// Captured; shown only in the error when the build fails (tests).
+    Captured,
+    /// Inherited: cargo writes to our stderr as it goes (`cargo qemu`).
+    Inherited,
+}
+
 /// Builds the firmware (`cargo build -p virtio-iommu-firmware --target aarch64-unknown-none
 /// --release`) with `CARGO_TARGET_DIR=<workspace>/target/firmware` (so that it never waits for
-/// the lock of an outer cargo) and returns the ELF's path.
+/// the lock of an outer cargo) and returns the ELF's path. Cargo's output is captured.
+///
+/// Installs the `aarch64-unknown-none` target first if the toolchain lacks it
+/// ([`ensure_target`]).
+///
+/// # Errors
+///
+/// Those of [`ensure_target`]; [`Error::CommandFailed`] with cargo's stderr when the build
+/// fails; [`Error::Io`] when cargo cannot run or produced no ELF.
 pub fn build_firmware() -> Result<PathBuf> {
+    build_firmware_with(BuildOutput::Captured)
+}
+
+/// [`build_firmware`] with cargo's output going where `output` says.
+///
+/// # Errors
+///
+/// As [`build_firmware`].
+pub fn build_firmware_with(output: BuildOutput) -> Result<PathBuf> {
+    ensure_target(FIRMWARE_TARGET)?;
     let root = workspace_root();
     let target_dir = root.join("target").join("firmware");
-    run_captured(
-        Command::new(cargo())
-            .current_dir(&root)
-            .args([
-                "build",
-                "-p",
-                FIRMWARE_PACKAGE,
-                "--target",
-                FIRMWARE_TARGET,
-                "--release",
-            ])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .stdin(Stdio::null()),
-    )?;
+    let mut command = Command::new(cargo());
+    command
+        .current_dir(&root)
+        .args([
+            "build",
+            "-p",
+            FIRMWARE_PACKAGE,
+            "--target",
+            FIRMWARE_TARGET,
+            "--release",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .stdin(Stdio::null());
+    match output {
+        BuildOutput::Captured => {
+            run_captured(&mut command)?;
+        }
+        BuildOutput::Inherited => {
+            let display = format!("{command:?}");
+            let status = io_context(command.status(), || format!("cannot run `{display}`"))?;
+            if !status.success() {
+                return Err(Error::CommandFailed {
+                    command: display,
+                    status: status.to_string(),
+                    stderr: String::new(),
+                });
+            }
+        }
+    }
     let elf = target_dir
         .join(FIRMWARE_TARGET)
         .join("release")

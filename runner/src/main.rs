@@ -1,21 +1,29 @@
+//! `virtio-iommu-runner qemu [extra QEMU arguments...]`
 //! `virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]`
+//! `virtio-iommu-runner install-qemu`
 //!
-//! The cargo runner for `aarch64-unknown-none` (see `.cargo/config.toml`): boots the ELF in
-//! QEMU as configured by the `VIOMMU_*` environment variables (see the library documentation),
-//! streams the output and exits with QEMU's exit status (the firmware's, via semihosting).
+//! - `qemu` (behind `cargo qemu`, `cargo qemu-bench`, `cargo qemu-dma-modes`, see
+//!   `.cargo/config.toml`): installs the `aarch64-unknown-none` Rust target if the toolchain
+//!   lacks it, builds the firmware (release, into `target/firmware/`), then boots it like the
+//!   ELF form below.
+//! - `<firmware.elf>`: the cargo runner for `aarch64-unknown-none`: boots the ELF in QEMU as
+//!   configured by the `VIOMMU_*` environment variables (see the library documentation), streams
+//!   the output and exits with QEMU's exit status (the firmware's, via semihosting).
+//! - `install-qemu`: installs or fetches both QEMUs the tests use.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use virtio_iommu_runner::QemuChoice;
+use virtio_iommu_runner::{BuildOutput, QemuChoice};
 
 fn main() -> ExitCode {
-    let mut args = std::env::args_os().skip(1);
-    let Some(elf) = args.next().map(PathBuf::from) else {
-        eprintln!("usage: virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]");
+    let mut args = std::env::args_os().skip(1).peekable();
+    let Some(first) = args.next() else {
+        eprintln!("usage: virtio-iommu-runner qemu [extra QEMU arguments...]");
+        eprintln!("       virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner install-qemu");
         return ExitCode::from(2);
     };
-    if elf.as_os_str() == "install-qemu" {
+    if first == "install-qemu" {
         // Both QEMUs the tests use: 10.0 on PATH (installed with apt when missing) and 7.2
         // unpacked into target/qemu-7.2.
         for choice in [QemuChoice::System, QemuChoice::Debian72] {
@@ -29,6 +37,21 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let elf = if first == "qemu" {
+        // `cargo qemu -- -smp 2` reaches us as `qemu -- -smp 2`: the separator is cargo's.
+        if args.peek().is_some_and(|a| a == "--") {
+            args.next();
+        }
+        match virtio_iommu_runner::build_firmware_with(BuildOutput::Inherited) {
+            Ok(elf) => elf,
+            Err(e) => {
+                eprintln!("runner: building the firmware: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        PathBuf::from(first)
+    };
     let mut config = match virtio_iommu_runner::RunConfig::from_env() {
         Ok(config) => config,
         Err(e) => {

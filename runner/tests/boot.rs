@@ -164,6 +164,58 @@ fn aw_bits_39() {
 }
 
 #[test]
+fn boot_bypass_off() {
+    // `bypass` reads 0 from power-on: unattached endpoints are blocked until the firmware
+    // attaches them, and the cases must take the starting value from the config, not assume 1.
+    boot(
+        "boot-bypass=off",
+        with_args(&["-global", "virtio-iommu-pci.boot-bypass=off"]),
+    );
+}
+
+#[test]
+fn qemu_7_2_boot_bypass_off() {
+    // 7.2 differs after DETACH (R_DOMAIN, endpoint kept) and on virtio reset.
+    boot(
+        "qemu-7.2 boot-bypass=off",
+        RunConfig {
+            qemu: QemuChoice::Debian72,
+            extra_args: vec!["-global".into(), "virtio-iommu-pci.boot-bypass=off".into()],
+            ..RunConfig::default()
+        },
+    );
+}
+
+#[test]
+fn gic_v3_its_two_cpus() {
+    // The MSI doorbell PROBE reports is the ITS's 64 KiB GITS_TRANSLATER frame (GICv2m's 4 KiB
+    // frame otherwise): a different reserved region for the IOVA allocators to avoid.
+    boot(
+        "gic-version=3 -smp 2",
+        with_args(&["-M", "virt,gic-version=3", "-smp", "2"]),
+    );
+}
+
+#[test]
+fn small_machine_aw_bits_32() {
+    // The smallest input_range QEMU allows (4 GiB of IOVA) and a 128 MiB guest (the heap is
+    // smaller than its 256 MiB maximum).
+    boot(
+        "aw-bits=32 -m 128M",
+        with_args(&["-global", "virtio-iommu-pci.aw-bits=32", "-m", "128M"]),
+    );
+}
+
+#[test]
+fn el2_entry_virtualization_on() {
+    // `virtualization=on` starts the firmware at EL2 instead of EL1.
+    boot(
+        "virtualization=on",
+        with_args(&["-M", "virt,virtualization=on"]),
+    );
+}
+
+#[test]
 fn devices_in_other_slots() {
     boot(
         "other slots",
