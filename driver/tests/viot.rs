@@ -111,9 +111,10 @@ fn mcfg(entries: &[(u64, u16, u8, u8)]) -> Vec<u8> {
     table(b"MCFG", 1, &body)
 }
 
-/// What QEMU 10.0 builds for `-M virt -device virtio-iommu-pci` (hw/acpi/viot.c): the
-/// virtio-pci IOMMU at 0000:00:01.0 first (offset 48), then one PCI range per host bridge,
-/// BDFs `bus_start:00.0 ..= bus_end:1f.7`, endpoint start = BDF start, output node 48.
+/// What QEMU builds for `-M virt -device virtio-iommu-pci` (hw/acpi/viot.c): the virtio-pci
+/// IOMMU at 0000:00:01.0 first (offset 48), then one PCI range per host bridge, BDFs
+/// `min_bus:00.0 ..= max_bus:1f.7` of the buses that exist (`bus_end` here; QEMU gives 0 when
+/// there is no PCI bridge, see [`QEMU_72_VIOT`]), endpoint start = BDF start, output node 48.
 fn qemu_viot(bus_end: u8) -> Vec<u8> {
     viot(&[
         pci_iommu(0, 0x08),
@@ -902,4 +903,52 @@ proptest! {
             check_ok(&topology);
         }
     }
+}
+
+/// Decodes a hex string.
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The VIOT QEMU 7.2 (Debian 1:7.2+dfsg-7+deb12u18) generates for
+/// `-M virt -device virtio-iommu-pci` (IOMMU at 00:01.0, no PCI bridge), as the firmware
+/// printed it from fw_cfg `etc/acpi/tables` after the `etc/table-loader` checksum. Its PCI range
+/// covers bus 0 only (BDFs 0x0000..=0x00ff): QEMU builds it from the buses that exist.
+const QEMU_72_VIOT: &str = "56494f54580000000066424f434853204258504320202020010000004258504301000000020030000000000000000000030010000000080000000000000000000100180000000000000000000000ff003000000000000000";
+
+#[test]
+fn qemu_7_2_generated_viot() {
+    let bytes = unhex(QEMU_72_VIOT);
+    assert_eq!(bytes.len(), 0x58);
+    let v = Viot::parse(&bytes).unwrap();
+    assert_eq!(v.iommus.len(), 1);
+    assert_eq!(v.iommus[0].offset, 48);
+    assert_eq!(
+        v.iommus[0].location,
+        ViotIommuLocation::Pci { segment: 0, bdf: 8 }
+    );
+    assert_eq!(v.pci_ranges.len(), 1);
+    let r = v.pci_ranges[0];
+    assert_eq!(
+        (
+            r.endpoint_start,
+            r.segment_start,
+            r.segment_end,
+            r.bdf_start,
+            r.bdf_end,
+            r.iommu
+        ),
+        (0, 0, 0, 0, 0xff, 0)
+    );
+    assert!(v.mmio_endpoints.is_empty());
+    // The hand-made equivalent is byte for byte the same apart from the header's OEM fields.
+    let hand = viot(&[pci_iommu(0, 8), pci_range(0, (0, 0), (0, 0xff), 48)]);
+    assert_eq!(hand[36..], bytes[36..]);
+    let t = Topology::from_viot(&bytes, Some(&qemu_mcfg())).unwrap();
+    assert_eq!(t.pci_endpoint(0, 0x10), Ok(ep(0, 0x10)));
+    assert_eq!(t.pci_endpoint(0, 0x08), Ok(None));
+    assert_eq!(t.pci_endpoint(0, 0x100), Ok(None));
 }
