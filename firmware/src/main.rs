@@ -24,10 +24,12 @@ pub mod blkio;
 pub mod dtb;
 pub mod exceptions;
 pub mod exit;
+pub mod fwcfg;
 pub mod hal;
 pub mod heap;
 pub mod mmu;
 pub mod pci;
+pub mod table_loader;
 pub mod timer;
 
 pub mod bench;

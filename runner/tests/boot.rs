@@ -14,6 +14,7 @@ const REQUIRED_CASES: &[&str] = &[
     "virtio-iommu found through the devicetree",
     "virtio-iommu initialised",
     "PROBE every endpoint",
+    "IOMMU and endpoints found through ACPI VIOT agree with the devicetree",
     "virtio-blk: attached to a domain",
     "virtio-blk: read the entire disk through IOVAs",
     "virtio-blk: write and read back a scratch region",
