@@ -914,7 +914,8 @@ fn unhex(s: &str) -> Vec<u8> {
 }
 
 /// The VIOT QEMU 7.2 (Debian 1:7.2+dfsg-7+deb12u18) generates for
-/// `-M virt -device virtio-iommu-pci` (IOMMU at 00:01.0, no PCI bridge), as the firmware
+/// `-M virt -device virtio-iommu-pci` (IOMMU at 00:01.0, no PCI bridge) — QEMU 10.0.2 gives
+/// the same bytes — as the firmware
 /// printed it from fw_cfg `etc/acpi/tables` after the `etc/table-loader` checksum. Its PCI range
 /// covers bus 0 only (BDFs 0x0000..=0x00ff): QEMU builds it from the buses that exist.
 const QEMU_72_VIOT: &str = "56494f54580000000066424f434853204258504320202020010000004258504301000000020030000000000000000000030010000000080000000000000000000100180000000000000000000000ff003000000000000000";

@@ -137,8 +137,9 @@ pub enum AcpiError {
         /// Index of the entry (the one cut short, for a bad length).
         index: usize,
     },
-    /// A VIOT node's header or body runs past the end of the table, or `node_offset` points
-    /// into the VIOT header.
+    /// A VIOT node's header or body runs past the end of the table, `node_offset` points
+    /// into the VIOT header, or a virtio-iommu node starts past offset 65535 (where no 16-bit
+    /// `output_node` can name it).
     NodeOutOfBounds {
         /// Offset of the node (bytes from the start of the VIOT).
         offset: usize,
