@@ -142,7 +142,7 @@ pub struct RequestStats {
 }
 
 /// One MAP or UNMAP request, as queued in a [`Batch`] or given to
-/// [`crate::dma::IommuMapper::submit_batch`]. IOVA ends are inclusive.
+/// `dma::IommuMapper::submit_batch` (feature `alloc`). IOVA ends are inclusive.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum BatchOp {
     /// MAP (§5.13.6.3), see [`VirtIOIommu::map`].
@@ -309,7 +309,9 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// addresses from `phys_start` (§5.13.6.3). Returns the request's index in the batch (and in
     /// the [`BatchResult`]).
     ///
-    /// Errors (nothing is queued): the validation errors of [`VirtIOIommu::map`];
+    /// # Errors
+    ///
+    /// Nothing is queued on error. The validation errors of [`VirtIOIommu::map`];
     /// [`IommuError::BufferSize`] when the batch already holds [`BATCH_CAPACITY`] requests.
     pub fn map(
         &mut self,
@@ -329,7 +331,9 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// Queues an UNMAP of IOVAs `virt_start..=virt_end` (inclusive) of `domain` (§5.13.6.4).
     /// Returns the request's index in the batch.
     ///
-    /// Errors (nothing is queued): the validation errors of [`VirtIOIommu::unmap`];
+    /// # Errors
+    ///
+    /// Nothing is queued on error. The validation errors of [`VirtIOIommu::unmap`];
     /// [`IommuError::BufferSize`] when the batch is full.
     pub fn unmap(
         &mut self,
@@ -343,6 +347,10 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     }
 
     /// Queues `op` (see [`Self::map`] and [`Self::unmap`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::map`] or [`Self::unmap`] for the operation (nothing is queued).
     pub fn push(&mut self, op: BatchOp) -> Result<usize, IommuError> {
         match op {
             BatchOp::Map {
@@ -384,7 +392,9 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// the device reported used length 4 but did not write the tail; [`IommuError::NoResponse`]
     /// for used length 0; [`IommuError::BadUsedLength`] for any used length other than 4.
     ///
-    /// Errors of the batch as a whole, after which no result is available: [`IommuError::Broken`]
+    /// # Errors
+    ///
+    /// Of the batch as a whole, after which no result is available: [`IommuError::Broken`]
     /// (an earlier fatal error); [`IommuError::Timeout`] and [`IommuError::DeviceNeedsReset`]
     /// while waiting; [`IommuError::DeviceProtocol`] when the device returns a buffer that is
     /// not an outstanding request of this round (an unknown id, a repeated one, or a used
@@ -599,7 +609,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// `requestq` gets [`REQUESTQ_SIZE`] descriptors, or [`REQUESTQ_MIN_SIZE`] when the
     /// device's `max_queue_size` is smaller.
     ///
-    /// Errors: [`IommuError::WrongDeviceType`], [`IommuError::ResetTimeout`] (the status did
+    /// # Errors
+    ///
+    /// [`IommuError::WrongDeviceType`], [`IommuError::ResetTimeout`] (the status did
     /// not read 0 after the reset), [`IommuError::MissingFeatures`],
     /// [`IommuError::FeaturesRejected`], [`IommuError::ConfigUnstable`] (the config generation
     /// changed during each of `options.wait.config_attempts` reads),
@@ -756,7 +768,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// The read is consistent (all 40 bytes from one config generation, virtio §2.5.1), with at
     /// most [`WaitPolicy::config_attempts`] attempts.
     ///
-    /// Errors: [`IommuError::Transport`] when the config space is missing or smaller than 40
+    /// # Errors
+    ///
+    /// [`IommuError::Transport`] when the config space is missing or smaller than 40
     /// bytes; [`IommuError::ConfigUnstable`] when the generation changed during every attempt.
     pub fn read_raw_config(&self) -> Result<crate::wire::Config, IommuError> {
         use zerocopy::FromBytes;
@@ -775,7 +789,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// bypass translation. Bits 1-7 are ignored as the spec requires. `Ok(None)` without
     /// BYPASS_CONFIG. A consistent read (virtio §2.5.1), as [`Self::read_raw_config`].
     ///
-    /// Errors: [`IommuError::Transport`] when the field cannot be read;
+    /// # Errors
+    ///
+    /// [`IommuError::Transport`] when the field cannot be read;
     /// [`IommuError::ConfigUnstable`] when the config generation changed during each of
     /// [`WaitPolicy::config_attempts`] attempts.
     pub fn try_bypass(&self) -> Result<Option<bool>, IommuError> {
@@ -797,8 +813,13 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Writes the `bypass` config field (§5.13.4): `false` blocks the DMA of unattached
-    /// endpoints. Needs BYPASS_CONFIG ([`IommuError::NotNegotiated`]); the device setting
-    /// DEVICE_NEEDS_RESET in response is [`IommuError::DeviceNeedsReset`].
+    /// endpoints.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::Broken`] after an earlier fatal error; [`IommuError::NotNegotiated`]
+    /// without BYPASS_CONFIG; [`IommuError::Transport`] from the config write;
+    /// [`IommuError::DeviceNeedsReset`] when the device sets DEVICE_NEEDS_RESET in response.
     pub fn set_bypass(&mut self, bypass: bool) -> Result<(), IommuError> {
         self.usable()?;
         self.need(Features::BYPASS_CONFIG)?;
@@ -810,7 +831,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// ATTACH (§5.13.6.1): attaches `endpoint` to `domain`, creating the domain if it does not
     /// exist. An endpoint attached elsewhere is moved (the device detaches it first).
     ///
-    /// Errors: [`IommuError::DomainOutOfRange`]; device statuses such as `S_NOENT` (unknown
+    /// # Errors
+    ///
+    /// [`IommuError::DomainOutOfRange`]; device statuses such as `S_NOENT` (unknown
     /// endpoint), `S_INVAL` (the domain is a bypass domain), `S_UNSUPP`; and the transport
     /// errors of every request.
     pub fn attach(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError> {
@@ -819,6 +842,11 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
 
     /// ATTACH with `VIRTIO_IOMMU_ATTACH_F_BYPASS` (§5.13.6.1): `domain` is an identity
     /// (bypass) domain, for endpoints that need no isolation. Needs BYPASS_CONFIG.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::NotNegotiated`] without BYPASS_CONFIG; otherwise those of
+    /// [`Self::attach`].
     pub fn attach_bypass(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError> {
         self.need(Features::BYPASS_CONFIG)?;
         self.attach_with_flags(domain, endpoint, ATTACH_F_BYPASS)
@@ -844,7 +872,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// DETACH (§5.13.6.2): detaches `endpoint` from `domain`. The domain ceases to exist when
     /// its last endpoint leaves.
     ///
-    /// Errors: [`IommuError::DomainOutOfRange`]; `S_NOENT` (unknown endpoint, and on QEMU ≥ 9.1
+    /// # Errors
+    ///
+    /// [`IommuError::DomainOutOfRange`]; `S_NOENT` (unknown endpoint, and on QEMU ≥ 9.1
     /// an endpoint that is not attached), `S_INVAL` (not attached to that domain).
     pub fn detach(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError> {
         self.check_domain(domain)?;
@@ -865,7 +895,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// `phys_start + (virt_end - virt_start)` does not overflow; `flags` only READ, WRITE and
     /// (with F_MMIO) MMIO; `domain` inside `domain_range`.
     ///
-    /// Errors: [`IommuError::InvalidRange`], [`IommuError::IovaOutOfRange`],
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`], [`IommuError::IovaOutOfRange`],
     /// [`IommuError::Unaligned`], [`IommuError::InvalidFlags`],
     /// [`IommuError::DomainOutOfRange`]; device statuses `S_NOENT` (no such domain), `S_INVAL`
     /// (overlap, bypass domain), `S_RANGE`, `S_NOMEM`.
@@ -919,7 +951,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     ///
     /// Checked before sending: as for [`Self::map`] (range, alignment, `input_range`, domain).
     ///
-    /// Errors: those checks; device statuses `S_RANGE` (the range would split a mapping;
+    /// # Errors
+    ///
+    /// Those checks; device statuses `S_RANGE` (the range would split a mapping;
     /// nothing is removed), `S_NOENT` (no such domain), `S_INVAL` (bypass domain).
     pub fn unmap(&mut self, domain: u32, virt_start: u64, virt_end: u64) -> Result<(), IommuError> {
         let req = self.encode_unmap(domain, virt_start, virt_end)?;
@@ -947,7 +981,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// PROBE (§5.13.6.5): asks for `endpoint`'s properties and calls `f` with each one, in
     /// order (reserved memory regions, and unknown properties which the caller may ignore).
     ///
-    /// Errors: [`IommuError::NotNegotiated`] without F_PROBE; device status `S_NOENT` (unknown
+    /// # Errors
+    ///
+    /// [`IommuError::NotNegotiated`] without F_PROBE; device status `S_NOENT` (unknown
     /// endpoint), `S_INVAL`; [`IommuError::BadUsedLength`] unless the device used exactly
     /// `probe_size + 4` bytes; [`IommuError::NotWritten`] when the device did not write the
     /// tail, or (with `probe_size >= 4`) left the first property header unwritten;
@@ -979,7 +1015,12 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         parse_probe_properties(properties, f)
     }
 
-    /// PROBE returning the reserved regions only (see [`Self::probe`]).
+    /// PROBE returning the reserved regions only (see [`Self::probe`]), in the order the
+    /// device listed them; `start..=end` inclusive IOVAs.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::probe`].
     #[cfg(feature = "alloc")]
     pub fn probe_reserved_regions(
         &mut self,
@@ -1002,7 +1043,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// reported it — 0 included, and not compared with the posted size. For conformance tests
     /// and diagnostics: the caller checks the reply.
     ///
-    /// Errors: [`IommuError::BufferSize`] for an empty part, more than 16 parts per
+    /// # Errors
+    ///
+    /// [`IommuError::BufferSize`] for an empty part, more than 16 parts per
     /// direction, no part at all, `writable.len()` not the sum of `writable_lens`, or more
     /// bytes than the request buffer (`max(4096, 72 + probe_size + 4)` bytes); the transport
     /// errors; [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`]
@@ -1032,7 +1075,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// Returns `Ok(Some(report))` for the first well-formed report; `Ok(None)` when no used
     /// buffer is left, or after [`EVENTQ_SIZE`] ignored ones (more may be waiting: call again).
     ///
-    /// Errors: [`IommuError::DeviceProtocol`] if the device used a buffer that was not posted
+    /// # Errors
+    ///
+    /// [`IommuError::DeviceProtocol`] if the device used a buffer that was not posted
     /// (the driver is then broken); transport errors while re-posting.
     pub fn poll_event(&mut self) -> Result<Option<FaultEvent>, IommuError> {
         self.usable()?;
@@ -1491,7 +1536,9 @@ fn read_u64<T: Transport>(t: &T, offset: usize) -> Result<u64, IommuError> {
 /// most `attempts` times (at least once): virtio-drivers' `Transport::read_consistent` retries
 /// without bound. An error of `read` ends it at once.
 ///
-/// Errors: those of `read`; [`IommuError::ConfigUnstable`] when the generation changed during
+/// # Errors
+///
+/// Those of `read`; [`IommuError::ConfigUnstable`] when the generation changed during
 /// every attempt.
 fn read_consistent<T: Transport, R>(
     t: &T,

@@ -131,7 +131,12 @@ impl fmt::Display for IommuError {
                 write!(f, "{value:#x} not aligned to the {granule:#x}-byte granule")
             }
             Self::InvalidFlags(fl) => write!(f, "invalid flags {fl:#x}"),
-            Self::MalformedProbe { offset } => write!(f, "malformed PROBE property at {offset}"),
+            Self::MalformedProbe { offset } => {
+                write!(
+                    f,
+                    "malformed PROBE property at byte {offset} of the properties"
+                )
+            }
             Self::BufferSize => write!(f, "buffer size does not fit the request"),
             Self::DmaAlloc => write!(f, "DMA allocation failed"),
             Self::Transport(e) => write!(f, "transport: {e}"),

@@ -422,7 +422,9 @@ impl IovaAllocator {
     /// [`DEFAULT_IOVA_CAPACITY`] free ranges and live allocations. `granule` (bytes) must be a
     /// power of two.
     ///
-    /// Errors: [`IommuError::InvalidRange`] when no whole granule remains or `granule` is not a
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when no whole granule remains or `granule` is not a
     /// power of two.
     pub fn new(start: u64, end: u64, granule: u64) -> Result<Self, IommuError> {
         Self::with_capacity(start, end, granule, DEFAULT_IOVA_CAPACITY)
@@ -430,6 +432,10 @@ impl IovaAllocator {
 
     /// As [`Self::new`], with a node pool of `capacity` entries (allocated now; at least 2 are
     /// needed for one allocation).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Self::new`].
     pub fn with_capacity(
         start: u64,
         end: u64,
@@ -469,7 +475,9 @@ impl IovaAllocator {
     /// [`crate::IommuConfig::input_range`]) minus every region in `reserved` (PROBE's RESV_MEM,
     /// §5.13.6.6.1: the driver SHOULD NOT map them, R30), with the default capacity.
     ///
-    /// Errors: those of [`Self::new`]; [`IommuError::DmaAlloc`] when the reserved regions need
+    /// # Errors
+    ///
+    /// Those of [`Self::new`]; [`IommuError::DmaAlloc`] when the reserved regions need
     /// more nodes than the pool has.
     pub fn for_endpoint(
         input_range: (u64, u64),
@@ -532,8 +540,12 @@ impl IovaAllocator {
         let _ = self.reserve_inner(start, end, false);
     }
 
-    /// As [`Self::reserve`], but fails with [`IommuError::DmaAlloc`] (nothing changed) when the
-    /// node pool cannot hold the split, and [`IommuError::InvalidRange`] when `start > end`.
+    /// As [`Self::reserve`], but fails instead of dropping IOVAs.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is changed on error. [`IommuError::DmaAlloc`] when the node pool cannot hold
+    /// the split; [`IommuError::InvalidRange`] when `start > end`.
     pub fn try_reserve(&mut self, start: u64, end: u64) -> Result<(), IommuError> {
         self.reserve_inner(start, end, true)
     }
@@ -589,7 +601,9 @@ impl IovaAllocator {
     /// Allocates `size` bytes, rounded up to the granule; returns the first IOVA (aligned to
     /// the granule, never 0). O(log n), no heap allocation.
     ///
-    /// Errors: [`IommuError::InvalidRange`] for size 0 or a size that overflows when rounded;
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] for size 0 or a size that overflows when rounded;
     /// [`IommuError::DmaAlloc`] when no free range is large enough or the node pool is full.
     pub fn alloc(&mut self, size: u64) -> Result<u64, IommuError> {
         if size == 0 {
@@ -615,7 +629,9 @@ impl IovaAllocator {
     /// Returns IOVAs `start..start + size` (exclusive end; `size` in bytes rounded up to the
     /// granule) to the free space, merging with free neighbours. O(log n), no heap allocation.
     ///
-    /// Errors (nothing changed): [`IommuError::InvalidRange`] for size 0, a range that
+    /// # Errors
+    ///
+    /// Nothing changed on error. [`IommuError::InvalidRange`] for size 0, a range that
     /// overflows, lies outside the managed range, or overlaps free space (a double free);
     /// [`IommuError::Unaligned`] for a `start` not aligned to the granule;
     /// [`IommuError::DmaAlloc`] when the range needs a new node and the pool is full (only

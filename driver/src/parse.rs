@@ -64,7 +64,9 @@ pub enum ProbeProperty {
 /// Walks the `properties` buffer of a PROBE response (exactly `probe_size` bytes) and calls `f`
 /// for each property, in order, until the `PROBE_T_NONE` terminator or the end of the buffer.
 ///
-/// Errors: [`IommuError::MalformedProbe`] (with the property's byte offset) when a property's
+/// # Errors
+///
+/// [`IommuError::MalformedProbe`] (with the property's byte offset) when a property's
 /// declared length runs past the buffer, or a RESV_MEM value is shorter than 20 bytes or has
 /// `start > end`. Properties already passed to `f` stay delivered.
 pub fn parse_probe_properties(

@@ -20,21 +20,37 @@
 //! *structurally* malformed blob: a property length running past the structure block, a name
 //! offset outside the strings block, a non-UTF-8 node or property name, unbalanced
 //! `FDT_BEGIN_NODE`/`FDT_END_NODE`, an `FDT_NOP` between properties, and so on. It only checks
-//! the magic and `totalsize` in [`Fdt::new`]. So [`validated_fdt`] (used by
-//! [`Topology::from_dtb`]) first checks the whole structure block itself and only then hands
-//! the blob to `fdt`. Functions that take an already-built [`Fdt`] ([`Topology::from_fdt`],
+//! the magic and `totalsize` in [`Fdt::new`]. So [`Devicetree::new`] (and [`validated_fdt`],
+//! used by [`Topology::from_dtb`]) first checks the whole structure block itself and only then
+//! hands the blob to `fdt`. Functions that take an already-built [`Fdt`] ([`Topology::from_fdt`],
 //! [`Topology::platform_endpoints`]) cannot re-check it (`Fdt` does not expose its bytes):
-//! build that `Fdt` with [`validated_fdt`] when the blob is not trusted.
+//! build that `Fdt` with [`Devicetree::new`] or [`validated_fdt`] when the blob is not trusted.
+//!
+//! # Validate once, look up many times
+//!
+//! PCI lookups ([`Topology::pci_endpoint`]) need only the [`Topology`]. Platform (virtio-mmio)
+//! devices are looked up in the devicetree itself ([`Topology::platform_endpoints`]), so keep
+//! the checked tree: [`Devicetree::new`] validates the blob once, [`Topology::from_devicetree`]
+//! builds the topology from it, and the same [`Devicetree`] serves every later lookup.
+//!
+//! # Which host bridge
+//!
+//! [`Topology::pci_endpoint`] takes the host bridge as an index into
+//! [`Topology::host_bridges`], which lists the ECAM host bridges in devicetree order (the
+//! first `pci-host-ecam-generic` node found depth-first is 0). An embedder that knows its
+//! bridge by the ECAM base address it enumerates through, or by its node path, gets the index
+//! from [`Topology::host_bridge_at`] or [`Topology::host_bridge_by_path`].
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::fmt;
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
 pub mod acpi;
 pub mod viot;
 
-/// Why the devicetree could not be read as a topology.
+/// Why the devicetree could not be read as a topology, or a lookup in it failed.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum TopologyError {
     /// The DTB header or structure is invalid (the `fdt` crate refused it).
@@ -56,6 +72,77 @@ pub enum TopologyError {
         /// Its value.
         value: u32,
     },
+    /// [`Topology::platform_endpoints`]: no node has the given path (distinct from a node
+    /// that exists but has no `iommus`, which is `Ok` with no endpoints).
+    NoSuchNode,
+    /// [`Topology::pci_endpoint`]: the host bridge index is not below
+    /// `host_bridges.len()`; the value is the index given.
+    NoSuchHostBridge(usize),
+}
+
+impl fmt::Display for TopologyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidFdt => write!(f, "devicetree blob has an invalid header or structure"),
+            Self::MalformedProperty { property } => {
+                write!(
+                    f,
+                    "devicetree property `{property}` is missing or has a bad length or value"
+                )
+            }
+            Self::UnknownPhandle(phandle) => {
+                write!(
+                    f,
+                    "phandle {phandle:#x} names no virtio-iommu of the devicetree"
+                )
+            }
+            Self::UnsupportedCells { property, value } => {
+                write!(f, "unsupported `{property}` = <{value}>")
+            }
+            Self::NoSuchNode => write!(f, "no devicetree node has that path"),
+            Self::NoSuchHostBridge(index) => {
+                write!(f, "no ECAM PCI host bridge with index {index}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for TopologyError {}
+
+/// A devicetree blob checked once by [`validated_fdt`], safe for `fdt` 0.1.5 to walk.
+///
+/// Dereferences to the parsed [`Fdt`], so it can be passed wherever an `&Fdt` is expected
+/// ([`Topology::from_fdt`], [`Topology::platform_endpoints`]) without checking the blob again.
+#[derive(Clone, Copy, Debug)]
+pub struct Devicetree<'a> {
+    fdt: Fdt<'a>,
+}
+
+impl<'a> Devicetree<'a> {
+    /// Checks `dtb` (a flattened devicetree blob, Devicetree Specification v0.4 §5) with
+    /// [`validated_fdt`] and keeps the parsed tree. The blob is borrowed, not copied.
+    ///
+    /// # Errors
+    ///
+    /// [`TopologyError::InvalidFdt`] for any header or structure problem.
+    pub fn new(dtb: &'a [u8]) -> Result<Self, TopologyError> {
+        Ok(Self {
+            fdt: validated_fdt(dtb)?,
+        })
+    }
+
+    /// The parsed tree.
+    pub fn fdt(&self) -> &Fdt<'a> {
+        &self.fdt
+    }
+}
+
+impl<'a> core::ops::Deref for Devicetree<'a> {
+    type Target = Fdt<'a>;
+
+    fn deref(&self) -> &Fdt<'a> {
+        &self.fdt
+    }
 }
 
 /// Kind of a PCI address window from a host bridge's `ranges` (PCI binding `phys.hi` bits 24-25).
@@ -796,6 +883,16 @@ impl Topology {
         Self::from_fdt(&validated_fdt(dtb)?)
     }
 
+    /// [`Topology::from_fdt`] on a [`Devicetree`] (already checked): keep the `Devicetree` for
+    /// [`Topology::platform_endpoints`] so the blob is checked only once.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Topology::from_fdt`].
+    pub fn from_devicetree(devicetree: &Devicetree<'_>) -> Result<Topology, TopologyError> {
+        Self::from_fdt(devicetree.fdt())
+    }
+
     /// Discovers the virtio-iommus and ECAM PCI host bridges of a parsed devicetree.
     ///
     /// Walks the tree depth-first from `/` (nodes nested deeper than 64 levels ⇒
@@ -874,25 +971,48 @@ impl Topology {
         }
     }
 
+    /// Index into [`host_bridges`](Self::host_bridges) of the ECAM host bridge whose ECAM
+    /// region starts at CPU physical address `ecam_base` (bytes; the address the embedder
+    /// enumerates PCI configuration space through), `None` if no bridge has that base.
+    pub fn host_bridge_at(&self, ecam_base: u64) -> Option<usize> {
+        self.host_bridges
+            .iter()
+            .position(|bridge| bridge.ecam_base == ecam_base)
+    }
+
+    /// Index into [`host_bridges`](Self::host_bridges) of the host bridge whose node has this
+    /// full path (for example `/pcie@10000000`, compared exactly, unit address included),
+    /// `None` if no bridge has it.
+    pub fn host_bridge_by_path(&self, path: &str) -> Option<usize> {
+        self.host_bridges
+            .iter()
+            .position(|bridge| bridge.path == path)
+    }
+
     /// The endpoint of PCI requester `requester_id` (`bus << 8 | device << 3 | function`)
-    /// under host bridge `host_bridge` (an index into [`host_bridges`](Self::host_bridges)),
-    /// via [`PciHostBridge::map_requester_id`].
+    /// under host bridge `host_bridge`, via [`PciHostBridge::map_requester_id`].
     ///
-    /// `Ok(None)`: the requester is not behind an IOMMU (no `iommu-map`, no entry covers it),
-    /// or `host_bridge` is out of range.
+    /// `host_bridge` is an index into [`host_bridges`](Self::host_bridges) (ECAM host bridges
+    /// in devicetree order); [`host_bridge_at`](Self::host_bridge_at) finds it from the ECAM
+    /// base address, [`host_bridge_by_path`](Self::host_bridge_by_path) from the node path.
+    ///
+    /// `Ok(None)`: the requester is not behind an IOMMU (the bridge has no `iommu-map`, or no
+    /// entry covers the requester ID).
     ///
     /// # Errors
     ///
-    /// [`TopologyError::UnknownPhandle`] when the matching `iommu-map` entry names a phandle
-    /// that is not one of [`iommus`](Self::iommus) (possibly another kind of IOMMU).
+    /// - [`TopologyError::NoSuchHostBridge`] when `host_bridge >= host_bridges.len()`.
+    /// - [`TopologyError::UnknownPhandle`] when the matching `iommu-map` entry names a phandle
+    ///   that is not one of [`iommus`](Self::iommus) (possibly another kind of IOMMU).
     pub fn pci_endpoint(
         &self,
         host_bridge: usize,
         requester_id: u16,
     ) -> Result<Option<Endpoint>, TopologyError> {
-        let Some(bridge) = self.host_bridges.get(host_bridge) else {
-            return Ok(None);
-        };
+        let bridge = self
+            .host_bridges
+            .get(host_bridge)
+            .ok_or(TopologyError::NoSuchHostBridge(host_bridge))?;
         let Some((phandle, endpoint_id)) = bridge.map_requester_id(requester_id) else {
             return Ok(None);
         };
@@ -906,12 +1026,16 @@ impl Topology {
     /// `/soc/dma@9000000`), from its `iommus = <phandle endpoint-id>*` (`iommu/iommu.txt`;
     /// a virtio-iommu has `#iommu-cells = <1>`, so each specifier is one cell), in order.
     ///
-    /// An empty `Vec` when the node has no `iommus` (not behind an IOMMU) or no node has that
-    /// path. Aliases are not resolved. `fdt` should be the devicetree this topology was built
-    /// from, and — as for [`Topology::from_fdt`] — come from [`validated_fdt`] if untrusted.
+    /// An empty `Vec` when the node exists but has no `iommus` (not behind an IOMMU). A
+    /// component without `@unit-address` matches the first child of that base name when no
+    /// child has that exact name; aliases are not resolved. `fdt` should be the devicetree
+    /// this topology was built from: pass the [`Devicetree`] given to
+    /// [`Topology::from_devicetree`] (it dereferences to [`Fdt`]), or, for a trusted blob, any
+    /// [`Fdt`] of it.
     ///
     /// # Errors
     ///
+    /// - [`TopologyError::NoSuchNode`]: no node has that path (or it does not start with `/`).
     /// - `MalformedProperty("iommus")`: length not a multiple of 8 bytes.
     /// - `UnknownPhandle`: a phandle that is not one of [`iommus`](Self::iommus).
     pub fn platform_endpoints(
@@ -919,7 +1043,8 @@ impl Topology {
         fdt: &Fdt<'_>,
         node_path: &str,
     ) -> Result<Vec<Endpoint>, TopologyError> {
-        let Some(prop) = find_path(fdt, node_path).and_then(|node| node.property("iommus")) else {
+        let node = find_path(fdt, node_path).ok_or(TopologyError::NoSuchNode)?;
+        let Some(prop) = node.property("iommus") else {
             return Ok(Vec::new());
         };
         if prop.value.len() % 8 != 0 {

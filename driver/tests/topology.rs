@@ -2,8 +2,8 @@
 //! with `vm-fdt` (plus a few hand-assembled blobs for structure errors).
 
 use virtio_iommu_driver::topology::{
-    validated_fdt, Endpoint, IommuLocation, IommuMapEntry, PciHostBridge, PciSpace, PciWindow,
-    Topology, TopologyError, VirtioIommuNode,
+    validated_fdt, Devicetree, Endpoint, IommuLocation, IommuMapEntry, PciHostBridge, PciSpace,
+    PciWindow, Topology, TopologyError, VirtioIommuNode,
 };
 use vm_fdt::FdtWriter;
 
@@ -240,8 +240,11 @@ fn qemu_virt_pci_iommu() {
     assert_eq!(topo.pci_endpoint(0, 0xffff), Ok(endpoint(0, 0xffff)));
     assert_eq!(hb.map_requester_id(0x10), Some((PH, 0x10)));
     assert_eq!(hb.map_requester_id(0x8), None);
-    // No such host bridge.
-    assert_eq!(topo.pci_endpoint(1, 0x10), Ok(None));
+    // No such host bridge: an error, not "not behind an IOMMU".
+    assert_eq!(
+        topo.pci_endpoint(1, 0x10),
+        Err(TopologyError::NoSuchHostBridge(1))
+    );
 
     assert_eq!(topo.iommu_by_phandle(PH), Some(0));
     assert_eq!(topo.iommu_by_phandle(PH + 1), None);
@@ -416,8 +419,73 @@ fn virtio_mmio_iommu_and_platform_endpoints() {
         topo.platform_endpoints(&fdt, "/virtio_mmio@a000200"),
         Ok(vec![])
     );
-    assert_eq!(topo.platform_endpoints(&fdt, "/soc/nothing@0"), Ok(vec![]));
-    assert_eq!(topo.platform_endpoints(&fdt, "not-a-path"), Ok(vec![]));
+    // A path that does not exist is an error, distinct from a node without `iommus`.
+    assert_eq!(
+        topo.platform_endpoints(&fdt, "/soc/nothing@0"),
+        Err(TopologyError::NoSuchNode)
+    );
+    assert_eq!(
+        topo.platform_endpoints(&fdt, "/soc/nothing"),
+        Err(TopologyError::NoSuchNode)
+    );
+    assert_eq!(
+        topo.platform_endpoints(&fdt, "not-a-path"),
+        Err(TopologyError::NoSuchNode)
+    );
+    // The root exists and has no `iommus`.
+    assert_eq!(topo.platform_endpoints(&fdt, "/"), Ok(vec![]));
+}
+
+/// The blob is checked once: a `Devicetree` builds the topology and serves the virtio-mmio
+/// (platform) lookups afterwards, with the same results as `from_dtb` + `validated_fdt`.
+#[test]
+fn one_devicetree_serves_topology_and_platform_lookups() {
+    let dtb = mmio_dtb(&be_cells(&[0x30, 0x42]));
+    let devicetree = Devicetree::new(&dtb).unwrap();
+    let topo = Topology::from_devicetree(&devicetree).unwrap();
+    assert_eq!(Topology::from_dtb(&dtb), Ok(topo.clone()));
+    // `&Devicetree` is accepted where `&Fdt` is expected (Deref).
+    assert_eq!(
+        topo.platform_endpoints(&devicetree, "/soc/dma@9000000"),
+        Ok(vec![Endpoint {
+            iommu: 0,
+            endpoint_id: 0x42
+        }])
+    );
+    assert_eq!(
+        topo.platform_endpoints(devicetree.fdt(), "/soc/dma@9000001"),
+        Err(TopologyError::NoSuchNode)
+    );
+    // A blob `validated_fdt` refuses is refused by `Devicetree::new` too.
+    let mut bad = dtb.clone();
+    bad[0] ^= 0xff;
+    assert!(matches!(
+        Devicetree::new(&bad),
+        Err(TopologyError::InvalidFdt)
+    ));
+}
+
+#[test]
+fn topology_errors_display_what_and_which_value() {
+    let cases: [(TopologyError, &str); 6] = [
+        (TopologyError::InvalidFdt, "invalid header or structure"),
+        (malformed("iommu-map"), "`iommu-map`"),
+        (TopologyError::UnknownPhandle(0x8001), "0x8001"),
+        (
+            TopologyError::UnsupportedCells {
+                property: "#iommu-cells",
+                value: 2,
+            },
+            "`#iommu-cells` = <2>",
+        ),
+        (TopologyError::NoSuchNode, "no devicetree node"),
+        (TopologyError::NoSuchHostBridge(3), "index 3"),
+    ];
+    for (error, needle) in cases {
+        let text = error.to_string();
+        assert!(text.contains(needle), "{error:?} displays {text:?}");
+        let _: &dyn std::error::Error = &error;
+    }
 }
 
 #[test]
@@ -481,6 +549,20 @@ fn two_pci_iommus_and_one_mmio() {
     assert_eq!(topo.pci_endpoint(1, 0x10), Ok(None));
     assert_eq!(topo.pci_endpoint(1, 0x105), Ok(endpoint(2, 0x5)));
     assert_eq!(topo.pci_endpoint(1, 0x200), Ok(None));
+
+    // The host bridge index from what an embedder knows: the ECAM base or the node path.
+    assert_eq!(topo.host_bridge_at(0x40_1000_0000), Some(0));
+    assert_eq!(topo.host_bridge_at(0x3000_0000), Some(1));
+    assert_eq!(topo.host_bridge_at(0x3000_1000), None);
+    assert_eq!(topo.host_bridge_by_path("/pcie@10000000"), Some(0));
+    assert_eq!(topo.host_bridge_by_path("/pcie@30000000"), Some(1));
+    assert_eq!(topo.host_bridge_by_path("/pcie"), None);
+    let second = topo.host_bridge_at(0x3000_0000).unwrap();
+    assert_eq!(topo.pci_endpoint(second, 0x105), Ok(endpoint(2, 0x5)));
+    assert_eq!(
+        topo.pci_endpoint(2, 0x0f),
+        Err(TopologyError::NoSuchHostBridge(2))
+    );
 }
 
 #[test]

@@ -516,7 +516,9 @@ impl DeviceConfigBuilder {
 
     /// Validates and returns the configuration.
     ///
-    /// Errors: every [`ConfigError`] variant, one check each: D3 (`page_size_mask != 0`), D2
+    /// # Errors
+    ///
+    /// Every [`ConfigError`] variant, one check each: D3 (`page_size_mask != 0`), D2
     /// (not both bypass features), D42 (one MSI region per endpoint), D43 (no overlapping
     /// regions), inverted ranges, properties that do not fit `probe_size`, zero caps, invalid
     /// queue size, unsupported features.

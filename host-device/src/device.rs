@@ -182,7 +182,9 @@ impl<M: GuestMemoryBackend> fmt::Debug for IommuDevice<M> {
 impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// A device in the reset state, with `bypass` at its boot value.
     ///
-    /// Errors: [`DeviceError`] if virtio-queue refuses the queue size (cannot happen with a
+    /// # Errors
+    ///
+    /// [`DeviceError`] if virtio-queue refuses the queue size (cannot happen with a
     /// validated [`DeviceConfig`]).
     pub fn new(config: DeviceConfig, mem: M) -> Result<Self, DeviceError> {
         let size = config.queue_size();
@@ -210,7 +212,9 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
 
     /// [`Self::new`] wrapped for sharing.
     ///
-    /// Errors: as [`Self::new`].
+    /// # Errors
+    ///
+    /// As [`Self::new`].
     pub fn new_shared(config: DeviceConfig, mem: M) -> Result<SharedDevice<M>, DeviceError> {
         Ok(Arc::new(Mutex::new(Self::new(config, mem)?)))
     }
@@ -407,7 +411,9 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// Configures queue `index` from `setup` and marks it ready (`QueueReady = 1`). The rings
     /// must be aligned and inside guest memory.
     ///
-    /// Errors: [`QueueError`]; the queue is then left not ready.
+    /// # Errors
+    ///
+    /// [`QueueError`]; the queue is then left not ready.
     pub fn activate_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), QueueError> {
         let max = self.config.queue_size();
         let q = self
@@ -822,7 +828,9 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// Translates an access by `endpoint` (see [`IommuState::translate`]); a translation fault
     /// is reported on the event queue ([`Self::report_fault`]) and returned.
     ///
-    /// Errors: [`TranslateError`].
+    /// # Errors
+    ///
+    /// [`TranslateError`].
     pub fn translate(
         &mut self,
         endpoint: u32,

@@ -33,8 +33,8 @@ impl fmt::Display for DmaError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::UnknownEndpoint(e) => write!(f, "unknown endpoint {e}"),
-            Self::Fault(r) => write!(f, "IOMMU fault {r:?}"),
-            Self::Refused(e) => write!(f, "access refused: {e:?}"),
+            Self::Fault(r) => write!(f, "IOMMU {r}"),
+            Self::Refused(e) => write!(f, "access refused: {e}"),
             Self::Unrepresentable => write!(f, "access ends at the top of the IOVA space"),
             Self::Memory(e) => write!(f, "guest memory: {e}"),
         }
@@ -64,7 +64,9 @@ where
 {
     /// Endpoint `endpoint` of `device`, accessing the device's guest memory.
     ///
-    /// Errors: [`DmaError::UnknownEndpoint`] if the device does not manage `endpoint`.
+    /// # Errors
+    ///
+    /// [`DmaError::UnknownEndpoint`] if the device does not manage `endpoint`.
     pub fn new(device: SharedDevice<M>, endpoint: u32) -> Result<Self, DmaError> {
         let backend = {
             let dev = lock(&device);
@@ -105,7 +107,9 @@ impl<M: GuestMemoryBackend + Send> DmaEndpoint<M> {
     /// Reads `buf.len()` bytes at IOVA `iova` (a DMA write to the endpoint, i.e. a memory
     /// read; needs `MAP_F_READ`).
     ///
-    /// Errors: [`DmaError::Fault`] (reported on the event queue), [`DmaError::Refused`],
+    /// # Errors
+    ///
+    /// [`DmaError::Fault`] (reported on the event queue), [`DmaError::Refused`],
     /// [`DmaError::Unrepresentable`], [`DmaError::Memory`].
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.mem.iommu().take_last_failure();
@@ -116,7 +120,9 @@ impl<M: GuestMemoryBackend + Send> DmaEndpoint<M> {
 
     /// Writes `data` at IOVA `iova` (a memory write; needs `MAP_F_WRITE`).
     ///
-    /// Errors: as [`Self::read`].
+    /// # Errors
+    ///
+    /// As [`Self::read`].
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), DmaError> {
         self.mem.iommu().take_last_failure();
         self.mem

@@ -111,7 +111,9 @@ impl std::error::Error for TestBedError {}
 impl GuestRam {
     /// Maps `size` bytes of RAM at guest-physical `base` (both page aligned, base not 0).
     ///
-    /// Errors: [`TestBedError::BadRam`], [`TestBedError::Mmap`].
+    /// # Errors
+    ///
+    /// [`TestBedError::BadRam`], [`TestBedError::Mmap`].
     pub fn new(base: u64, size: usize) -> Result<Self, TestBedError> {
         let size64 = size as u64;
         if base == 0 || !base.is_multiple_of(PAGE) || !size64.is_multiple_of(PAGE) || size == 0 {
@@ -532,14 +534,18 @@ impl TestBed {
 
     /// [`Self::new`] returning errors.
     ///
-    /// Errors: [`TestBedError`].
+    /// # Errors
+    ///
+    /// [`TestBedError`].
     pub fn try_new(config: DeviceConfig) -> Result<Self, TestBedError> {
         Self::with_ram(config, DEFAULT_RAM_BASE, DEFAULT_RAM_SIZE)
     }
 
     /// A test bench with `size` bytes of RAM at guest-physical `base` (both page aligned).
     ///
-    /// Errors: [`TestBedError`].
+    /// # Errors
+    ///
+    /// [`TestBedError`].
     pub fn with_ram(config: DeviceConfig, base: u64, size: usize) -> Result<Self, TestBedError> {
         let ram = Arc::new(GuestRam::new(base, size)?);
         let device =
@@ -565,14 +571,18 @@ impl TestBed {
 
     /// Initialises the guest driver on this device with [`IommuOptions::default`].
     ///
-    /// Errors: those of [`VirtIOIommu::new`].
+    /// # Errors
+    ///
+    /// Those of [`VirtIOIommu::new`].
     pub fn driver(&self) -> Result<VirtIOIommu<TestHal, InProcessTransport>, IommuError> {
         self.driver_with(IommuOptions::default())
     }
 
     /// Initialises the guest driver with `options`.
     ///
-    /// Errors: those of [`VirtIOIommu::new`].
+    /// # Errors
+    ///
+    /// Those of [`VirtIOIommu::new`].
     pub fn driver_with(
         &self,
         options: IommuOptions,
@@ -583,7 +593,9 @@ impl TestBed {
 
     /// A DMA endpoint with ID `endpoint`.
     ///
-    /// Errors: [`DmaError::UnknownEndpoint`].
+    /// # Errors
+    ///
+    /// [`DmaError::UnknownEndpoint`].
     pub fn dma_endpoint(&self, endpoint: u32) -> Result<DmaEndpoint<GuestMem>, DmaError> {
         DmaEndpoint::new(self.device.clone(), endpoint)
     }
@@ -621,14 +633,18 @@ impl TestBed {
 
     /// Reads guest-physical memory (untranslated).
     ///
-    /// Errors: the range is not entirely RAM.
+    /// # Errors
+    ///
+    /// The range is not entirely RAM.
     pub fn read_phys(&self, paddr: u64, buf: &mut [u8]) -> Result<(), GuestMemoryError> {
         self.memory().read_slice(buf, GuestAddress(paddr))
     }
 
     /// Writes guest-physical memory (untranslated).
     ///
-    /// Errors: the range is not entirely RAM.
+    /// # Errors
+    ///
+    /// The range is not entirely RAM.
     pub fn write_phys(&self, paddr: u64, data: &[u8]) -> Result<(), GuestMemoryError> {
         self.memory().write_slice(data, GuestAddress(paddr))
     }

@@ -116,6 +116,10 @@ pub struct ChainLayout {
 /// Checks the shape of a chain without touching its buffers: at most `max_descriptors`
 /// descriptors ([`Malformed::TooLong`]), readable ones first ([`Malformed::DescriptorOrder`]),
 /// and not cut short by virtio-queue ([`Malformed::Truncated`]). Indirect tables are followed.
+///
+/// # Errors
+///
+/// The first of those problems found, as the [`Malformed`] variant named above.
 pub fn validate_chain<M: GuestMemory>(
     chain: &DescriptorChain<&M>,
     max_descriptors: usize,
@@ -244,3 +248,20 @@ pub fn handle_request<'a, M: GuestMemory>(
         outcome: Outcome::Completed { request, status },
     }
 }
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::DescriptorOrder => "a device-readable descriptor follows a device-writable one",
+            Self::TooLong => "the chain has more descriptors than the queue size",
+            Self::Truncated => "the chain ends on a descriptor with the NEXT flag",
+            Self::BadDescriptor => "a descriptor points outside guest memory",
+            Self::ShortHead => "the device-readable part is shorter than the 4-byte head",
+            Self::ShortTail => "the device-writable part is shorter than the 4-byte tail",
+            Self::Oversized => "the device-writable part is over MAX_WRITABLE_SLACK bytes too long",
+            Self::WriteFailed => "writing the response into guest memory failed",
+        })
+    }
+}
+
+impl std::error::Error for Malformed {}

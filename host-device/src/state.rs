@@ -1029,7 +1029,9 @@ impl IommuState {
     /// The returned vector is an allocation per call; [`Self::translate_each`] gives the same
     /// pieces without one.
     ///
-    /// Errors: [`TranslateError::Fault`], [`TranslateError::UnknownEndpoint`],
+    /// # Errors
+    ///
+    /// [`TranslateError::Fault`], [`TranslateError::UnknownEndpoint`],
     /// [`TranslateError::Wraps`].
     pub fn translate(
         &self,
@@ -1065,7 +1067,9 @@ impl IommuState {
     /// pieces already passed must be discarded (the access as a whole is refused). Same rules,
     /// same errors, same faults (reporting them is the caller's job).
     ///
-    /// Errors: [`TranslateError::Fault`], [`TranslateError::UnknownEndpoint`],
+    /// # Errors
+    ///
+    /// [`TranslateError::Fault`], [`TranslateError::UnknownEndpoint`],
     /// [`TranslateError::Wraps`].
     pub fn translate_each(
         &self,
@@ -1147,6 +1151,38 @@ impl IommuState {
         }
     }
 }
+
+impl std::fmt::Display for FaultRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let reason = match self.reason {
+            FAULT_R_DOMAIN => "domain",
+            FAULT_R_MAPPING => "mapping",
+            _ => "unknown",
+        };
+        write!(
+            f,
+            "{reason} fault (reason {}) of endpoint {:#x} at IOVA {:#x}, flags {:#x}",
+            self.reason, self.endpoint, self.address, self.flags
+        )
+    }
+}
+
+impl std::fmt::Display for TranslateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fault(record) => write!(f, "translation fault: {record}"),
+            Self::UnknownEndpoint(endpoint) => {
+                write!(f, "endpoint {endpoint:#x} is not managed by this device")
+            }
+            Self::Wraps { iova, len } => write!(
+                f,
+                "access of {len} bytes at IOVA {iova:#x} wraps past the end of the IOVA space"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TranslateError {}
 
 #[cfg(test)]
 mod tests {

@@ -114,7 +114,9 @@ impl<M: GuestMemoryBackend + Send> Iommu for EndpointIommu<M> {
     /// Translates `length` bytes at `iova` for `access` through the device (see
     /// [`crate::IommuState::translate`]), reporting faults on its event queue.
     ///
-    /// Errors: [`IommuError::CannotResolve`] for a fault, a refused access, or an access ending
+    /// # Errors
+    ///
+    /// [`IommuError::CannotResolve`] for a fault, a refused access, or an access ending
     /// at 2^64 - 1; the cause is kept for [`Self::take_last_failure`].
     fn translate(
         &self,
@@ -196,3 +198,18 @@ impl<M: GuestMemoryBackend + Send> Iommu for EndpointIommu<M> {
             .map_err(|_| self.fail(TranslationFailure::Unrepresentable, iova, length))
     }
 }
+
+impl fmt::Display for TranslationFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fault(record) => write!(f, "translation fault: {record}"),
+            Self::Refused(error) => write!(f, "access refused: {error}"),
+            Self::Unrepresentable => write!(
+                f,
+                "access ends at IOVA 2^64 - 1, which vm-memory's Iotlb cannot represent"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TranslationFailure {}

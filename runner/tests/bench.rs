@@ -144,6 +144,8 @@ const DMA_MODE_CASES: &[&str] = &[
     "dma-modes: virtio-iommu initialised",
     "virtio-blk, strict:",
     "virtio-rng, strict:",
+    "virtio-blk, isolated strict (head/tail bounced):",
+    "virtio-rng, isolated strict (head/tail bounced):",
     "virtio-blk, identity (bypass domain):",
     "virtio-rng, identity (bypass domain):",
     "virtio-blk, identity (RAM mapped in one batch):",
@@ -189,7 +191,11 @@ fn dma_modes(name: &str, qemu: QemuChoice) {
         .filter_map(|l| l.trim().strip_prefix("disk-sha256:"))
         .map(str::trim)
         .collect();
-    assert_eq!(hashes.len(), 3, "{name}: one disk hash per mode");
+    assert_eq!(
+        hashes.len(),
+        4,
+        "{name}: one disk hash per mode (strict, isolated strict, bypass, mapped)"
+    );
     for h in hashes {
         assert_eq!(
             h, outcome.disk_sha256,

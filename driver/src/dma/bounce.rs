@@ -46,7 +46,9 @@ impl BouncePool {
     /// pages and the allocation happens to be aligned, else enough pages to contain one aligned
     /// granule (the rest of the allocation is padding no one uses).
     ///
-    /// Errors: [`IommuError::InvalidRange`] for a granule that is not a power of two or a
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] for a granule that is not a power of two or a
     /// `count` above `u32::MAX`; [`IommuError::DmaAlloc`] when `H::dma_alloc` fails (what was
     /// allocated is freed again).
     pub(super) fn new<H: Hal>(granule: u64, count: usize) -> Result<Self, IommuError> {

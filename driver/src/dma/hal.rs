@@ -16,7 +16,11 @@ pub trait DmaContext: 'static {
     /// `share`, may bounce). Its physical addresses are what the IOVAs map to.
     type Inner: Hal;
     /// Runs `f` with exclusive access to the IOMMU driver and this device's [`DmaSpace`].
-    /// Returns `Err(IommuError::Broken)` (or another error) when the state is not set up.
+    ///
+    /// # Errors
+    ///
+    /// `Err(IommuError::Broken)` (or another error) when the state is not set up; otherwise
+    /// what `f` returns.
     fn with<R>(
         f: impl FnOnce(&mut dyn IommuMapper, &mut DmaSpace) -> Result<R, IommuError>,
     ) -> Result<R, IommuError>;
@@ -25,6 +29,10 @@ pub trait DmaContext: 'static {
 /// The body of a [`DmaContext::with`] over two statics: locks `iommu`, then `space` (always in
 /// this order, see the module documentation) and runs `f`; [`IommuError::Broken`] when either
 /// is `None`. Spins while another CPU holds a lock.
+///
+/// # Errors
+///
+/// [`IommuError::Broken`] when either static holds `None`; otherwise what `f` returns.
 pub fn with_locked<M: IommuMapper, R>(
     iommu: &spin::Mutex<Option<M>>,
     space: &spin::Mutex<Option<DmaSpace>>,
@@ -43,14 +51,26 @@ pub fn with_locked<M: IommuMapper, R>(
 /// and a `spin::Mutex<Option<DmaSpace>>` for the device, locked with
 /// [`with_locked`](crate::dma::with_locked):
 ///
-/// ```ignore
+/// ```
+/// # use virtio_iommu_device::inprocess::{InProcessTransport as PciTransport, TestHal as MyHal};
+/// # use virtio_drivers::device::net::VirtIONetRaw;
+/// use virtio_iommu_driver::dma::{spin::Mutex, AccessPlatform, DmaSpace, IommuHal};
+/// use virtio_iommu_driver::VirtIOIommu;
+///
 /// static IOMMU: Mutex<Option<VirtIOIommu<MyHal, PciTransport>>> = Mutex::new(None);
 /// static NET_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
 /// virtio_iommu_driver::dma_context! {
 ///     /// DMA context of the network card.
 ///     pub struct NetDma { inner: MyHal, iommu: IOMMU, space: NET_DMA }
 /// }
-/// type Net = VirtIONet<IommuHal<NetDma>, AccessPlatform<PciTransport>, 16>;
+/// type Net = VirtIONetRaw<IommuHal<NetDma>, AccessPlatform<PciTransport>, 16>;
+/// # // Without an installed IOMMU and space, the context reports the driver unusable.
+/// # use virtio_iommu_driver::dma::DmaContext;
+/// # assert_eq!(
+/// #     NetDma::with(|_, _| Ok(())),
+/// #     Err(virtio_iommu_driver::IommuError::Broken)
+/// # );
+/// # let _: Option<Net> = None;
 /// ```
 #[macro_export]
 macro_rules! dma_context {
@@ -177,7 +197,11 @@ impl<C: DmaContext> IommuHal<C> {
 //   UNMAP fails). On failure it returns 0, which virtio-drivers reads as failure, with nothing
 //   mapped and the inner allocation freed.
 // - `share` returns a device address that reaches the buffer's memory (`C::Inner::share`'s)
-//   until `unshare`, with the direction's permissions in the strict modes, and in isolated
+//   until `unshare`'s UNMAP completes (if it fails, the mapping's IOVAs and bounce granules
+//   are kept and counted in `DmaSpace::leaked`, but the buffer's memory returns to its owner
+//   and may stay reachable by the endpoint: a failed UNMAP means the IOMMU device misbehaves,
+//   and it controls every DMA anyway, or timed out; the embedder is told to stop the endpoint
+//   while `leaked > 0`; no Rust memory is touched by this adapter after `unshare` returns), with the direction's permissions in the strict modes, and in isolated
 //   strict mode only the buffer's bytes and bounce granules the space owns. The buffer is only
 //   read (copy-in) during `share`, and only written (copy-back) during `unshare` of a
 //   device-writable direction, within its bounds, as the caller's guarantees allow. On failure

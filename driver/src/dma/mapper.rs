@@ -21,6 +21,10 @@ pub trait IommuMapper {
     }
 
     /// MAP `virt_start..=virt_end` (inclusive IOVAs) to `phys_start`; see [`VirtIOIommu::map`].
+    ///
+    /// # Errors
+    ///
+    /// Those of [`VirtIOIommu::map`].
     fn map(
         &mut self,
         domain: u32,
@@ -31,6 +35,10 @@ pub trait IommuMapper {
     ) -> Result<(), IommuError>;
 
     /// UNMAP `virt_start..=virt_end` (inclusive IOVAs); see [`VirtIOIommu::unmap`].
+    ///
+    /// # Errors
+    ///
+    /// Those of [`VirtIOIommu::unmap`].
     fn unmap(&mut self, domain: u32, virt_start: u64, virt_end: u64) -> Result<(), IommuError>;
 
     /// Sends every request of `ops` and stores each one's outcome in `results` (same index):
@@ -39,7 +47,9 @@ pub trait IommuMapper {
     /// ring-sized round); the default sends them one by one with [`Self::map`] and
     /// [`Self::unmap`].
     ///
-    /// Errors of the whole call (`results` then only partly written): [`IommuError::BufferSize`]
+    /// # Errors
+    ///
+    /// Of the whole call (`results` then only partly written): [`IommuError::BufferSize`]
     /// when `results.len() != ops.len()`; the fatal errors of [`crate::Batch::submit`].
     fn submit_batch(
         &mut self,

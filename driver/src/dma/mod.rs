@@ -29,8 +29,9 @@
 //!   buffer on `share` and copied back to it on `unshare` for device-writable directions. Whole
 //!   granules inside the buffer are mapped directly. `dma_alloc` memory is allocated
 //!   granule-aligned in whole granules. Exposes **only the buffer's own bytes and bytes of
-//!   bounce granules** (zeroed when taken, so nothing of an earlier buffer). Costs a copy of up
-//!   to two granules per buffer and up to three MAPs.
+//!   bounce granules** (zeroed when taken, so nothing of an earlier buffer), as long as the
+//!   IOMMU carries out the UNMAPs (see [`DmaSpace::leaked`]). Costs a copy of up to two
+//!   granules per buffer and up to three MAPs.
 //! - **Identity-mapped** ([`DmaSpace::identity_mapped`], or [`DmaSpace::attach_identity`]
 //!   without a bypass range): device address = physical address; the RAM ranges the embedder
 //!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions, the
@@ -63,7 +64,12 @@
 //! order (IOMMU, then space) and [`dma_context!`](crate::dma_context) writes the whole context
 //! type:
 //!
-//! ```ignore
+//! ```
+//! # use virtio_iommu_device::inprocess::{InProcessTransport as PciTransport, TestBed, TestHal as MyHal};
+//! # use virtio_iommu_device::DeviceConfig;
+//! # use virtio_iommu_driver::VirtIOIommu;
+//! # use virtio_drivers::device::blk::VirtIOBlk;
+//! # use virtio_drivers::{transport::Transport, BufferDirection, Hal};
 //! use virtio_iommu_driver::dma::{spin::Mutex, AccessPlatform, DmaSpace, IommuHal};
 //!
 //! static IOMMU: Mutex<Option<VirtIOIommu<MyHal, PciTransport>>> = Mutex::new(None);
@@ -73,6 +79,11 @@
 //!     pub struct BlkDma { inner: MyHal, iommu: IOMMU, space: BLK_DMA }
 //! }
 //!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let bed = TestBed::new(DeviceConfig::builder().endpoints([0x10]).build()?);
+//! # *IOMMU.lock() = Some(bed.driver()?);
+//! # let (domain, endpoint) = (1, 0x10);
+//! # let reserved_regions = IOMMU.lock().as_mut().unwrap().probe_reserved_regions(endpoint)?;
 //! let mut guard = IOMMU.lock();
 //! let iommu = guard.as_mut().unwrap();
 //! let space = DmaSpace::attach_strict(iommu, domain, endpoint, &reserved_regions)?;
@@ -80,7 +91,19 @@
 //! //                                              DEFAULT_BOUNCE_GRANULES)?;
 //! drop(guard);
 //! *BLK_DMA.lock() = Some(space);
+//! # // What the disk driver's allocations get: IOVAs the endpoint reaches, nothing else.
+//! # let (iova, _vaddr) = IommuHal::<BlkDma>::dma_alloc(1, BufferDirection::Both);
+//! # let dma = bed.dma_endpoint(endpoint)?;
+//! # dma.write(iova, b"ring")?;
+//! # assert!(dma.write(iova + 0x1000, b"ring").is_err(), "one page was allocated");
+//! # Ok(())
+//! # }
+//! # fn make_blk<T: Transport>(
+//! #     transport: T,
+//! # ) -> virtio_drivers::Result<VirtIOBlk<IommuHal<BlkDma>, AccessPlatform<T>>> {
 //! let blk = VirtIOBlk::<IommuHal<BlkDma>, _>::new(AccessPlatform::new(transport))?;
+//! # Ok(blk)
+//! # }
 //! ```
 //!
 //! Rules: install the space before creating the device driver and keep it until the driver is

@@ -138,8 +138,11 @@ pub struct DmaSpace {
     /// start of the [fault window](Self::fault_window).
     pub failures: u64,
     /// Number of mappings kept after a failed UNMAP (strict modes): their IOVAs and bounce
-    /// granules stay allocated, so nothing is reused while the device may still reach it;
-    /// [`Self::unmap_all`] retries them.
+    /// granules stay allocated, so neither is handed out again while the device may still
+    /// reach it; [`Self::unmap_all`] retries them. The buffer memory behind such a mapping has
+    /// gone back to its owner (the `Hal` contract gives no way to keep it), so while this is
+    /// non-zero the endpoint may still reach that memory: stop the endpoint (reset it, clear
+    /// its bus mastering) before the memory is reused.
     pub leaked: u64,
     /// Number of buffers whose head or tail went through a bounce granule (isolated strict).
     pub bounced: u64,
@@ -149,7 +152,9 @@ impl DmaSpace {
     /// Strict mode for an endpoint already attached to `domain`, allocating IOVAs from `iova`,
     /// with room for [`DEFAULT_MAX_MAPPINGS`] live mappings. This is the default mode.
     ///
-    /// Errors: those of [`Self::strict`].
+    /// # Errors
+    ///
+    /// Those of [`Self::strict`].
     pub fn new(domain: u32, iova: IovaAllocator) -> Result<Self, IommuError> {
         Self::strict(domain, iova, DEFAULT_MAX_MAPPINGS)
     }
@@ -158,7 +163,9 @@ impl DmaSpace {
     /// is reserved from `iova` now: the top `min(FAULT_WINDOW_MAX, half)` bytes (whole
     /// granules, at least one) of its largest free range, never allocated nor mapped.
     ///
-    /// Errors: [`IommuError::DmaAlloc`] when `iova` has no free granule for the fault window.
+    /// # Errors
+    ///
+    /// [`IommuError::DmaAlloc`] when `iova` has no free granule for the fault window.
     pub fn strict(
         domain: u32,
         iova: IovaAllocator,
@@ -175,7 +182,9 @@ impl DmaSpace {
     /// ends are in flight; beyond that `share` fails ([`IommuError::DmaAlloc`], fault window).
     /// [`DEFAULT_BOUNCE_GRANULES`](super::DEFAULT_BOUNCE_GRANULES) is a start.
     ///
-    /// Errors: those of [`Self::strict`]; [`IommuError::DmaAlloc`] when `B::dma_alloc` fails.
+    /// # Errors
+    ///
+    /// Those of [`Self::strict`]; [`IommuError::DmaAlloc`] when `B::dma_alloc` fails.
     pub fn isolated<B: Hal>(
         domain: u32,
         iova: IovaAllocator,
@@ -225,7 +234,9 @@ impl DmaSpace {
     /// size), which becomes the fault window. Buffers overlapping a `reserved` region (which the
     /// device does not pass through as RAM), the window, or physical address 0 are refused.
     ///
-    /// Errors: [`IommuError::InvalidRange`] when `unbacked` is inverted, contains address 0, or
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when `unbacked` is inverted, contains address 0, or
     /// overlaps `ram` (guest-physical RAM ranges, inclusive) or a `reserved` region.
     pub fn identity_bypass(
         domain: u32,
@@ -263,7 +274,9 @@ impl DmaSpace {
     /// every `reserved` region (widened to whole granules; R30). Overlapping RAM ranges are merged first. The fault window is the largest
     /// granule-aligned range of IOVAs that is neither mapped nor reserved (accesses there fault).
     ///
-    /// Errors: the first failed MAP (every MAP that succeeded is UNMAPped again);
+    /// # Errors
+    ///
+    /// The first failed MAP (every MAP that succeeded is UNMAPped again);
     /// [`IommuError::InvalidRange`] when nothing of `ram` remains to map, or when the mappings
     /// and reserved regions leave no whole granule unmapped for the fault window (nothing
     /// is sent then).
@@ -367,7 +380,9 @@ impl DmaSpace {
     /// `reserved` ([`IovaAllocator::for_endpoint`]), the space ([`Self::new`]), then ATTACH of
     /// `endpoint` to `domain` (§5.13.6.1).
     ///
-    /// Errors: those of [`IovaAllocator::for_endpoint`], [`Self::new`] and
+    /// # Errors
+    ///
+    /// Those of [`IovaAllocator::for_endpoint`], [`Self::new`] and
     /// [`VirtIOIommu::attach`].
     pub fn attach_strict<H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
@@ -386,7 +401,9 @@ impl DmaSpace {
     /// `bounce_granules` bounce granules from `B` ([`Self::isolated`], [`DEFAULT_MAX_MAPPINGS`]
     /// live mappings).
     ///
-    /// Errors: those of [`IovaAllocator::for_endpoint`], [`Self::isolated`] and
+    /// # Errors
+    ///
+    /// Those of [`IovaAllocator::for_endpoint`], [`Self::isolated`] and
     /// [`VirtIOIommu::attach`].
     pub fn attach_isolated<B: Hal, H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
@@ -410,7 +427,9 @@ impl DmaSpace {
     /// faults, so a failed buffer would have no safe device address. `domain` must not exist
     /// yet (or be a bypass domain, resp. an empty one).
     ///
-    /// Errors: those of [`Self::identity_bypass`], [`VirtIOIommu::attach_bypass`],
+    /// # Errors
+    ///
+    /// Those of [`Self::identity_bypass`], [`VirtIOIommu::attach_bypass`],
     /// [`VirtIOIommu::attach`] and [`Self::identity_mapped`].
     pub fn attach_identity<H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
@@ -527,7 +546,9 @@ impl DmaSpace {
     /// after checking the buffer lies inside one identity-mapped range (resp. outside every
     /// reserved region, the fault window and address 0); no request is sent.
     ///
-    /// Errors: [`IommuError::InvalidRange`] when the buffer passes 2^64;
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when the buffer passes 2^64;
     /// [`IommuError::Unaligned`] when the IOMMU's granule differs from the allocator's, or
     /// (isolated strict) the buffer does not start and end on granule boundaries;
     /// [`IommuError::DmaAlloc`] when IOVAs or mapping slots are exhausted;
@@ -797,7 +818,9 @@ impl DmaSpace {
     /// [`Self::map_buffer`]): strict modes UNMAP its whole mapping; nothing is released yet
     /// (see [`Self::release`]). Identity: `addr` itself, no request.
     ///
-    /// Errors: [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict).
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict).
     pub(super) fn take(
         &mut self,
         iommu: &mut dyn IommuMapper,
@@ -881,7 +904,8 @@ impl DmaSpace {
 
     /// Finishes [`Self::take`]: after a successful UNMAP frees the mapping's IOVAs, bounce
     /// granules and slot; after a failed one keeps them all (marked stale, counted in
-    /// [`Self::leaked`]) so nothing is reused while the device may still reach it.
+    /// [`Self::leaked`]) so no IOVA or bounce granule is reused while the device may still
+    /// reach it (the buffer's memory itself is the caller's: see [`Self::leaked`]).
     pub(super) fn release(&mut self, taken: &Taken) {
         let (Mode::Strict { iova, live, bounce }, Some(key)) = (&mut self.mode, taken.key) else {
             return;
@@ -931,9 +955,12 @@ impl DmaSpace {
     /// Strict modes: UNMAPs the whole mapping containing `addr` and frees its IOVAs. Identity:
     /// returns `addr`; no request is sent.
     ///
-    /// Errors: [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict); the
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict); the
     /// UNMAP request's errors — the mapping is then kept (counted in [`Self::leaked`]), so
-    /// nothing is reused while it may still be mapped.
+    /// its IOVAs are not reused while it may still be mapped; the buffer's memory is the
+    /// caller's again and may still be reachable (see [`Self::leaked`]).
     pub fn unmap_buffer(
         &mut self,
         iommu: &mut dyn IommuMapper,
@@ -956,7 +983,9 @@ impl DmaSpace {
     /// [`Self::live_mappings`] counts them until then. Identity-mapped mode then refuses new
     /// buffers.
     ///
-    /// Errors: the fatal errors of [`IommuMapper::submit_batch`].
+    /// # Errors
+    ///
+    /// The fatal errors of [`IommuMapper::submit_batch`].
     pub fn unmap_all(&mut self, iommu: &mut dyn IommuMapper) -> Result<usize, IommuError> {
         const CHUNK: usize = 64;
         let domain = self.domain;

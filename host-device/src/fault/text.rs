@@ -214,7 +214,9 @@ impl FromStr for FaultPlan {
 
     /// Reads the text form (see the module documentation).
     ///
-    /// Errors: [`ParsePlanError`] naming the first fault that cannot be read (unknown name or
+    /// # Errors
+    ///
+    /// [`ParsePlanError`] naming the first fault that cannot be read (unknown name or
     /// request type, missing or extra argument, bad number or hex, number out of range).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut plan = FaultPlan::new();

@@ -106,6 +106,70 @@ impl<'a> Harness<'a> {
         }
     }
 
+    /// A device whose two queues are configured and ready but whose status was never written
+    /// (status 0, no driver feature): tests drive the status and features themselves.
+    pub fn idle(mem: &'a Mem, config: DeviceConfig) -> Self {
+        let rq = MockSplitQueue::create(mem, GuestAddress(RQ_BASE), QSIZE);
+        let eq = MockSplitQueue::create(mem, GuestAddress(EQ_BASE), QSIZE);
+        let mut dev = IommuDevice::new(config, mem.clone()).unwrap();
+        for (i, q) in [(0u16, &rq), (1u16, &eq)] {
+            dev.activate_queue(i, Self::setup_of(q)).unwrap();
+        }
+        Self {
+            mem,
+            rq,
+            eq,
+            dev,
+            rq_slot: 0,
+            eq_slot: 0,
+            data: DATA_BASE,
+        }
+    }
+
+    /// The `QueueSetup` describing `q` (size [`QSIZE`]).
+    pub fn setup_of(q: &MockSplitQueue<'a, Mem>) -> QueueSetup {
+        QueueSetup {
+            size: QSIZE,
+            desc_table: q.desc_table_addr().0,
+            avail_ring: q.avail_addr().0,
+            used_ring: q.used_addr().0,
+        }
+    }
+
+    /// Posts one device-writable eventq buffer of `len` bytes (poisoned), without notifying;
+    /// returns its guest address.
+    pub fn post_event_buffer(&mut self, len: u32) -> u64 {
+        let a = self.buffer(len as usize, POISON);
+        self.post_event(&[D {
+            addr: a,
+            len,
+            flags: F_WRITE,
+        }]);
+        a
+    }
+
+    /// Posts an ATTACH(domain 1, `endpoint`) request with a 4-byte writable part, without
+    /// notifying; returns the address of the writable part.
+    pub fn post_attach(&mut self, endpoint: u32) -> u64 {
+        let req = bytes(&attach(1, endpoint, 0));
+        let r = self.buffer(req.len(), 0);
+        self.mem.write_slice(&req, GuestAddress(r)).unwrap();
+        let w = self.buffer(4, POISON);
+        self.post_request(&[
+            D {
+                addr: r,
+                len: req.len() as u32,
+                flags: 0,
+            },
+            D {
+                addr: w,
+                len: 4,
+                flags: F_WRITE,
+            },
+        ]);
+        w
+    }
+
     /// A fresh data buffer of `len` bytes filled with `fill`, 64-byte aligned.
     pub fn buffer(&mut self, len: usize, fill: u8) -> u64 {
         let len64 = (len as u64).max(1).next_multiple_of(64);
