@@ -83,12 +83,14 @@ fn check(t: &Topology, viot: &Viot, segments: &[(u16, u8, u8)]) {
                 range.bdf_start.wrapping_add(1).min(range.bdf_end),
                 range.bdf_start / 2 + range.bdf_end / 2,
             ] {
-                let got = t.pci_endpoint(index, bdf).expect("phandles are VIOT offsets");
+                let got = t
+                    .pci_endpoint(index, bdf)
+                    .expect("phandles are VIOT offsets");
                 let Some(want) = range.endpoint_id(segment, bdf) else {
                     continue;
                 };
-                let own = viot.iommus[range.iommu].location
-                    == ViotIommuLocation::Pci { segment, bdf };
+                let own =
+                    viot.iommus[range.iommu].location == ViotIommuLocation::Pci { segment, bdf };
                 if own {
                     assert_eq!(got, None, "an IOMMU translates itself");
                 } else {
@@ -172,8 +174,10 @@ fuzz_target!(|data: &[u8]| {
                 Ok(t) => check(&t, &viot, segments),
                 // The MCFG is valid, so the only thing left to fail is placing a PCI IOMMU.
                 Err(AcpiError::NoHostBridge { segment, bdf, .. }) => {
-                    assert!(viot.iommus.iter().any(|i| i.location
-                        == ViotIommuLocation::Pci { segment, bdf }));
+                    assert!(viot
+                        .iommus
+                        .iter()
+                        .any(|i| i.location == ViotIommuLocation::Pci { segment, bdf }));
                     assert!(!segments.iter().any(|&(s, start, end)| s == segment
                         && (start..=end).contains(&((bdf >> 8) as u8))));
                 }
@@ -185,7 +189,13 @@ fuzz_target!(|data: &[u8]| {
             if let Some(table) = declared(&bytes) {
                 let sum = table.iter().fold(0u8, |s, &b| s.wrapping_add(b));
                 if sum != 0 && table.len() >= 48 && &table[..4] == b"VIOT" {
-                    assert_eq!(e, AcpiError::BadChecksum { signature: *b"VIOT", sum });
+                    assert_eq!(
+                        e,
+                        AcpiError::BadChecksum {
+                            signature: *b"VIOT",
+                            sum
+                        }
+                    );
                 }
             }
         }
