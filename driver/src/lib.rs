@@ -11,7 +11,7 @@
 #![cfg_attr(
     feature = "alloc",
     doc = "- [`topology`]: which IOMMU and endpoint ID serve a PCI requester or a platform device,
-  from the devicetree.
+  from the devicetree or the ACPI VIOT and MCFG.
 - [`dma`]: run virtio-drivers device drivers behind the IOMMU (`Hal` adapter; strict,
   isolated strict and identity modes).
 - [`iova`]: the O(log n), allocation-free IOVA allocator.

@@ -1,4 +1,6 @@
-//! Topology discovery from the devicetree: which virtio-iommu translates which DMA requester.
+//! Topology discovery: which virtio-iommu translates which DMA requester, from the devicetree
+//! (this module) or from the ACPI VIOT and MCFG ([`viot`], on the table helpers of [`acpi`]);
+//! both give the same [`Topology`].
 //!
 //! Bindings implemented (Linux `Documentation/devicetree/bindings/`):
 //! - `virtio/iommu.yaml`: a virtio-iommu that is a PCI function has a node with
@@ -44,6 +46,9 @@ use alloc::vec::Vec;
 use core::fmt;
 use fdt::node::FdtNode;
 use fdt::Fdt;
+
+pub mod acpi;
+pub mod viot;
 
 /// Why the devicetree could not be read as a topology, or a lookup in it failed.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -244,13 +249,27 @@ pub struct Endpoint {
     pub endpoint_id: u32,
 }
 
-/// Every virtio-iommu and PCI host bridge of a devicetree.
+/// A platform (MMIO) device behind a virtio-iommu, as the ACPI VIOT lists them.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct MmioEndpoint {
+    /// Physical base address of the device's registers (bytes).
+    pub base: u64,
+    /// Its IOMMU and endpoint ID.
+    pub endpoint: Endpoint,
+}
+
+/// Every virtio-iommu and PCI host bridge of a devicetree ([`Topology::from_dtb`]) or of the
+/// ACPI VIOT and MCFG ([`Topology::from_viot`]).
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct Topology {
-    /// The virtio-iommus, in devicetree order.
+    /// The virtio-iommus, in devicetree (or VIOT) order.
     pub iommus: Vec<VirtioIommuNode>,
-    /// The ECAM PCI host bridges, in devicetree order.
+    /// The ECAM PCI host bridges, in devicetree (or MCFG) order.
     pub host_bridges: Vec<PciHostBridge>,
+    /// The MMIO endpoints of the VIOT (ACPI 6.5 §5.2.32.3), in table order. Always empty for a
+    /// devicetree: there a platform device names its IOMMU in its own node, read with
+    /// [`Topology::platform_endpoints`].
+    pub mmio_endpoints: Vec<MmioEndpoint>,
 }
 
 /// Deepest node nesting accepted, counting the root as depth 1. Bounds the recursion of this
@@ -931,6 +950,15 @@ impl Topology {
         self.iommus
             .iter()
             .position(|iommu| iommu.phandle == phandle)
+    }
+
+    /// The endpoint of the MMIO device whose registers start at `base` (physical address,
+    /// bytes), from [`mmio_endpoints`](Self::mmio_endpoints); `None` when it is not listed.
+    pub fn mmio_endpoint(&self, base: u64) -> Option<Endpoint> {
+        self.mmio_endpoints
+            .iter()
+            .find(|endpoint| endpoint.base == base)
+            .map(|endpoint| endpoint.endpoint)
     }
 
     /// Index into [`host_bridges`](Self::host_bridges) of the bridge that virtio-iommu

@@ -24,11 +24,13 @@ pub mod blkio;
 pub mod dtb;
 pub mod exceptions;
 pub mod exit;
+pub mod fwcfg;
 pub mod hal;
 pub mod heap;
 pub mod mmu;
 pub mod pci;
 pub mod stack;
+pub mod table_loader;
 pub mod timer;
 
 pub mod bench;

@@ -220,10 +220,110 @@ fn topology_seeds(qemu_dtb: Option<&str>) {
     }
 }
 
+/// An ACPI table with `signature` and `body`, checksummed.
+fn acpi_table(signature: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&((36 + body.len()) as u32).to_le_bytes());
+    t.extend_from_slice(&[0, 0]);
+    t.extend_from_slice(b"BOCHS BXPC    \x01\0\0\0BXPC\x01\0\0\0");
+    t.extend_from_slice(body);
+    let sum = t.iter().fold(0u8, |s, &b| s.wrapping_add(b));
+    t[9] = 0u8.wrapping_sub(sum);
+    t
+}
+
+/// A VIOT node: type, length, then `fields` (padded with zeros to `length`).
+fn viot_node(node_type: u8, length: u16, fields: &[u8]) -> Vec<u8> {
+    let mut n = vec![node_type, 0];
+    n.extend_from_slice(&length.to_le_bytes());
+    n.extend_from_slice(fields);
+    n.resize(usize::from(length), 0);
+    n
+}
+
+fn viot_table(nodes: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = (nodes.len() as u16).to_le_bytes().to_vec();
+    body.extend_from_slice(&48u16.to_le_bytes());
+    body.extend_from_slice(&[0; 8]);
+    for n in nodes {
+        body.extend_from_slice(n);
+    }
+    acpi_table(b"VIOT", &body)
+}
+
+/// PCI range: endpoint start, segment start/end, BDF start/end, output node.
+fn viot_range(ep: u32, seg: (u16, u16), bdf: (u16, u16), out: u16) -> Vec<u8> {
+    let mut f = ep.to_le_bytes().to_vec();
+    for v in [seg.0, seg.1, bdf.0, bdf.1, out] {
+        f.extend_from_slice(&v.to_le_bytes());
+    }
+    viot_node(1, 24, &f)
+}
+
+fn viot_seeds() {
+    let t = "driver_viot";
+    let pci_iommu = |seg: u16, bdf: u16| {
+        let mut f = seg.to_le_bytes().to_vec();
+        f.extend_from_slice(&bdf.to_le_bytes());
+        viot_node(3, 16, &f)
+    };
+    let mmio_iommu = |base: u64| {
+        let mut f = vec![0; 4];
+        f.extend_from_slice(&base.to_le_bytes());
+        viot_node(4, 16, &f)
+    };
+    let mmio_ep = |ep: u32, base: u64, out: u16| {
+        let mut f = ep.to_le_bytes().to_vec();
+        f.extend_from_slice(&base.to_le_bytes());
+        f.extend_from_slice(&out.to_le_bytes());
+        viot_node(2, 24, &f)
+    };
+    // Mode byte first (bit 0: fix checksum, bit 1: blob, bit 2: two segments).
+    let with_mode = |mode: u8, bytes: &[u8]| [&[mode][..], bytes].concat();
+    let qemu = viot_table(&[pci_iommu(0, 8), viot_range(0, (0, 0), (0, 0xffff), 48)]);
+    write(t, "qemu-virt", &with_mode(1, &qemu));
+    let highmem_off = viot_table(&[pci_iommu(0, 8), viot_range(0, (0, 0), (0, 0x0fff), 48)]);
+    write(t, "qemu-virt-highmem-off", &with_mode(0, &highmem_off));
+    let mmio = viot_table(&[
+        mmio_iommu(0x0a00_3e00),
+        pci_iommu(1, 0x1008),
+        mmio_ep(7, 0x0a00_0000, 48),
+        mmio_ep(9, 0x0a00_0200, 64),
+        viot_range(0x100, (0, 1), (0x0100, 0x01ff), 48),
+        viot_range(0x10_0000, (1, 1), (0x1000, 0x10ff), 64),
+    ]);
+    write(t, "mmio-and-two-segments", &with_mode(5, &mmio));
+    let mut facs = vec![0u8; 64];
+    facs[..4].copy_from_slice(b"FACS");
+    facs[4] = 64;
+    let mut mcfg_body = vec![0u8; 8];
+    mcfg_body.extend_from_slice(&0x40_1000_0000u64.to_le_bytes());
+    mcfg_body.extend_from_slice(&[0, 0, 0, 0xff, 0, 0, 0, 0]);
+    let blob = [
+        facs,
+        acpi_table(b"DSDT", &[0x10; 9]),
+        acpi_table(b"MCFG", &mcfg_body),
+        qemu.clone(),
+        vec![0; 16],
+    ]
+    .concat();
+    write(t, "tables-blob", &with_mode(3, &blob));
+    // The VIOT QEMU 7.2 and 10.0.2 generate for `-M virt -device virtio-iommu-pci`, as the
+    // firmware prints it (checksum computed by etc/table-loader): its range covers bus 0 only.
+    let qemu_hex = "56494f54580000000066424f434853204258504320202020010000004258504301000000020030000000000000000000030010000000080000000000000000000100180000000000000000000000ff003000000000000000";
+    let qemu_real: Vec<u8> = (0..qemu_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&qemu_hex[i..i + 2], 16).unwrap())
+        .collect();
+    write(t, "qemu-generated-viot", &with_mode(0, &qemu_real));
+}
+
 fn main() {
     let qemu_dtb = std::env::args().nth(1);
     probe_seeds();
     fault_seeds();
     topology_seeds(qemu_dtb.as_deref());
+    viot_seeds();
     println!("seeds written under fuzz/corpus/");
 }

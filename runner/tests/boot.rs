@@ -15,6 +15,7 @@ const REQUIRED_CASES: &[&str] = &[
     "driver bring-up (new + ATTACH + MAP + PROBE) within 8 KiB of stack",
     "virtio-iommu initialised",
     "PROBE every endpoint",
+    "IOMMU and endpoints found through ACPI VIOT agree with the devicetree",
     "virtio-blk: attached to a domain",
     "virtio-blk: read the entire disk through IOVAs",
     "virtio-blk: write and read back a scratch region",

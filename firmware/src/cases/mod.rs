@@ -12,6 +12,7 @@ mod env;
 mod errors;
 mod isolation;
 mod stack;
+mod viot;
 
 use alloc::format;
 use alloc::string::String;
@@ -125,9 +126,10 @@ impl Env {
 }
 
 /// Runs every case; returns `(passed, failed)`.
-pub fn run(_dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
+pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     let mut tap = Tap::new();
     let env = setup(&mut tap, pci);
+    viot::run(&mut tap, dtb, pci);
     if let Some(mut env) = env {
         blk::run(&mut tap, pci, &mut env);
         isolation::run(&mut tap, pci, &mut env);
