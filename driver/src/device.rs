@@ -46,7 +46,7 @@ pub const MAX_PROBE_SIZE: u32 = 1 << 20;
 /// status of §5.13.6 (those are 0..=8), so a tail that still holds it after the device returned
 /// the request was not written: [`IommuError::NotWritten`], never read as a status. An eventq
 /// buffer that still holds it has non-zero `reserved` bytes, so it is ignored as a fault report
-/// (§5.13.6.7). [`VirtIOIommu::request_raw`] is the exception: its writable parts are zeroed.
+/// (§5.13.6.7). [`VirtIOIommu::request_raw`] fills its writable parts with it too.
 pub const WRITABLE_FILL: u8 = 0xff;
 
 const TAIL: usize = size_of::<ReqTail>();
@@ -1044,11 +1044,12 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
 
     /// Sends a request exactly as given, with no validation: each entry of `readable` becomes
     /// one device-readable descriptor (in order), and each entry of `writable_lens` one
-    /// device-writable descriptor of that many bytes (zeroed), so a request can be split over
-    /// descriptors at any byte. The device-writable bytes are copied back into `writable`
-    /// (which must be exactly their total size). Returns the used length in bytes as the device
-    /// reported it — 0 included, and not compared with the posted size. For conformance tests
-    /// and diagnostics: the caller checks the reply.
+    /// device-writable descriptor of that many bytes, filled with [`WRITABLE_FILL`] (so a byte
+    /// the device did not write reads 0xff, whatever used length it reported), so a request can
+    /// be split over descriptors at any byte. The device-writable bytes are copied back into
+    /// `writable` (which must be exactly their total size). Returns the used length in bytes as
+    /// the device reported it — 0 included, and not compared with the posted size. For
+    /// conformance tests and diagnostics: the caller checks the reply.
     ///
     /// # Errors
     ///
@@ -1066,7 +1067,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if writable.len() != writable_lens.iter().sum::<usize>() {
             return Err(IommuError::BufferSize);
         }
-        let used = self.submit_parts(readable, writable_lens, 0)?;
+        let used = self.submit_parts(readable, writable_lens, WRITABLE_FILL)?;
         let start: usize = readable.iter().map(|p| p.len()).sum();
         let n = writable.len();
         writable.copy_from_slice(&self.request_buffer.bytes()[start..start + n]);

@@ -9,6 +9,7 @@ use virtio_iommu_device::{DeviceConfig, DmaError};
 use virtio_iommu_driver::wire::{self, Features, MapFlags, Status};
 use virtio_iommu_driver::{
     FaultEvent, FaultReason, IommuError, IommuOptions, ReservedRegion, ResvMemKind, WaitPolicy,
+    WRITABLE_FILL,
 };
 use zerocopy::IntoBytes;
 
@@ -294,9 +295,9 @@ fn raw_requests_through_the_driver() {
     // Unknown type: returned with used length 0 (D7), nothing written.
     let mut bad = wire::ReqDetach::default();
     bad.head.type_ = 0x42;
-    let mut tail = [0xffu8; 4];
+    let mut tail = [0u8; 4];
     assert_eq!(drv.request_raw(&[bad.as_bytes()], &[4], &mut tail), Ok(0));
-    assert_eq!(tail, [0; 4], "the driver's zeroed buffer, untouched");
+    assert_eq!(tail, [WRITABLE_FILL; 4], "the driver's fill, untouched");
     // Unaligned MAP, which the driver itself refuses to send: S_RANGE (D22).
     let req = wire::ReqMap {
         head: wire::ReqHead::new(wire::RequestType::Map),

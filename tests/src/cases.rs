@@ -11,7 +11,9 @@ use virtio_iommu_driver::wire::{
     Features, MapFlags, ReqAttach, ReqDetach, ReqHead, ReqMap, ReqProbe, ReqUnmap, RequestType,
     Status, ATTACH_F_BYPASS,
 };
-use virtio_iommu_driver::{FaultEvent, FaultReason, IommuError, ProbeProperty, ResvMemKind};
+use virtio_iommu_driver::{
+    FaultEvent, FaultReason, IommuError, ProbeProperty, ResvMemKind, WRITABLE_FILL,
+};
 use zerocopy::IntoBytes;
 
 type R = Result<(), Fail>;
@@ -81,7 +83,8 @@ fn raw_parts(
 }
 
 /// The tail status of a raw reply: the last 4 writable bytes must be the tail, used length =
-/// posted writable size.
+/// posted writable size. Raw writable parts are posted filled with [`WRITABLE_FILL`] (no
+/// status), so a status byte still holding it was not written by the device.
 fn raw_status(reply: &RawReply, what: &str) -> Result<Status, Fail> {
     let n = reply.writable.len();
     if reply.used as usize != n {
@@ -91,7 +94,18 @@ fn raw_status(reply: &RawReply, what: &str) -> Result<Status, Fail> {
         ));
     }
     let b = reply.writable[n - 4];
+    if b == WRITABLE_FILL {
+        return diverges(format!(
+            "{what}: status not written (used length {})",
+            reply.used
+        ));
+    }
     Status::from_u8(b).ok_or_else(|| Fail::Diverges(format!("{what}: undefined status {b}")))
+}
+
+/// Whether every byte of `b` still holds the fill the driver posted it with (not written).
+fn unwritten(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == WRITABLE_FILL)
 }
 
 fn expect_raw(reply: &RawReply, want: Status, what: &str) -> R {
@@ -342,7 +356,11 @@ cases! {
         let ep = h.endpoints().dma;
         let r = raw(h, attach_req(d, ep, 0, [0; 4]).as_bytes())?;
         expect_raw(&r, Status::Ok, "ATTACH")?;
-        if r.writable[1..4] == [0, 0, 0] { Ok(()) } else { diverges(format!("tail.reserved {:?}", &r.writable[1..4])) }
+        // Posted as WRITABLE_FILL: zeros here were written by the device.
+        let reserved = &r.writable[1..4];
+        if reserved == [0, 0, 0] { Ok(()) }
+        else if reserved.contains(&WRITABLE_FILL) { diverges(format!("tail.reserved not written: {reserved:?}")) }
+        else { diverges(format!("tail.reserved {reserved:?}")) }
     };
     "req-head-reserved", "D8 device MUST ignore head.reserved", |h, ctx| {
         let d = ctx.domain()?;
@@ -355,7 +373,7 @@ cases! {
         let mut req = [0u8; 20];
         req[0] = 0x7f;
         let r = raw(h, &req)?;
-        if r.used == 0 && r.writable == [0; 4] { Ok(()) } else {
+        if r.used == 0 && unwritten(&r.writable) { Ok(()) } else {
             diverges(format!("used length {}, tail status {}", r.used, r.writable[0]))
         }
     };
@@ -913,7 +931,17 @@ cases! {
             if t == 0 { break; }
             at += 4 + u16::from_le_bytes([props[at + 2], props[at + 3]]) as usize;
         }
-        if props[at.min(n)..].iter().all(|&b| b == 0) { Ok(()) } else { diverges("non-zero bytes after the list".into()) }
+        // A walk that leaves the buffer (an unwritten header reads length 0xffff) has no end to
+        // check after.
+        if at > n { return diverges(format!("property list runs past probe_size ({at} > {n})")); }
+        // Posted as WRITABLE_FILL: zeros here were written by the device.
+        let rest = &props[at..];
+        if rest.iter().all(|&b| b == 0) { Ok(()) }
+        else if rest.contains(&WRITABLE_FILL) {
+            let k = rest.iter().filter(|&&b| b == WRITABLE_FILL).count();
+            diverges(format!("{k} of the {} bytes after the list not written", rest.len()))
+        }
+        else { diverges("non-zero bytes after the list".into()) }
     };
     "probe-one-msi", "D42 at most one RESV_MEM_T_MSI per endpoint", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
@@ -945,7 +973,9 @@ cases! {
         if h.needs_reset() { return diverges("DEVICE_NEEDS_RESET".into()); }
         let s = raw_status(&r, "short PROBE")?;
         if s != Status::Inval { return diverges(format!("short PROBE: {}", s.name())); }
-        if r.writable[..short].iter().any(|&b| b != 0) { return diverges("properties written".into()); }
+        // Posted as WRITABLE_FILL; left so, or zeroed, no property was written.
+        let props = &r.writable[..short];
+        if !unwritten(props) && props.iter().any(|&b| b != 0) { return diverges("properties written".into()); }
         Ok(())
     };
     "probe-not-offered", "D35 PROBE without F_PROBE offered: buffer not written, used length 0", |h, _| {

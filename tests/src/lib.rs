@@ -63,7 +63,9 @@ pub trait Harness {
     /// Writes `bypass` (§5.13.4).
     fn set_bypass(&mut self, on: bool) -> Result<(), IommuError>;
     /// Sends a raw request: one descriptor per `readable` part, one device-writable descriptor
-    /// per `writable_lens` entry. `None` when the backend cannot craft raw requests.
+    /// per `writable_lens` entry, posted filled with [`virtio_iommu_driver::WRITABLE_FILL`]
+    /// (0xff) as `VirtIOIommu::request_raw` does, so the cases can tell a byte the device did
+    /// not write from a 0 it wrote. `None` when the backend cannot craft raw requests.
     fn raw(
         &mut self,
         readable: &[&[u8]],
@@ -130,7 +132,8 @@ pub struct Endpoints {
 pub struct RawReply {
     /// Used length written by the device, in bytes.
     pub used: u32,
-    /// The device-writable bytes, all parts concatenated.
+    /// The device-writable bytes, all parts concatenated, as the device left them: a byte it
+    /// did not write holds [`virtio_iommu_driver::WRITABLE_FILL`].
     pub writable: Vec<u8>,
 }
 

@@ -11,7 +11,9 @@ use super::{Ours, OursConfig, OTHER_EP};
 use std::collections::HashMap;
 use virtio_iommu_conformance::{Endpoints, Harness, Hazard, RawReply};
 use virtio_iommu_driver::wire::{Config, Features, MapFlags, Status};
-use virtio_iommu_driver::{FaultEvent, FaultReason, IommuConfig, IommuError, ProbeProperty};
+use virtio_iommu_driver::{
+    FaultEvent, FaultReason, IommuConfig, IommuError, ProbeProperty, WRITABLE_FILL,
+};
 
 /// Request type bytes (§5.13.6).
 pub const ATTACH: u8 = 1;
@@ -68,6 +70,13 @@ pub enum Mutation {
     },
     /// `tail.reserved[0]` is written as 1.
     TailReservedSet,
+    /// Raw replies report the whole writable size as used length, but no writable byte is
+    /// written (they keep what the driver posted).
+    RawReplyNotWritten,
+    /// `tail.reserved` (3 bytes) of raw replies is not written; the status is.
+    TailReservedNotWritten,
+    /// The bytes of raw PROBE `properties` after the last property are not written.
+    ProbePaddingNotWritten,
     /// Requests of this type with a reserved byte (head or body) set are refused with S_INVAL.
     ReservedChecked(u8),
     /// Unknown request types get S_UNSUPP with used length 4 (what QEMU does).
@@ -206,6 +215,9 @@ impl Mutation {
             DomainRangeInverted => "`domain_range` start > end".into(),
             ProbeSizeTiny => "`probe_size` reads 4".into(),
             TailReservedSet => "`tail.reserved[0]` written as 1".into(),
+            RawReplyNotWritten => "raw replies: used length reported, nothing written".into(),
+            TailReservedNotWritten => "raw replies: `tail.reserved` not written".into(),
+            ProbePaddingNotWritten => "PROBE: bytes after the last property not written".into(),
             UnknownTypeWritten => "unknown request type: S_UNSUPP written, used length 4".into(),
             SplitChainTruncated => "only the first readable descriptor is read".into(),
             ShortRequestZeroPadded => "a too-short request is zero-padded and carried out".into(),
@@ -300,6 +312,32 @@ pub static MUTANTS: &[Expect] = &[
         &["req-ok-status", "req-tail-reserved", "req-head-reserved"],
     ),
     full(Mutation::TailReservedSet, &["req-tail-reserved"]),
+    full(
+        Mutation::RawReplyNotWritten,
+        &[
+            "req-ok-status",
+            "req-tail-reserved",
+            "req-head-reserved",
+            "req-split-descriptors",
+            "attach-reserved",
+            "attach-unknown-flag",
+            "detach-reserved",
+            "map-unaligned-virt-start",
+            "map-unaligned-phys",
+            "map-unaligned-end",
+            "map-unknown-flag",
+            "map-outside-input-range",
+            "map-inverted",
+            "map-u64-max",
+            "unmap-reserved",
+            "probe-ok",
+            "probe-reserved-ignored",
+            "probe-properties-well-formed",
+            "probe-zero-fill",
+            "bypass-attach-flag-unknown-domain",
+        ],
+    ),
+    full(Mutation::TailReservedNotWritten, &["req-tail-reserved"]),
     full(Mutation::ReservedChecked(ATTACH), &["req-head-reserved"]),
     full(
         Mutation::UnknownTypeWritten,
@@ -473,6 +511,7 @@ pub static MUTANTS: &[Expect] = &[
         &["probe-properties-well-formed"],
     ),
     full(Mutation::ProbeTrailingGarbage, &["probe-zero-fill"]),
+    full(Mutation::ProbePaddingNotWritten, &["probe-zero-fill"]),
     full(
         Mutation::ProbeDuplicated,
         &["probe-one-msi", "probe-no-overlap"],
@@ -621,6 +660,24 @@ fn reserved_set(t: u8, b: &[u8]) -> bool {
     };
     b.get(1..4).is_some_and(|r| r.iter().any(|&x| x != 0))
         || b.get(body).is_some_and(|r| r.iter().any(|&x| x != 0))
+}
+
+/// What a writable byte the device did not write reads as: the byte the driver posted it with
+/// (`request_raw` fills its writable parts with [`WRITABLE_FILL`]).
+const UNTOUCHED: u8 = WRITABLE_FILL;
+
+/// Offset in bytes of the end of the property list in PROBE `properties` (the first header of
+/// type 0, or where the walk leaves the buffer), at most `props.len()`.
+fn property_list_end(props: &[u8]) -> usize {
+    let mut at = 0;
+    while at + 4 <= props.len() {
+        let t = u16::from_le_bytes([props[at], props[at + 1]]);
+        if t == 0 {
+            break;
+        }
+        at += 4 + u16::from_le_bytes([props[at + 2], props[at + 3]]) as usize;
+    }
+    at.min(props.len())
 }
 
 /// A reply whose whole writable part was written, with `status` in the tail.
@@ -930,9 +987,12 @@ impl Harness for Mutant {
         let probe_size = self.inner.config().probe_size as usize;
         match self.m {
             Mutation::UnknownTypeWritten if readable_size(ty).is_none() => {
+                // QEMU writes the 4-byte tail at offset 0; the rest is not written.
                 let mut rep = reply(w, Status::Unsupp);
-                rep.writable.fill(0);
-                rep.writable[0] = Status::Unsupp as u8;
+                rep.writable.fill(UNTOUCHED);
+                let tail = [Status::Unsupp as u8, 0, 0, 0];
+                let k = rep.writable.len().min(4);
+                rep.writable[..k].copy_from_slice(&tail[..k]);
                 rep.used = 4;
                 return Some(Ok(rep));
             }
@@ -948,7 +1008,7 @@ impl Harness for Mutant {
                         let _ = self.exec_raw(&parts, w)?;
                         return Some(Ok(RawReply {
                             used: 0,
-                            writable: vec![0; total],
+                            writable: vec![UNTOUCHED; total],
                         }));
                     }
                 }
@@ -958,8 +1018,11 @@ impl Harness for Mutant {
                 parts = vec![bytes.clone()];
             }
             Mutation::ShortProbeWritesTail if ty == PROBE && total < probe_size + 4 => {
-                let mut writable = vec![0u8; total];
-                writable[0] = Status::DevErr as u8;
+                // The 4-byte tail at offset 0; the rest is not written.
+                let mut writable = vec![UNTOUCHED; total];
+                let tail = [Status::DevErr as u8, 0, 0, 0];
+                let k = total.min(4);
+                writable[..k].copy_from_slice(&tail[..k]);
                 return Some(Ok(RawReply { used: 4, writable }));
             }
             Mutation::ProbeAnswered
@@ -976,6 +1039,17 @@ impl Harness for Mutant {
             match self.m {
                 Mutation::NoTailWritten if n < 4 => rep.used = n as u32,
                 Mutation::TailReservedSet if complete => rep.writable[n - 3] = 1,
+                Mutation::RawReplyNotWritten if complete => rep.writable.fill(UNTOUCHED),
+                Mutation::TailReservedNotWritten if complete => {
+                    rep.writable[n - 3..].fill(UNTOUCHED)
+                }
+                Mutation::ProbePaddingNotWritten
+                    if ty == PROBE && complete && n >= probe_size + 4 =>
+                {
+                    let props = &mut rep.writable[..probe_size];
+                    let end = property_list_end(props);
+                    props[end..].fill(UNTOUCHED)
+                }
                 Mutation::ProbeResvReservedSet
                     if ty == PROBE && n >= 8 && rep.writable[..2] == [1, 0] =>
                 {
