@@ -190,6 +190,35 @@ fn per_notification_cap_defers_only_when_chains_are_left() {
 }
 
 #[test]
+fn owed_rounds_end_with_a_requestq_reset_only() {
+    // Chains owed to a requestq notification stay owed when the *eventq* is reset, and are
+    // dropped (never processed) when the requestq itself is reset.
+    let m = mem();
+    let config = DeviceConfig::builder()
+        .endpoint(1)
+        .max_requests_per_notify(1)
+        .build()
+        .unwrap();
+    let mut h = Harness::new(&m, config);
+    for _ in 0..3 {
+        h.post_attach(1);
+    }
+    h.dev.notify(0);
+    assert_eq!(h.rq_used_idx(), 1);
+    assert!(h.dev.requestq_pending());
+    h.dev.deactivate_queue(1);
+    assert!(
+        h.dev.requestq_pending(),
+        "an eventq reset leaves requestq rounds owed"
+    );
+    assert_eq!(h.dev.service(), 1);
+    assert_eq!(h.rq_used_idx(), 2);
+    h.dev.deactivate_queue(0);
+    assert!(!h.dev.requestq_pending());
+    assert_eq!(h.dev.service(), 0);
+}
+
+#[test]
 fn available_index_may_claim_a_full_queue_but_not_more() {
     // virtio §2.7.6: at most queue-size chains can be outstanding. Every available entry points
     // at the same ATTACH chain (head 0); the answers go to the same buffer.

@@ -285,7 +285,11 @@ fn features_ok_refused_and_features_changed_after_features_ok() {
     assert!(!negotiate(&mut dev), "refused once");
     assert_eq!(dev.counters().faults_injected, 1, "the refusal is counted");
     assert!(negotiate(&mut dev), "then accepted");
-    assert_eq!(dev.counters().faults_injected, 1, "an accepted FEATURES_OK is not a fault");
+    assert_eq!(
+        dev.counters().faults_injected,
+        1,
+        "an accepted FEATURES_OK is not a fault"
+    );
 
     let offered = (Features::VERSION_1 | Features::PROBE).bits();
     let cfg =
