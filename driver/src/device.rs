@@ -564,10 +564,11 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Drop resets the device (writes 0 to the device status) and waits, bounded by the
 /// [`WaitPolicy`], until the status reads 0 (virtio §2.4.2, §4.1.4.3.2); only then are the
-/// rings and buffers freed and the transport dropped. If the status never reads 0, the device
-/// may still be using them: they are leaked (never returned to `H`), and so is the transport
-/// (virtio-drivers' `PciTransport` waits for the status to read 0 without bound when dropped);
-/// a warning is logged. Drop does not call `Transport::queue_unset` (the completed reset already
+/// rings and buffers freed. If the status never reads 0, the device may still be using them:
+/// they are leaked (never returned to `H`) and a warning is logged. The driver never runs the
+/// transport's destructor; it resets the device itself, bounded (virtio-drivers 0.13's
+/// `PciTransport::drop` reads the status until it reads 0 without bound; `PciTransport` and
+/// `MmioTransport` hold only MMIO pointers, so not dropping them leaks no memory). Drop does not call `Transport::queue_unset` (the completed reset already
 /// clears the queues, and virtio-drivers' MMIO `queue_unset` waits for QueueReady to read 0
 /// without bound).
 pub struct VirtIOIommu<H: Hal, T: Transport> {
@@ -623,29 +624,33 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// changed during each of `options.wait.config_attempts` reads),
     /// [`IommuError::InvalidConfig`] (also for a `requestq` whose `max_queue_size` is below
     /// [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`], [`IommuError::Transport`] (config
-    /// access, queue setup). On error the device is left with FAILED set. With feature `alloc`,
-    /// a failed global allocation (about 8 KiB in five blocks) aborts, as for `Box::new`. On
-    /// [`IommuError::ResetTimeout`] `transport` is leaked, not dropped (virtio-drivers'
-    /// `PciTransport` waits for the status to read 0 without bound when dropped).
+    /// access, queue setup). With feature `alloc`, a failed global allocation (about 8 KiB in
+    /// five blocks) aborts, as for `Box::new`.
+    ///
+    /// On error the device is reset again (bounded, except after [`IommuError::ResetTimeout`]),
+    /// the rings it was given are freed only if that reset read 0 (else leaked), and FAILED is
+    /// set. The driver never runs the transport's destructor, on error or on drop; it resets
+    /// the device itself, bounded: `transport` is forgotten (virtio-drivers 0.13's
+    /// `PciTransport::drop` reads the status until it reads 0 without bound; its `PciTransport`
+    /// and `MmioTransport` hold only MMIO pointers, so forgetting them leaks no memory).
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
         if transport.device_type() != DeviceType::IOMMU {
             return Err(IommuError::WrongDeviceType);
         }
-        let fail = |t: &mut T, e| {
-            let s = t.get_status();
-            t.set_status(s | DeviceStatus::FAILED);
-            e
-        };
-        if !reset(&mut transport, &options.wait) {
-            let e = fail(&mut transport, IommuError::ResetTimeout);
+        let wait = options.wait;
+        if !reset(&mut transport, &wait) {
+            let s = transport.get_status();
+            transport.set_status(s | DeviceStatus::FAILED);
+            // Never the transport's destructor: see `abandon`.
             core::mem::forget(transport);
-            return Err(e);
+            return Err(IommuError::ResetTimeout);
         }
+        let fail = |t: T, e| abandon(t, &wait, (), e);
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = Features::from_bits_retain(transport.read_device_features());
         if !offered.contains(REQUIRED) {
             return Err(fail(
-                &mut transport,
+                transport,
                 IommuError::MissingFeatures(REQUIRED - offered),
             ));
         }
@@ -659,21 +664,22 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK,
         );
         if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
-            return Err(fail(&mut transport, IommuError::FeaturesRejected));
+            return Err(fail(transport, IommuError::FeaturesRejected));
         }
         let config = match read_config(&transport, features, options.wait.config_attempts) {
             Ok(c) => c,
-            Err(e) => return Err(fail(&mut transport, e)),
+            Err(e) => return Err(fail(transport, e)),
         };
         let request_bytes = PROBE_HEAD + config.probe_size as usize + TAIL;
-        let setup = (|| {
-            let requestq = RequestQueue::new(&mut transport)?;
-            let eventq = HeldQueue::new(&mut transport, EVENTQ)?;
-            Ok::<_, IommuError>((requestq, eventq))
-        })();
-        let (mut requestq, eventq) = match setup {
+        // From here on the device knows ring addresses: they are freed only after a reset
+        // that read 0 (`abandon`), never before it.
+        let mut requestq = match RequestQueue::<H>::new(&mut transport) {
             Ok(q) => q,
-            Err(e) => return Err(fail(&mut transport, e)),
+            Err(e) => return Err(fail(transport, e)),
+        };
+        let eventq = match HeldQueue::<H, EVENTQ_SIZE>::new(&mut transport, EVENTQ) {
+            Ok(q) => q,
+            Err(e) => return Err(abandon(transport, &wait, requestq, e.into())),
         };
         // Completions are polled: ask the device not to interrupt for `requestq`
         // (VIRTQ_AVAIL_F_NO_INTERRUPT, virtio §2.7.7), which saves it work per request.
@@ -687,7 +693,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         });
         let (request_buffer, event_buffer, batch_buffer) = match buffers {
             Ok(b) => b,
-            Err(e) => return Err(fail(&mut transport, e)),
+            Err(e) => return Err(abandon(transport, &wait, (requestq, eventq), e)),
         };
         transport.finish_init();
         let mut iommu = Self {
@@ -1431,11 +1437,12 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
         // `queue_unset` spins until QueueReady reads 0.
         if !reset(&mut *self.transport, &self.options.wait) {
             log::warn!(
-                "virtio-iommu: device status did not read 0 after reset; leaking its rings, \
-                 buffers and transport"
+                "virtio-iommu: device status did not read 0 after reset; leaking its rings \
+                 and buffers"
             );
             return;
         }
+        // `self.transport` is never dropped (it is in a `ManuallyDrop`): see `abandon`.
         // SAFETY: each field is dropped exactly once, here, and never used again (this is the
         // driver's `drop`). The device has completed its reset, so it no longer accesses the
         // rings or buffers.
@@ -1445,7 +1452,6 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
             ManuallyDrop::drop(&mut self.request_buffer);
             ManuallyDrop::drop(&mut self.event_buffer);
             ManuallyDrop::drop(&mut self.batch_buffer);
-            ManuallyDrop::drop(&mut self.transport);
         }
     }
 }
@@ -1477,6 +1483,33 @@ fn bounded_poll(
         core::hint::spin_loop();
     }
     Ok(true)
+}
+
+/// Ends a failed [`VirtIOIommu::new`] after its first reset: resets the device again (bounded by
+/// `wait`); frees `rings` (the virtqueues the device was told about, or `()`) only if the status
+/// read 0, else leaks them; sets FAILED (virtio §3.1.1) and returns `e`.
+///
+/// The transport is forgotten, never dropped: virtio-drivers 0.13's `PciTransport::drop`
+/// writes 0 to the status and then reads it until it reads 0 without bound, which hangs on a
+/// device that does not finish its reset. Forgetting it leaks nothing: `PciTransport` and
+/// `MmioTransport` hold only MMIO pointers (no allocation, no DMA memory), and their `Drop`
+/// only resets the device, which the driver does itself, bounded.
+fn abandon<T: Transport, R>(
+    mut transport: T,
+    wait: &WaitPolicy,
+    rings: R,
+    e: IommuError,
+) -> IommuError {
+    if reset(&mut transport, wait) {
+        drop(rings);
+    } else {
+        log::warn!("virtio-iommu: device status did not read 0 after reset; leaking its rings");
+        core::mem::forget(rings);
+    }
+    let s = transport.get_status();
+    transport.set_status(s | DeviceStatus::FAILED);
+    core::mem::forget(transport);
+    e
 }
 
 /// Writes 0 to the device status (reset) and reads it until it reads 0, bounded by `wait`.

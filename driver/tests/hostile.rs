@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{dma_live_pages, Behaviour, FakeDevice, FakeHal, FakeTransport};
 use virtio_drivers::transport::DeviceStatus;
-use virtio_iommu_driver::wire::{MapFlags, Status};
+use virtio_iommu_driver::wire::{Features, MapFlags, Status};
 use virtio_iommu_driver::{
     FaultReason, IommuError, IommuOptions, ProbeProperty, ResvMemKind, VirtIOIommu, WaitPolicy,
     EVENTQ_SIZE, WRITABLE_FILL,
@@ -220,6 +220,70 @@ fn drop_returns_on_transports_that_wait_for_the_reset() {
         VirtIOIommu::<FakeHal, _>::new(t, options(1000)).err()
     });
     assert_eq!(r, Some(IommuError::ResetTimeout));
+}
+
+/// Every failed `new` after the first reset dropped the transport, and virtio-drivers'
+/// `PciTransport::drop` spins until the status reads 0: a device that completed the first
+/// reset and then stuck hung `new`. `new` now resets it itself, bounded, and never runs the
+/// transport's destructor.
+#[test]
+fn a_failing_new_on_a_device_that_sticks_at_the_second_reset_returns() {
+    let dev = FakeDevice::new();
+    {
+        let mut s = dev.state();
+        s.offered = Features::VERSION_1.bits();
+        s.resets_left = Some(1);
+        s.reset_on_drop = true;
+    }
+    let t = dev.transport();
+    let r = within_20s("VirtIOIommu::new", move || {
+        VirtIOIommu::<FakeHal, _>::new(t, options(1000)).err()
+    });
+    assert_eq!(r, Some(IommuError::MissingFeatures(Features::MAP_UNMAP)));
+    assert_ne!(dev.state().status & DeviceStatus::FAILED.bits(), 0);
+
+    // Queue setup fails (max_queue_size too small): the same.
+    let dev = FakeDevice::new();
+    {
+        let mut s = dev.state();
+        s.max_queue_size = 16;
+        s.resets_left = Some(1);
+        s.reset_on_drop = true;
+    }
+    let t = dev.transport();
+    let r = within_20s("VirtIOIommu::new", move || {
+        VirtIOIommu::<FakeHal, _>::new(t, options(1000)).err()
+    });
+    assert!(matches!(r, Some(IommuError::InvalidConfig(_))), "{r:?}");
+}
+
+/// `Drop` reset the device (bounded) and then dropped the transport, whose `Drop` (like
+/// `PciTransport`'s) resets again and spins until the status reads 0: a device that completed
+/// the driver's reset (read 0) and then failed again for good hung `Drop`. The transport's destructor no
+/// longer runs; the rings are freed after the driver's own reset read 0.
+#[test]
+fn drop_does_not_run_the_transports_destructor() {
+    let dev = FakeDevice::new();
+    let d = dev.clone();
+    // DMA pages are counted per thread: count on the watchdog's.
+    let (before, after) = within_20s("drop", move || {
+        let before = dma_live_pages();
+        let drv = d.driver();
+        {
+            let mut s = d.state();
+            s.resets_left = Some(1);
+            s.fails_after_last_reset = true;
+            s.reset_on_drop = true;
+        }
+        drop(drv);
+        (before, dma_live_pages())
+    });
+    assert_eq!(
+        dev.state().status,
+        DeviceStatus::DEVICE_NEEDS_RESET.bits(),
+        "the driver's reset read 0, then the device failed again"
+    );
+    assert_eq!(after, before, "and the rings were freed after it");
 }
 
 // --- eventq (§5.13.6.7). ---
