@@ -64,12 +64,16 @@ const PROBE_HEAD: usize = size_of::<ReqProbe>();
 /// A request wait is a poll loop over the used ring. It ends with [`IommuError::Timeout`] after
 /// `max_polls` polls, or — when `clock` is given — once `clock()` has advanced by `timeout_ns`
 /// (measured from the 256th poll: the clock is not read for requests that complete sooner).
-/// Every 256 polls the device status is read, and DEVICE_NEEDS_RESET ends the wait with
-/// [`IommuError::DeviceNeedsReset`]. A [`Batch`] waits this long for each of its requests.
+/// Every 256 polls the device status is read: DEVICE_NEEDS_RESET ends the wait with
+/// [`IommuError::DeviceNeedsReset`], DRIVER_OK gone (the device reset itself) with
+/// [`IommuError::DeviceReset`]. A [`Batch`] waits this long for each of its requests.
 ///
 /// After writing 0 to the device status (reset, in [`VirtIOIommu::new`] and on drop), the
 /// driver reads the status until it reads 0 (virtio §2.4.2, §4.1.4.3.2), bounded the same way:
 /// at most `max_polls` status reads, or `timeout_ns` of `clock` from the 256th read.
+/// Without a clock a device that never finishes its reset costs the full `max_polls` status
+/// reads (default 10^8), each a trapped MMIO access on real hardware or under a hypervisor
+/// (microseconds each: minutes in total); set `clock` so that waits end after `timeout_ns`.
 ///
 /// Every configuration read (§5.13.4) is a consistent read (virtio §2.5.1: the config
 /// generation is read before and after, and the fields read again if it changed), with at most
@@ -396,8 +400,9 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// # Errors
     ///
     /// Of the batch as a whole, after which no result is available: [`IommuError::Broken`]
-    /// (an earlier fatal error); [`IommuError::Timeout`] and [`IommuError::DeviceNeedsReset`]
-    /// while waiting; [`IommuError::DeviceProtocol`] when the device returns a buffer that is
+    /// (an earlier fatal error); [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`] and
+    /// [`IommuError::DeviceReset`] while waiting; [`IommuError::NotWritten`] after a round in
+    /// which the device left a tail unwritten (the used element may be stale); [`IommuError::DeviceProtocol`] when the device returns a buffer that is
     /// not an outstanding request of this round (an unknown id, a repeated one, or a used
     /// element already in the used ring before the round was posted); [`IommuError::Transport`]
     /// from the queue. All but `Broken` leave the driver broken (requests of the batch may or
@@ -553,13 +558,14 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Every request checks the device's answer. Errors any request can return, besides its own:
 /// [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`],
-/// [`IommuError::DeviceProtocol`] (a used id that names no request in flight, or a used element
+/// [`IommuError::DeviceReset`] (DRIVER_OK gone), [`IommuError::DeviceProtocol`] (a used id that names no request in flight, or a used element
 /// present while none was), [`IommuError::NoResponse`] (used length 0),
 /// [`IommuError::BadUsedLength`], [`IommuError::NotWritten`] (the device-writable part was
 /// pre-filled with [`WRITABLE_FILL`] and the device left it so), [`IommuError::UnknownStatus`]
 /// and [`IommuError::Transport`].
 ///
-/// Fatal conditions (timeout, DEVICE_NEEDS_RESET, a used buffer that was never posted) leave
+/// Fatal conditions (timeout, DEVICE_NEEDS_RESET, DRIVER_OK gone, a used buffer that was never
+/// posted, an unwritten tail, a failed eventq re-post) leave
 /// the driver [`IommuError::Broken`]; buffers the device may still own are kept until drop.
 ///
 /// Drop resets the device (writes 0 to the device status) and waits, bounded by the
@@ -1016,8 +1022,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
                 expected: writable as u32,
             });
         }
+        let status = status_of(self.request_buffer.bytes()[PROBE_HEAD + probe_size]);
+        self.fatal_if_unwritten(status)?;
         let reply = &self.request_buffer.bytes()[PROBE_HEAD..PROBE_HEAD + writable];
-        status_of(reply[probe_size])?;
         // A property header of all-WRITABLE_FILL bytes (type 0xffff: reserved bits set, length
         // 0xffff) is what an unwritten `properties` reads as; no device writes it at offset 0.
         let properties = &reply[..probe_size];
@@ -1091,7 +1098,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// # Errors
     ///
     /// [`IommuError::DeviceProtocol`] if the device used a buffer that was not posted
-    /// (the driver is then broken); transport errors while re-posting.
+    /// (the driver is then broken); transport errors while re-posting (the buffer could not be
+    /// given back to the device: the driver is then broken, and the report read before is lost).
     pub fn poll_event(&mut self) -> Result<Option<FaultEvent>, IommuError> {
         self.usable()?;
         for _ in 0..EVENTQ_SIZE {
@@ -1124,7 +1132,11 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             } else {
                 parse_fault(&self.event_buffer.bytes()[range], used)
             };
-            self.post_event_buffer(slot)?;
+            if let Err(e) = self.post_event_buffer(slot) {
+                // The buffer is lost to the eventq: fatal rather than silently fewer buffers.
+                self.broken = true;
+                return Err(e);
+            }
             if self.eventq.should_notify() {
                 self.transport.notify(EVENTQ);
             }
@@ -1165,7 +1177,17 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             });
         }
         let start = readable.len();
-        status_of(self.request_buffer.bytes()[start])
+        let status = status_of(self.request_buffer.bytes()[start]);
+        self.fatal_if_unwritten(status)
+    }
+
+    /// An unwritten tail is fatal (see [`IommuError::NotWritten`]): the used element may be
+    /// stale and the request still available to the device.
+    fn fatal_if_unwritten(&mut self, r: Result<(), IommuError>) -> Result<(), IommuError> {
+        if r == Err(IommuError::NotWritten) {
+            self.broken = true;
+        }
+        r
     }
 
     /// Posts `readable` followed by `writable_len` device-writable bytes (filled with
@@ -1267,6 +1289,15 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             for _ in next..end {
                 self.wait_used()?;
                 self.complete_batch_slot()?;
+            }
+            // An unwritten tail: the used element may be stale (see `IommuError::NotWritten`),
+            // so a request of this round may still be available to the device.
+            let unwritten = self.batch_slots[next..end]
+                .iter()
+                .any(|m| m.used as usize == TAIL && m.status == WRITABLE_FILL);
+            if unwritten {
+                self.broken = true;
+                return Err(IommuError::NotWritten);
             }
             next = end;
         }
@@ -1370,14 +1401,17 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         Ok(())
     }
 
+    /// The periodic status check while waiting: DEVICE_NEEDS_RESET set, or DRIVER_OK gone (the
+    /// device reset itself), is fatal.
     fn check_needs_reset(&mut self) -> Result<(), IommuError> {
-        if self
-            .transport
-            .get_status()
-            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
-        {
+        let status = self.transport.get_status();
+        if status.contains(DeviceStatus::DEVICE_NEEDS_RESET) {
             self.broken = true;
             return Err(IommuError::DeviceNeedsReset);
+        }
+        if !status.contains(DeviceStatus::DRIVER_OK) {
+            self.broken = true;
+            return Err(IommuError::DeviceReset);
         }
         Ok(())
     }
