@@ -64,12 +64,16 @@ const PROBE_HEAD: usize = size_of::<ReqProbe>();
 /// A request wait is a poll loop over the used ring. It ends with [`IommuError::Timeout`] after
 /// `max_polls` polls, or — when `clock` is given — once `clock()` has advanced by `timeout_ns`
 /// (measured from the 256th poll: the clock is not read for requests that complete sooner).
-/// Every 256 polls the device status is read, and DEVICE_NEEDS_RESET ends the wait with
-/// [`IommuError::DeviceNeedsReset`]. A [`Batch`] waits this long for each of its requests.
+/// Every 256 polls the device status is read: DEVICE_NEEDS_RESET ends the wait with
+/// [`IommuError::DeviceNeedsReset`], DRIVER_OK gone (the device reset itself) with
+/// [`IommuError::DeviceReset`]. A [`Batch`] waits this long for each of its requests.
 ///
 /// After writing 0 to the device status (reset, in [`VirtIOIommu::new`] and on drop), the
 /// driver reads the status until it reads 0 (virtio §2.4.2, §4.1.4.3.2), bounded the same way:
 /// at most `max_polls` status reads, or `timeout_ns` of `clock` from the 256th read.
+/// Without a clock a device that never finishes its reset costs the full `max_polls` status
+/// reads (default 10^8), each a trapped MMIO access on real hardware or under a hypervisor
+/// (microseconds each: minutes in total); set `clock` so that waits end after `timeout_ns`.
 ///
 /// Every configuration read (§5.13.4) is a consistent read (virtio §2.5.1: the config
 /// generation is read before and after, and the fields read again if it changed), with at most
@@ -396,8 +400,9 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// # Errors
     ///
     /// Of the batch as a whole, after which no result is available: [`IommuError::Broken`]
-    /// (an earlier fatal error); [`IommuError::Timeout`] and [`IommuError::DeviceNeedsReset`]
-    /// while waiting; [`IommuError::DeviceProtocol`] when the device returns a buffer that is
+    /// (an earlier fatal error); [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`] and
+    /// [`IommuError::DeviceReset`] while waiting; [`IommuError::NotWritten`] after a round in
+    /// which the device left a tail unwritten (the used element may be stale); [`IommuError::DeviceProtocol`] when the device returns a buffer that is
     /// not an outstanding request of this round (an unknown id, a repeated one, or a used
     /// element already in the used ring before the round was posted); [`IommuError::Transport`]
     /// from the queue. All but `Broken` leave the driver broken (requests of the batch may or
@@ -553,21 +558,23 @@ impl<H: Hal> Drop for DmaBuffer<H> {
 ///
 /// Every request checks the device's answer. Errors any request can return, besides its own:
 /// [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`],
-/// [`IommuError::DeviceProtocol`] (a used id that names no request in flight, or a used element
+/// [`IommuError::DeviceReset`] (DRIVER_OK gone), [`IommuError::DeviceProtocol`] (a used id that names no request in flight, or a used element
 /// present while none was), [`IommuError::NoResponse`] (used length 0),
 /// [`IommuError::BadUsedLength`], [`IommuError::NotWritten`] (the device-writable part was
 /// pre-filled with [`WRITABLE_FILL`] and the device left it so), [`IommuError::UnknownStatus`]
 /// and [`IommuError::Transport`].
 ///
-/// Fatal conditions (timeout, DEVICE_NEEDS_RESET, a used buffer that was never posted) leave
+/// Fatal conditions (timeout, DEVICE_NEEDS_RESET, DRIVER_OK gone, a used buffer that was never
+/// posted, an unwritten tail, a failed eventq re-post) leave
 /// the driver [`IommuError::Broken`]; buffers the device may still own are kept until drop.
 ///
 /// Drop resets the device (writes 0 to the device status) and waits, bounded by the
 /// [`WaitPolicy`], until the status reads 0 (virtio §2.4.2, §4.1.4.3.2); only then are the
-/// rings and buffers freed and the transport dropped. If the status never reads 0, the device
-/// may still be using them: they are leaked (never returned to `H`), and so is the transport
-/// (virtio-drivers' `PciTransport` waits for the status to read 0 without bound when dropped);
-/// a warning is logged. Drop does not call `Transport::queue_unset` (the completed reset already
+/// rings and buffers freed. If the status never reads 0, the device may still be using them:
+/// they are leaked (never returned to `H`) and a warning is logged. The driver never runs the
+/// transport's destructor; it resets the device itself, bounded (virtio-drivers 0.13's
+/// `PciTransport::drop` reads the status until it reads 0 without bound; `PciTransport` and
+/// `MmioTransport` hold only MMIO pointers, so not dropping them leaks no memory). Drop does not call `Transport::queue_unset` (the completed reset already
 /// clears the queues, and virtio-drivers' MMIO `queue_unset` waits for QueueReady to read 0
 /// without bound).
 pub struct VirtIOIommu<H: Hal, T: Transport> {
@@ -623,29 +630,33 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// changed during each of `options.wait.config_attempts` reads),
     /// [`IommuError::InvalidConfig`] (also for a `requestq` whose `max_queue_size` is below
     /// [`REQUESTQ_MIN_SIZE`]), [`IommuError::DmaAlloc`], [`IommuError::Transport`] (config
-    /// access, queue setup). On error the device is left with FAILED set. With feature `alloc`,
-    /// a failed global allocation (about 8 KiB in five blocks) aborts, as for `Box::new`. On
-    /// [`IommuError::ResetTimeout`] `transport` is leaked, not dropped (virtio-drivers'
-    /// `PciTransport` waits for the status to read 0 without bound when dropped).
+    /// access, queue setup). With feature `alloc`, a failed global allocation (about 8 KiB in
+    /// five blocks) aborts, as for `Box::new`.
+    ///
+    /// On error the device is reset again (bounded, except after [`IommuError::ResetTimeout`]),
+    /// the rings it was given are freed only if that reset read 0 (else leaked), and FAILED is
+    /// set. The driver never runs the transport's destructor, on error or on drop; it resets
+    /// the device itself, bounded: `transport` is forgotten (virtio-drivers 0.13's
+    /// `PciTransport::drop` reads the status until it reads 0 without bound; its `PciTransport`
+    /// and `MmioTransport` hold only MMIO pointers, so forgetting them leaks no memory).
     pub fn new(mut transport: T, options: IommuOptions) -> Result<Self, IommuError> {
         if transport.device_type() != DeviceType::IOMMU {
             return Err(IommuError::WrongDeviceType);
         }
-        let fail = |t: &mut T, e| {
-            let s = t.get_status();
-            t.set_status(s | DeviceStatus::FAILED);
-            e
-        };
-        if !reset(&mut transport, &options.wait) {
-            let e = fail(&mut transport, IommuError::ResetTimeout);
+        let wait = options.wait;
+        if !reset(&mut transport, &wait) {
+            let s = transport.get_status();
+            transport.set_status(s | DeviceStatus::FAILED);
+            // Never the transport's destructor: see `abandon`.
             core::mem::forget(transport);
-            return Err(e);
+            return Err(IommuError::ResetTimeout);
         }
+        let fail = |t: T, e| abandon(t, &wait, (), e);
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = Features::from_bits_retain(transport.read_device_features());
         if !offered.contains(REQUIRED) {
             return Err(fail(
-                &mut transport,
+                transport,
                 IommuError::MissingFeatures(REQUIRED - offered),
             ));
         }
@@ -659,21 +670,22 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK,
         );
         if !transport.get_status().contains(DeviceStatus::FEATURES_OK) {
-            return Err(fail(&mut transport, IommuError::FeaturesRejected));
+            return Err(fail(transport, IommuError::FeaturesRejected));
         }
         let config = match read_config(&transport, features, options.wait.config_attempts) {
             Ok(c) => c,
-            Err(e) => return Err(fail(&mut transport, e)),
+            Err(e) => return Err(fail(transport, e)),
         };
         let request_bytes = PROBE_HEAD + config.probe_size as usize + TAIL;
-        let setup = (|| {
-            let requestq = RequestQueue::new(&mut transport)?;
-            let eventq = HeldQueue::new(&mut transport, EVENTQ)?;
-            Ok::<_, IommuError>((requestq, eventq))
-        })();
-        let (mut requestq, eventq) = match setup {
+        // From here on the device knows ring addresses: they are freed only after a reset
+        // that read 0 (`abandon`), never before it.
+        let mut requestq = match RequestQueue::<H>::new(&mut transport) {
             Ok(q) => q,
-            Err(e) => return Err(fail(&mut transport, e)),
+            Err(e) => return Err(fail(transport, e)),
+        };
+        let eventq = match HeldQueue::<H, EVENTQ_SIZE>::new(&mut transport, EVENTQ) {
+            Ok(q) => q,
+            Err(e) => return Err(abandon(transport, &wait, requestq, e.into())),
         };
         // Completions are polled: ask the device not to interrupt for `requestq`
         // (VIRTQ_AVAIL_F_NO_INTERRUPT, virtio §2.7.7), which saves it work per request.
@@ -687,7 +699,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         });
         let (request_buffer, event_buffer, batch_buffer) = match buffers {
             Ok(b) => b,
-            Err(e) => return Err(fail(&mut transport, e)),
+            Err(e) => return Err(abandon(transport, &wait, (requestq, eventq), e)),
         };
         transport.finish_init();
         let mut iommu = Self {
@@ -1010,8 +1022,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
                 expected: writable as u32,
             });
         }
+        let status = status_of(self.request_buffer.bytes()[PROBE_HEAD + probe_size]);
+        self.fatal_if_unwritten(status)?;
         let reply = &self.request_buffer.bytes()[PROBE_HEAD..PROBE_HEAD + writable];
-        status_of(reply[probe_size])?;
         // A property header of all-WRITABLE_FILL bytes (type 0xffff: reserved bits set, length
         // 0xffff) is what an unwritten `properties` reads as; no device writes it at offset 0.
         let properties = &reply[..probe_size];
@@ -1086,7 +1099,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// # Errors
     ///
     /// [`IommuError::DeviceProtocol`] if the device used a buffer that was not posted
-    /// (the driver is then broken); transport errors while re-posting.
+    /// (the driver is then broken); transport errors while re-posting (the buffer could not be
+    /// given back to the device: the driver is then broken, and the report read before is lost).
     pub fn poll_event(&mut self) -> Result<Option<FaultEvent>, IommuError> {
         self.usable()?;
         for _ in 0..EVENTQ_SIZE {
@@ -1119,7 +1133,11 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             } else {
                 parse_fault(&self.event_buffer.bytes()[range], used)
             };
-            self.post_event_buffer(slot)?;
+            if let Err(e) = self.post_event_buffer(slot) {
+                // The buffer is lost to the eventq: fatal rather than silently fewer buffers.
+                self.broken = true;
+                return Err(e);
+            }
             if self.eventq.should_notify() {
                 self.transport.notify(EVENTQ);
             }
@@ -1160,7 +1178,17 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             });
         }
         let start = readable.len();
-        status_of(self.request_buffer.bytes()[start])
+        let status = status_of(self.request_buffer.bytes()[start]);
+        self.fatal_if_unwritten(status)
+    }
+
+    /// An unwritten tail is fatal (see [`IommuError::NotWritten`]): the used element may be
+    /// stale and the request still available to the device.
+    fn fatal_if_unwritten(&mut self, r: Result<(), IommuError>) -> Result<(), IommuError> {
+        if r == Err(IommuError::NotWritten) {
+            self.broken = true;
+        }
+        r
     }
 
     /// Posts `readable` followed by `writable_len` device-writable bytes (filled with
@@ -1262,6 +1290,15 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             for _ in next..end {
                 self.wait_used()?;
                 self.complete_batch_slot()?;
+            }
+            // An unwritten tail: the used element may be stale (see `IommuError::NotWritten`),
+            // so a request of this round may still be available to the device.
+            let unwritten = self.batch_slots[next..end]
+                .iter()
+                .any(|m| m.used as usize == TAIL && m.status == WRITABLE_FILL);
+            if unwritten {
+                self.broken = true;
+                return Err(IommuError::NotWritten);
             }
             next = end;
         }
@@ -1365,14 +1402,17 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         Ok(())
     }
 
+    /// The periodic status check while waiting: DEVICE_NEEDS_RESET set, or DRIVER_OK gone (the
+    /// device reset itself), is fatal.
     fn check_needs_reset(&mut self) -> Result<(), IommuError> {
-        if self
-            .transport
-            .get_status()
-            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
-        {
+        let status = self.transport.get_status();
+        if status.contains(DeviceStatus::DEVICE_NEEDS_RESET) {
             self.broken = true;
             return Err(IommuError::DeviceNeedsReset);
+        }
+        if !status.contains(DeviceStatus::DRIVER_OK) {
+            self.broken = true;
+            return Err(IommuError::DeviceReset);
         }
         Ok(())
     }
@@ -1432,11 +1472,12 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
         // `queue_unset` spins until QueueReady reads 0.
         if !reset(&mut *self.transport, &self.options.wait) {
             log::warn!(
-                "virtio-iommu: device status did not read 0 after reset; leaking its rings, \
-                 buffers and transport"
+                "virtio-iommu: device status did not read 0 after reset; leaking its rings \
+                 and buffers"
             );
             return;
         }
+        // `self.transport` is never dropped (it is in a `ManuallyDrop`): see `abandon`.
         // SAFETY: each field is dropped exactly once, here, and never used again (this is the
         // driver's `drop`). The device has completed its reset, so it no longer accesses the
         // rings or buffers.
@@ -1446,7 +1487,6 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
             ManuallyDrop::drop(&mut self.request_buffer);
             ManuallyDrop::drop(&mut self.event_buffer);
             ManuallyDrop::drop(&mut self.batch_buffer);
-            ManuallyDrop::drop(&mut self.transport);
         }
     }
 }
@@ -1478,6 +1518,33 @@ fn bounded_poll(
         core::hint::spin_loop();
     }
     Ok(true)
+}
+
+/// Ends a failed [`VirtIOIommu::new`] after its first reset: resets the device again (bounded by
+/// `wait`); frees `rings` (the virtqueues the device was told about, or `()`) only if the status
+/// read 0, else leaks them; sets FAILED (virtio §3.1.1) and returns `e`.
+///
+/// The transport is forgotten, never dropped: virtio-drivers 0.13's `PciTransport::drop`
+/// writes 0 to the status and then reads it until it reads 0 without bound, which hangs on a
+/// device that does not finish its reset. Forgetting it leaks nothing: `PciTransport` and
+/// `MmioTransport` hold only MMIO pointers (no allocation, no DMA memory), and their `Drop`
+/// only resets the device, which the driver does itself, bounded.
+fn abandon<T: Transport, R>(
+    mut transport: T,
+    wait: &WaitPolicy,
+    rings: R,
+    e: IommuError,
+) -> IommuError {
+    if reset(&mut transport, wait) {
+        drop(rings);
+    } else {
+        log::warn!("virtio-iommu: device status did not read 0 after reset; leaking its rings");
+        core::mem::forget(rings);
+    }
+    let s = transport.get_status();
+    transport.set_status(s | DeviceStatus::FAILED);
+    core::mem::forget(transport);
+    e
 }
 
 /// Writes 0 to the device status (reset) and reads it until it reads 0, bounded by `wait`.

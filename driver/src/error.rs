@@ -32,7 +32,17 @@ pub enum IommuError {
     /// The device returned the request with a used length that covers its device-writable part
     /// but did not write it: the tail's status byte (or, for PROBE, the first property header)
     /// still holds the driver's fill value [`crate::WRITABLE_FILL`] (0xff, no status of
-    /// §5.13.6). A per-request failure like a status; the driver stays usable.
+    /// §5.13.6).
+    ///
+    /// An unwritten tail (status byte) is fatal: the driver is broken. The used element may be
+    /// stale (a device that advanced the used index without writing one), so the request may
+    /// still be available to the device; reusing its buffer could make the device later run the
+    /// next request's bytes, or apply a MAP the driver reported as failed. This holds for a
+    /// [`crate::Batch`] too (slots are matched by token, but tokens are descriptor indices the
+    /// driver reuses, so a stale element can name a request in flight): the batch fails as a
+    /// whole after its round. A PROBE whose tail was written but whose first property header
+    /// was not is a per-request failure (the device did return that request); the driver stays
+    /// usable.
     NotWritten,
     /// The config generation (virtio §2.5.1) changed during each of
     /// [`crate::WaitPolicy::config_attempts`] attempts to read the configuration (§5.13.4), so
@@ -49,9 +59,14 @@ pub enum IommuError {
     Timeout,
     /// The device set DEVICE_NEEDS_RESET (virtio §2.1); the driver is unusable until reset.
     DeviceNeedsReset,
-    /// An earlier fatal error (timeout, protocol error, needs-reset) left the driver unusable.
-    /// Per-request failures (a status, [`IommuError::NoResponse`],
-    /// [`IommuError::BadUsedLength`], [`IommuError::NotWritten`]) do not.
+    /// The device status no longer has DRIVER_OK (virtio §2.1; it reads 0 after a device
+    /// reset itself): the device dropped its queues and the requests in flight. Found by the
+    /// status check made every 256 polls while waiting for a request (see
+    /// [`crate::WaitPolicy`]). Fatal: the driver is broken; re-create it.
+    DeviceReset,
+    /// An earlier fatal error (timeout, protocol error, needs-reset, device reset, an unwritten
+    /// tail, a failed eventq re-post) left the driver unusable. Per-request failures (a status,
+    /// [`IommuError::NoResponse`], [`IommuError::BadUsedLength`]) do not.
     Broken,
     /// The transport does not present a virtio-iommu (device type other than 23).
     WrongDeviceType,
@@ -116,6 +131,7 @@ impl fmt::Display for IommuError {
             Self::ResetTimeout => write!(f, "device status did not read 0 after reset"),
             Self::Timeout => write!(f, "request timed out"),
             Self::DeviceNeedsReset => write!(f, "device needs reset"),
+            Self::DeviceReset => write!(f, "device reset itself (DRIVER_OK cleared)"),
             Self::Broken => write!(f, "driver unusable after an earlier fatal error"),
             Self::WrongDeviceType => write!(f, "not a virtio-iommu"),
             Self::MissingFeatures(m) => write!(f, "device lacks required features {m:?}"),

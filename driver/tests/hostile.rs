@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{dma_live_pages, Behaviour, FakeDevice, FakeHal, FakeTransport};
 use virtio_drivers::transport::DeviceStatus;
-use virtio_iommu_driver::wire::{MapFlags, Status};
+use virtio_iommu_driver::wire::{Features, MapFlags, Status};
 use virtio_iommu_driver::{
     FaultReason, IommuError, IommuOptions, ProbeProperty, ResvMemKind, VirtIOIommu, WaitPolicy,
     EVENTQ_SIZE, WRITABLE_FILL,
@@ -222,6 +222,70 @@ fn drop_returns_on_transports_that_wait_for_the_reset() {
     assert_eq!(r, Some(IommuError::ResetTimeout));
 }
 
+/// Every failed `new` after the first reset dropped the transport, and virtio-drivers'
+/// `PciTransport::drop` spins until the status reads 0: a device that completed the first
+/// reset and then stuck hung `new`. `new` now resets it itself, bounded, and never runs the
+/// transport's destructor.
+#[test]
+fn a_failing_new_on_a_device_that_sticks_at_the_second_reset_returns() {
+    let dev = FakeDevice::new();
+    {
+        let mut s = dev.state();
+        s.offered = Features::VERSION_1.bits();
+        s.resets_left = Some(1);
+        s.reset_on_drop = true;
+    }
+    let t = dev.transport();
+    let r = within_20s("VirtIOIommu::new", move || {
+        VirtIOIommu::<FakeHal, _>::new(t, options(1000)).err()
+    });
+    assert_eq!(r, Some(IommuError::MissingFeatures(Features::MAP_UNMAP)));
+    assert_ne!(dev.state().status & DeviceStatus::FAILED.bits(), 0);
+
+    // Queue setup fails (max_queue_size too small): the same.
+    let dev = FakeDevice::new();
+    {
+        let mut s = dev.state();
+        s.max_queue_size = 16;
+        s.resets_left = Some(1);
+        s.reset_on_drop = true;
+    }
+    let t = dev.transport();
+    let r = within_20s("VirtIOIommu::new", move || {
+        VirtIOIommu::<FakeHal, _>::new(t, options(1000)).err()
+    });
+    assert!(matches!(r, Some(IommuError::InvalidConfig(_))), "{r:?}");
+}
+
+/// `Drop` reset the device (bounded) and then dropped the transport, whose `Drop` (like
+/// `PciTransport`'s) resets again and spins until the status reads 0: a device that completed
+/// the driver's reset (read 0) and then failed again for good hung `Drop`. The transport's destructor no
+/// longer runs; the rings are freed after the driver's own reset read 0.
+#[test]
+fn drop_does_not_run_the_transports_destructor() {
+    let dev = FakeDevice::new();
+    let d = dev.clone();
+    // DMA pages are counted per thread: count on the watchdog's.
+    let (before, after) = within_20s("drop", move || {
+        let before = dma_live_pages();
+        let drv = d.driver();
+        {
+            let mut s = d.state();
+            s.resets_left = Some(1);
+            s.fails_after_last_reset = true;
+            s.reset_on_drop = true;
+        }
+        drop(drv);
+        (before, dma_live_pages())
+    });
+    assert_eq!(
+        dev.state().status,
+        DeviceStatus::DEVICE_NEEDS_RESET.bits(),
+        "the driver's reset read 0, then the device failed again"
+    );
+    assert_eq!(after, before, "and the rings were freed after it");
+}
+
 // --- eventq (§5.13.6.7). ---
 
 /// `poll_event` ("never blocks") kept looping while the device returned malformed reports: a
@@ -302,31 +366,42 @@ fn an_eventq_used_id_that_was_never_posted_is_a_protocol_error() {
 // --- Device-writable parts the device did not write. ---
 
 /// Tails were pre-filled with 0 = S_OK: a device reporting used length 4 without writing read
-/// as success. They are now pre-filled with `WRITABLE_FILL`, which no device writes.
+/// as success. They are now pre-filled with `WRITABLE_FILL`, which no device writes. An
+/// unwritten tail is fatal (the used element may be stale, the request still available to the
+/// device): the driver is broken after it, on the synchronous path and after a batch round.
 #[test]
 fn a_tail_the_device_did_not_write_is_not_s_ok() {
     assert!(
         Status::from_u8(WRITABLE_FILL).is_none(),
         "outside the spec's statuses"
     );
+    type Op = fn(&mut Driver) -> Result<(), IommuError>;
+    let ops: [Op; 3] = [
+        |d| d.attach(2, 8),
+        |d| d.map(1, G, 2 * G - 1, 0x8000_0000, RW),
+        |d| d.unmap(1, G, 2 * G - 1),
+    ];
+    for op in ops {
+        let (dev, mut drv) = setup();
+        dev.state().behaviour = Behaviour::NoWrite;
+        assert_eq!(op(&mut drv), Err(IommuError::NotWritten));
+        assert!(drv.is_broken(), "an unwritten tail is fatal");
+        dev.state().behaviour = Behaviour::InOrder;
+        assert_eq!(drv.unmap(1, G, 2 * G - 1), Err(IommuError::Broken));
+    }
     let (dev, mut drv) = setup();
     dev.state().behaviour = Behaviour::NoWrite;
-    assert_eq!(drv.attach(2, 8), Err(IommuError::NotWritten));
-    assert_eq!(
-        drv.map(1, G, 2 * G - 1, 0x8000_0000, RW),
-        Err(IommuError::NotWritten)
-    );
-    assert_eq!(drv.unmap(1, G, 2 * G - 1), Err(IommuError::NotWritten));
     let mut b = drv.batch();
     for k in 0..5u64 {
         b.map(1, G * (k + 1), G * (k + 2) - 1, 0, RW).unwrap();
     }
-    let r = b.submit().unwrap();
-    assert!(r.iter().all(|x| x == Err(IommuError::NotWritten)));
-    assert!(!drv.is_broken(), "a per-request error");
-    // Each request is filled again: a device that writes gets its status through.
-    // (The device above did process the requests: only the tails stayed unwritten.)
-    dev.state().behaviour = Behaviour::InOrder;
+    assert_eq!(b.submit().err(), Some(IommuError::NotWritten));
+    assert!(
+        drv.is_broken(),
+        "a batch round with an unwritten tail is fatal"
+    );
+    // A device that writes its tails is fine: statuses get through, the driver stays usable.
+    let (_dev, mut drv) = setup();
     let far = 0x100 * G;
     drv.map(1, far, far + G - 1, 0x8000_0000, RW).unwrap();
     assert_eq!(
@@ -339,6 +414,7 @@ fn a_tail_the_device_did_not_write_is_not_s_ok() {
     let r = b.submit().unwrap();
     assert_eq!(r.get(0), Some(Ok(())));
     assert_eq!(r.get(1), Some(Err(IommuError::Status(Status::NoEnt))));
+    assert!(!drv.is_broken());
 }
 
 /// A device that advances the used index without writing a used element: the driver finds the
@@ -361,6 +437,10 @@ fn a_used_index_advanced_without_an_element_is_not_s_ok() {
         dev.state().mappings.is_empty(),
         "the device never saw the MAP"
     );
+    // The MAP may still be available to the device: its buffer must not be reused.
+    assert!(drv.is_broken(), "a stale used element is fatal");
+    dev.state().behaviour = Behaviour::InOrder;
+    assert_eq!(drv.unmap(1, G, 2 * G - 1), Err(IommuError::Broken));
 }
 
 /// PROBE's writable part was zero-filled: a device writing nothing read as S_OK with no
@@ -377,16 +457,43 @@ fn a_probe_reply_the_device_did_not_write_is_an_error() {
         (0x0800_0000, 0x080f_ffff)
     );
     assert_eq!(drv.probe(5, |_| ()), Err(IommuError::Status(Status::NoEnt)));
+    // Properties written but not the tail: fatal, like any unwritten tail.
     dev.state().behaviour = Behaviour::NoWrite;
     let mut seen = 0;
     assert_eq!(drv.probe(16, |_| seen += 1), Err(IommuError::NotWritten));
+    assert!(drv.is_broken());
+    // The tail written but not the properties: the device did return this request, so a
+    // per-request failure.
+    let mut drv = dev.driver();
     dev.state().behaviour = Behaviour::StatusOnly;
     assert_eq!(drv.probe(16, |_| seen += 1), Err(IommuError::NotWritten));
     assert_eq!(seen, 0, "no property delivered from unwritten memory");
+    assert!(!drv.is_broken());
     dev.state().behaviour = Behaviour::InOrder;
     let mut props = Vec::new();
     drv.probe(16, |p| props.push(p)).unwrap();
     assert!(matches!(props[..], [ProbeProperty::ResvMem(_)]));
+}
+
+/// A device that reset itself while a request was in flight (status 0, DRIVER_OK gone) was
+/// only caught by the timeout; the periodic status check now reports it.
+#[test]
+fn a_device_that_resets_itself_is_a_device_reset_error() {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver_with(options(1_000_000)).unwrap();
+    drv.attach(1, 16).unwrap();
+    dev.state().behaviour = Behaviour::Hold;
+    dev.state().status = 0;
+    assert_eq!(
+        drv.map(1, G, 2 * G - 1, 0x8000_0000, RW),
+        Err(IommuError::DeviceReset)
+    );
+    assert!(drv.is_broken());
+    assert_eq!(drv.unmap(1, G, 2 * G - 1), Err(IommuError::Broken));
+    assert_eq!(
+        IommuError::DeviceReset.to_string(),
+        "device reset itself (DRIVER_OK cleared)"
+    );
 }
 
 // --- Used elements for requests that are not in flight. ---

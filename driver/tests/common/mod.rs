@@ -172,6 +172,12 @@ pub struct State {
     pub generation_changes: u64,
     /// A write of 0 to the status register is ignored (the device never finishes a reset).
     pub reset_stuck: bool,
+    /// `Some(n)`: the device completes the next `n` resets (writes of 0 to the status), then
+    /// ignores every later one, as with `reset_stuck` (a device that sticks mid-life).
+    pub resets_left: Option<u32>,
+    /// With `resets_left` at `Some(0)`: once the last completed reset has been read back as 0,
+    /// the device sets DEVICE_NEEDS_RESET (it failed again, and will not reset any more).
+    pub fails_after_last_reset: bool,
     /// `queue_unset` behaves like virtio-drivers 0.13's modern `MmioTransport::queue_unset`
     /// on a device whose QueueReady never reads 0: it spins forever.
     pub queue_ready_stuck: bool,
@@ -231,6 +237,8 @@ impl FakeDevice {
             generation: 0,
             generation_changes: 0,
             reset_stuck: false,
+            resets_left: None,
+            fails_after_last_reset: false,
             queue_ready_stuck: false,
             reset_on_drop: false,
             event_flood: None,
@@ -631,12 +639,24 @@ impl Transport for FakeTransport {
         }
     }
     fn get_status(&self) -> DeviceStatus {
-        DeviceStatus::from_bits_retain(self.state().status)
+        let mut s = self.state();
+        let status = s.status;
+        if status == 0 && s.resets_left == Some(0) && s.fails_after_last_reset {
+            s.status = DeviceStatus::DEVICE_NEEDS_RESET.bits();
+        }
+        DeviceStatus::from_bits_retain(status)
     }
     fn set_status(&mut self, status: DeviceStatus) {
         let mut s = self.state();
         if status.is_empty() && s.reset_stuck {
             return;
+        }
+        if status.is_empty() {
+            match &mut s.resets_left {
+                Some(0) => return,
+                Some(n) => *n -= 1,
+                None => {}
+            }
         }
         s.status = status.bits();
         if status.is_empty() {
