@@ -7,7 +7,9 @@ use virtio_iommu_device::request::Malformed;
 use virtio_iommu_device::{
     ConfigError, DmaError, FaultRecord, QueueError, TranslateError, TranslationFailure,
 };
-use virtio_iommu_driver::wire::{FAULT_F_ADDRESS, FAULT_F_WRITE, FAULT_R_MAPPING};
+use virtio_iommu_driver::wire::{
+    FAULT_F_ADDRESS, FAULT_F_WRITE, FAULT_R_DOMAIN, FAULT_R_MAPPING, FAULT_R_UNKNOWN,
+};
 
 fn text(error: &dyn Error) -> String {
     error.to_string()
@@ -64,5 +66,25 @@ fn messages_name_the_value_at_fault() {
                 "{error:?} displays {message:?}, without {needle:?}"
             );
         }
+    }
+}
+
+#[test]
+fn fault_records_name_their_reason() {
+    // §5.13.6.7: the three reasons a fault report can carry.
+    for (reason, word) in [
+        (FAULT_R_DOMAIN, "domain fault"),
+        (FAULT_R_MAPPING, "mapping fault"),
+        (FAULT_R_UNKNOWN, "unknown fault"),
+    ] {
+        let record = FaultRecord {
+            reason,
+            flags: 0,
+            endpoint: 1,
+            address: 0,
+        };
+        let text = record.to_string();
+        assert!(text.starts_with(word), "{reason}: {text}");
+        assert!(text.contains(&format!("(reason {reason})")), "{text}");
     }
 }
