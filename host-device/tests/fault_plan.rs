@@ -376,3 +376,20 @@ fn register_misbehaviours() {
     let s: Vec<u32> = (0..3).map(|_| r32(reg::STATUS)).collect();
     assert_eq!(s, vec![3, 3, 0]);
 }
+
+#[test]
+fn used_len_also_overrides_a_reply_the_device_did_not_write() {
+    // An unknown request type is returned with used length 0 (D7); `UsedLen` reports its own
+    // value for it too, so a driver sees a used length with nothing written behind it.
+    let mem = common::mem();
+    let plan = FaultPlan::new().with(Misbehaviour::UsedLen(4), When::nth(2));
+    let mut h = Harness::new(&mem, config(plan));
+    let unknown = [0x7f, 0, 0, 0];
+    assert_eq!(
+        h.request(&unknown, 4).used,
+        0,
+        "no fault on the first request"
+    );
+    assert_eq!(h.request(&unknown, 4).used, 4, "UsedLen(4) on the second");
+    assert_eq!(h.dev.counters().faults_injected, 1);
+}
