@@ -1,6 +1,9 @@
-//! The README's Rust snippets are exact copies of the visible lines of the walkthrough's
-//! doctests (`src/embedding.md`, the `embedding` module), so what the README shows is compiled
-//! and run by `cargo test --doc`. Hidden doctest lines (`# ...`) set up the in-process device.
+//! The READMEs' Rust snippets are exact copies of the visible lines of doctests, so what a
+//! README shows is compiled and run by `cargo test --doc`: the workspace README against the
+//! driver's walkthrough (`driver/src/embedding.md`, the `embedding` module), and
+//! `host-device/README.md` against the device crate's (`host-device/src/embedding.md`). Hidden
+//! doctest lines (`# ...`) set up the in-process device, guest memory and config. One checker
+//! for both crates' READMEs.
 
 /// The Rust code blocks of a markdown text (fence info starting with `rust`), each as its lines;
 /// with `visible_only`, rustdoc's hidden lines (`#` alone or followed by a space) are dropped.
@@ -53,6 +56,16 @@ fn readme_snippets_are_doctested() {
         "README.md",
         include_str!("../src/embedding.md"),
         "driver/src/embedding.md",
+    );
+}
+
+#[test]
+fn device_readme_snippets_are_doctested() {
+    check(
+        include_str!("../../host-device/README.md"),
+        "host-device/README.md",
+        include_str!("../../host-device/src/embedding.md"),
+        "host-device/src/embedding.md",
     );
 }
 
