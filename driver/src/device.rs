@@ -1069,8 +1069,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// [`IommuError::BufferSize`] for an empty part, more than 16 parts per
     /// direction, no part at all, `writable.len()` not the sum of `writable_lens`, or more
     /// bytes than the request buffer (`max(4096, 72 + probe_size + 4)` bytes); the transport
-    /// errors; [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`]
-    /// and [`IommuError::DeviceProtocol`] as for every request.
+    /// errors; [`IommuError::Broken`], [`IommuError::Timeout`], [`IommuError::DeviceNeedsReset`],
+    /// [`IommuError::DeviceReset`] and [`IommuError::DeviceProtocol`] as for every request.
     pub fn request_raw(
         &mut self,
         readable: &[&[u8]],

@@ -76,7 +76,8 @@ enum Op {
         /// Overwrite the available index with this (usually breaking the queue).
         bogus_avail: Option<u16>,
     },
-    /// `process_requestq()` again (chains deferred by `max_requests_per_notify`).
+    /// One more processing round (`process_requestq()`, whether or not a round is owed: chains
+    /// beyond `max_requests_per_notify` stay owed until `service()` or this runs them).
     Process,
     /// Post event buffers, then notify eventq.
     Events(Vec<EventBuf>),
