@@ -204,7 +204,9 @@ impl<C: DmaContext> IommuHal<C> {
 //   while `leaked > 0`; no Rust memory is touched by this adapter after `unshare` returns), with the direction's permissions in the strict modes, and in isolated
 //   strict mode only the buffer's bytes and bounce granules the space owns. The buffer is only
 //   read (copy-in) during `share`, and only written (copy-back) during `unshare` of a
-//   device-writable direction, within its bounds, as the caller's guarantees allow. On failure
+//   device-writable direction — or during a failed `share`, whose undo is the inner `unshare`
+//   (which may copy the inner Hal's bounce contents back) — within its bounds, while the caller
+//   guarantees exclusive access to it (the `Hal` contract for both calls). On failure
 //   it undoes the inner share and returns the start of the fault window, which reaches no
 //   memory: strict modes: IOVAs reserved and never mapped; identity-mapped: IOVAs neither
 //   mapped nor reserved in a translated domain; bypass: the range the embedder vouched is
