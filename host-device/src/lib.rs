@@ -30,10 +30,12 @@ pub mod device;
 pub mod embedding {}
 pub mod endpoint;
 pub mod fault;
+pub mod function;
 pub mod mmio;
 pub mod request;
 pub mod state;
 pub mod translate;
+pub mod transport;
 
 #[cfg(feature = "test-utils")]
 pub mod inprocess;

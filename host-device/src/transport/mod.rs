@@ -1,0 +1,76 @@
+//! Virtio transports (virtio v1.3 §4) in front of a transport-independent device core.
+//!
+//! A transport turns register accesses into calls on a [`VirtioCore`]: feature words, device
+//! status, queue setup, notifications, the device-specific configuration space and the interrupt
+//! status. The same core runs behind any transport; a device model (the virtio-iommu in
+//! [`crate::device`], the virtio-blk endpoint in `crate::endpoints`) implements the trait once.
+//!
+//! - [`crate::mmio`]: virtio-mmio version 2 (§4.2).
+//! - `pci` (to come): modern virtio-pci (§4.1), a [`crate::function::PciFunction`].
+
+use crate::device::{QueueError, QueueSetup};
+
+/// Why a device core asks for an interrupt (virtio §2.3, §4.1.4.5, §4.2.2 `InterruptStatus`).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum InterruptCause {
+    /// A used buffer was added to virtqueue `index` (virtio-mmio `InterruptStatus` bit 0; the
+    /// queue's MSI-X vector on virtio-pci).
+    Queue(u16),
+    /// The device configuration changed, or DEVICE_NEEDS_RESET was set (bit 1; the config
+    /// MSI-X vector on virtio-pci).
+    Config,
+}
+
+/// Callback through which a core raises interrupts; the transport routes them (interrupt status
+/// and an INTx line, or an MSI-X vector).
+pub type InterruptHandler = Box<dyn FnMut(InterruptCause) + Send>;
+
+/// The transport-independent part of a virtio device, as a transport drives it.
+///
+/// Every method must accept any argument without panicking: the values come from the guest.
+pub trait VirtioCore: Send {
+    /// Virtio device ID (§5: 2 = block, 23 = IOMMU).
+    fn device_id(&self) -> u32;
+    /// Number of virtqueues.
+    fn num_queues(&self) -> u16;
+    /// Largest size (in descriptors) of virtqueue `index`; 0 if it does not exist.
+    fn queue_max_size(&self, index: u16) -> u16;
+    /// Offered feature bits.
+    fn device_features(&self) -> u64;
+    /// Feature bits written by the driver so far.
+    fn driver_features(&self) -> u64;
+    /// Writes 32 bits of driver features: `select` 0 is bits 0..32, 1 is bits 32..64; other
+    /// selectors are ignored, as are writes after FEATURES_OK.
+    fn write_driver_features(&mut self, select: u32, value: u32);
+    /// Device status byte (§2.1).
+    fn status(&self) -> u8;
+    /// Writes the device status; 0 resets the device (§2.1.2).
+    fn write_status(&mut self, value: u8);
+    /// Interrupt status bits (bit 0: used buffer, bit 1: configuration change).
+    fn interrupt_status(&self) -> u32;
+    /// Clears the given interrupt status bits.
+    fn ack_interrupt(&mut self, bits: u32);
+    /// Configuration generation counter.
+    fn config_generation(&self) -> u32;
+    /// Reads `data.len()` bytes of the device-specific configuration space at byte `offset`;
+    /// bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space; read-only fields ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Hands the device a queue configuration (the driver enabled the queue).
+    ///
+    /// # Errors
+    /// [`QueueError`] when the index, size or addresses are not acceptable; the queue stays
+    /// disabled.
+    fn activate_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), QueueError>;
+    /// Disables a queue.
+    fn deactivate_queue(&mut self, index: u16);
+    /// The driver notified virtqueue `index` (§2.9). Runs at most one bounded round of work.
+    fn notify(&mut self, index: u16);
+    /// Whether a notification still owes work (another round of [`VirtioCore::service`]).
+    fn pending(&self) -> bool;
+    /// Runs one owed round; returns the number of chains processed.
+    fn service(&mut self) -> usize;
+    /// Installs (or removes) the interrupt callback.
+    fn set_interrupt_handler(&mut self, handler: Option<InterruptHandler>);
+}
