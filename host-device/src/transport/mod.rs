@@ -29,8 +29,16 @@ pub type InterruptHandler = Box<dyn FnMut(InterruptCause) + Send>;
 ///
 /// Every method must accept any argument without panicking: the values come from the guest.
 pub trait VirtioCore: Send {
+    /// The guest memory the core reaches (its rings, and its buffers unless translated).
+    type Memory;
     /// Virtio device ID (§5: 2 = block, 23 = IOMMU).
     fn device_id(&self) -> u32;
+    /// 24-bit PCI class code (base class, subclass, programming interface) a virtio-pci
+    /// transport reports for this device type.
+    fn pci_class(&self) -> u32;
+    /// Replaces the guest memory (a vfio-user client's DMA mappings changed); queue
+    /// configurations are kept and re-checked against it at their next use.
+    fn set_memory(&mut self, mem: Self::Memory);
     /// Number of virtqueues.
     fn num_queues(&self) -> u16;
     /// Largest size (in descriptors) of virtqueue `index`; 0 if it does not exist.
