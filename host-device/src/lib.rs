@@ -13,6 +13,7 @@
 //! - [`mmio`]: [`MmioDevice`], the virtio-mmio (version 2) register model.
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
+//! - [`endpoints`]: PCI endpoint models (QEMU's `edu`) whose DMA goes through the IOMMU.
 //! - [`embedding`]: embedding the device in a VMM, and testing against it (doctested).
 //! - `inprocess` (feature `test-utils`): a virtio-drivers `Transport` and `Hal` running the
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
@@ -29,6 +30,7 @@ pub mod device;
 #[doc = include_str!("embedding.md")]
 pub mod embedding {}
 pub mod endpoint;
+pub mod endpoints;
 pub mod fault;
 pub mod function;
 pub mod mmio;
