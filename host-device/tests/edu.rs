@@ -64,7 +64,8 @@ fn dma_through_a_mapping_and_faults() {
     let ro = bed.alloc(0x1000).unwrap();
     drv.attach(1, 8).unwrap();
     drv.map(1, 0x10_0000, 0x10_0fff, page, RW).unwrap();
-    drv.map(1, 0x20_0000, 0x20_0fff, ro, MapFlags::READ).unwrap();
+    drv.map(1, 0x20_0000, 0x20_0fff, ro, MapFlags::READ)
+        .unwrap();
     let mut e = edu(&bed);
     bed.write_phys(page + 0x10, b"hello edu").unwrap();
     // RAM to buffer.

@@ -113,12 +113,7 @@ impl Edu {
         endpoint: u32,
         mem: GuestMemoryMmap,
     ) -> IommuMemory<GuestMemoryMmap, EndpointIommu<GuestMemoryMmap>> {
-        IommuMemory::new(
-            mem,
-            EndpointIommu::new(iommu.clone(), endpoint),
-            true,
-            Default::default(),
-        )
+        IommuMemory::new(mem, EndpointIommu::new(iommu.clone(), endpoint), true, ())
     }
 
     /// The endpoint ID the DMA is translated for.
@@ -192,7 +187,7 @@ impl Edu {
     }
 
     fn reg_read(&self, addr: u64, size: usize) -> u64 {
-        if (addr < 0x80 && size != 4) || (addr >= 0x80 && size != 4 && size != 8) {
+        if !access_ok(addr, size) {
             return !0;
         }
         match addr {
@@ -210,24 +205,22 @@ impl Edu {
     }
 
     fn reg_write(&mut self, addr: u64, val: u64, size: usize) {
-        if (addr < 0x80 && size != 4) || (addr >= 0x80 && size != 4 && size != 8) {
+        if !access_ok(addr, size) {
             return;
         }
         let v32 = val as u32;
         match addr {
             0x04 => self.liveness = !v32,
-            0x08 => {
-                if self.status & STATUS_COMPUTING == 0 {
-                    let mut n = v32;
-                    let mut fact: u32 = 1;
-                    while n > 0 {
-                        fact = fact.wrapping_mul(n);
-                        n -= 1;
-                    }
-                    self.fact = fact;
-                    if self.status & STATUS_IRQFACT != 0 {
-                        self.raise_irq(FACT_IRQ);
-                    }
+            0x08 if self.status & STATUS_COMPUTING == 0 => {
+                let mut n = v32;
+                let mut fact: u32 = 1;
+                while n > 0 {
+                    fact = fact.wrapping_mul(n);
+                    n -= 1;
+                }
+                self.fact = fact;
+                if self.status & STATUS_IRQFACT != 0 {
+                    self.raise_irq(FACT_IRQ);
                 }
             }
             0x20 => {
@@ -242,15 +235,18 @@ impl Edu {
             0x80 => self.dma_src = val,
             0x88 => self.dma_dst = val,
             0x90 => self.dma_cnt = val,
-            0x98 => {
-                if val & DMA_RUN != 0 && self.dma_cmd & DMA_RUN == 0 {
-                    self.dma_cmd = val | DMA_RUN;
-                    self.run_dma();
-                }
+            0x98 if val & DMA_RUN != 0 && self.dma_cmd & DMA_RUN == 0 => {
+                self.dma_cmd = val | DMA_RUN;
+                self.run_dma();
             }
             _ => {}
         }
     }
+}
+
+/// edu.rst: registers below 0x80 take 4-byte accesses, the rest 4- or 8-byte ones.
+fn access_ok(addr: u64, size: usize) -> bool {
+    size == 4 || (addr >= 0x80 && size == 8)
 }
 
 fn le(data: &[u8]) -> u64 {
@@ -272,7 +268,9 @@ impl PciFunction for Edu {
 
     fn config_write(&mut self, offset: u64, data: &[u8]) {
         for (i, &b) in data.iter().enumerate() {
-            let Some(o) = offset.checked_add(i as u64) else { return };
+            let Some(o) = offset.checked_add(i as u64) else {
+                return;
+            };
             let o = o as usize;
             match o {
                 // Command register (memory space, bus master, INTx disable), status RW1C ignored.
