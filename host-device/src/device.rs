@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::IntoBytes;
 
 use crate::config::DeviceConfig;
+use crate::transport::{InterruptCause, InterruptHandler, VirtioCore};
 use crate::fault::reply::{corrupt_reply, peek_type};
 use crate::fault::{FaultCounters, Misbehaviour};
 use crate::request::{handle_request, validate_chain, Outcome};
@@ -160,6 +161,8 @@ pub struct IommuDevice<M: GuestMemoryBackend> {
     interrupt_status: u32,
     config_generation: u32,
     irq: Option<Box<dyn FnMut(u32) + Send>>,
+    /// The transport's interrupt callback ([`crate::transport::VirtioCore::set_interrupt_handler`]).
+    cause_irq: Option<crate::transport::InterruptHandler>,
     /// requestq chains available at the last notification and not processed yet (at most the
     /// queue size): the work still owed for notifications already received.
     requestq_owed: u16,
@@ -205,6 +208,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             interrupt_status: 0,
             config_generation: 0,
             irq: None,
+            cause_irq: None,
             requestq_owed: 0,
             faults: FaultCounters::default(),
         })
@@ -369,15 +373,32 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         if !self.needs_reset() {
             self.status |= status::DEVICE_NEEDS_RESET;
             self.counters.needs_reset += 1;
-            self.raise(INT_CONFIG);
+            self.raise(INT_CONFIG, InterruptCause::Config);
         }
     }
 
-    fn raise(&mut self, bits: u32) {
+    fn raise(&mut self, bits: u32, cause: InterruptCause) {
         self.interrupt_status |= bits;
         if let Some(irq) = self.irq.as_mut() {
             irq(bits);
         }
+        if let Some(irq) = self.cause_irq.as_mut() {
+            irq(cause);
+        }
+    }
+
+    /// Installs a callback run with the cause of every interrupt the device raises (virtqueue
+    /// index for used buffers, [`InterruptCause::Config`] for configuration change /
+    /// DEVICE_NEEDS_RESET), alongside [`Self::set_irq_handler`]. It runs with the device
+    /// locked: it must not lock it again.
+    pub fn set_interrupt_handler(&mut self, handler: Option<crate::transport::InterruptHandler>) {
+        self.cause_irq = handler;
+    }
+
+    /// Replaces the guest memory the queues live in; queue configurations are kept and
+    /// re-checked against the new memory at their next use.
+    pub fn set_memory(&mut self, mem: M) {
+        self.mem = mem;
     }
 
     /// Interrupt status bits ([`INT_VRING`], [`INT_CONFIG`]).
@@ -685,7 +706,8 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             .unwrap_or(false);
         if notify {
             self.counters.interrupts += 1;
-            self.raise(INT_VRING);
+            let index = u16::try_from(idx).unwrap_or(u16::MAX);
+            self.raise(INT_VRING, InterruptCause::Queue(index));
         }
     }
 
@@ -909,5 +931,79 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             self.state.set_bypass(bypass);
             self.config_generation = self.config_generation.wrapping_add(1);
         }
+    }
+}
+
+/// The virtio-iommu (device ID 23, virtio v1.3 §5.13) behind any transport. PCI class
+/// 0x088000 (base class 0x08 system peripheral, subclass 0x80 other), QEMU's `class_id`
+/// 0x0880 for virtio-iommu-pci.
+impl<M: GuestMemoryBackend + Send> VirtioCore for IommuDevice<M> {
+    type Memory = M;
+    fn device_id(&self) -> u32 {
+        23
+    }
+    fn pci_class(&self) -> u32 {
+        0x08_80_00
+    }
+    fn set_memory(&mut self, mem: M) {
+        IommuDevice::set_memory(self, mem);
+    }
+    fn num_queues(&self) -> u16 {
+        NUM_QUEUES as u16
+    }
+    fn queue_max_size(&self, index: u16) -> u16 {
+        if usize::from(index) < NUM_QUEUES {
+            self.config.queue_size()
+        } else {
+            0
+        }
+    }
+    fn device_features(&self) -> u64 {
+        IommuDevice::device_features(self)
+    }
+    fn driver_features(&self) -> u64 {
+        IommuDevice::driver_features(self)
+    }
+    fn write_driver_features(&mut self, select: u32, value: u32) {
+        IommuDevice::write_driver_features(self, select, value);
+    }
+    fn status(&self) -> u8 {
+        IommuDevice::status(self)
+    }
+    fn write_status(&mut self, value: u8) {
+        IommuDevice::write_status(self, value);
+    }
+    fn interrupt_status(&self) -> u32 {
+        IommuDevice::interrupt_status(self)
+    }
+    fn ack_interrupt(&mut self, bits: u32) {
+        IommuDevice::ack_interrupt(self, bits);
+    }
+    fn config_generation(&self) -> u32 {
+        IommuDevice::config_generation(self)
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        IommuDevice::read_config(self, offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        IommuDevice::write_config(self, offset, data);
+    }
+    fn activate_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), QueueError> {
+        IommuDevice::activate_queue(self, index, setup)
+    }
+    fn deactivate_queue(&mut self, index: u16) {
+        IommuDevice::deactivate_queue(self, index);
+    }
+    fn notify(&mut self, index: u16) {
+        IommuDevice::notify(self, index);
+    }
+    fn pending(&self) -> bool {
+        self.requestq_pending()
+    }
+    fn service(&mut self) -> usize {
+        IommuDevice::service(self)
+    }
+    fn set_interrupt_handler(&mut self, handler: Option<InterruptHandler>) {
+        IommuDevice::set_interrupt_handler(self, handler);
     }
 }

@@ -82,3 +82,76 @@ pub trait VirtioCore: Send {
     /// Installs (or removes) the interrupt callback.
     fn set_interrupt_handler(&mut self, handler: Option<InterruptHandler>);
 }
+
+/// A shared core (such as a [`crate::SharedDevice`]) behind a transport: every call locks the
+/// mutex, recovering it if a holder panicked.
+impl<C: VirtioCore> VirtioCore for std::sync::Arc<std::sync::Mutex<C>> {
+    type Memory = C::Memory;
+    fn device_id(&self) -> u32 {
+        lock(self).device_id()
+    }
+    fn pci_class(&self) -> u32 {
+        lock(self).pci_class()
+    }
+    fn set_memory(&mut self, mem: Self::Memory) {
+        lock(self).set_memory(mem);
+    }
+    fn num_queues(&self) -> u16 {
+        lock(self).num_queues()
+    }
+    fn queue_max_size(&self, index: u16) -> u16 {
+        lock(self).queue_max_size(index)
+    }
+    fn device_features(&self) -> u64 {
+        lock(self).device_features()
+    }
+    fn driver_features(&self) -> u64 {
+        lock(self).driver_features()
+    }
+    fn write_driver_features(&mut self, select: u32, value: u32) {
+        lock(self).write_driver_features(select, value);
+    }
+    fn status(&self) -> u8 {
+        lock(self).status()
+    }
+    fn write_status(&mut self, value: u8) {
+        lock(self).write_status(value);
+    }
+    fn interrupt_status(&self) -> u32 {
+        lock(self).interrupt_status()
+    }
+    fn ack_interrupt(&mut self, bits: u32) {
+        lock(self).ack_interrupt(bits);
+    }
+    fn config_generation(&self) -> u32 {
+        lock(self).config_generation()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        lock(self).read_config(offset, data);
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        lock(self).write_config(offset, data);
+    }
+    fn activate_queue(&mut self, index: u16, setup: QueueSetup) -> Result<(), QueueError> {
+        lock(self).activate_queue(index, setup)
+    }
+    fn deactivate_queue(&mut self, index: u16) {
+        lock(self).deactivate_queue(index);
+    }
+    fn notify(&mut self, index: u16) {
+        lock(self).notify(index);
+    }
+    fn pending(&self) -> bool {
+        lock(self).pending()
+    }
+    fn service(&mut self) -> usize {
+        lock(self).service()
+    }
+    fn set_interrupt_handler(&mut self, handler: Option<InterruptHandler>) {
+        lock(self).set_interrupt_handler(handler);
+    }
+}
+
+fn lock<C>(m: &std::sync::Mutex<C>) -> std::sync::MutexGuard<'_, C> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
