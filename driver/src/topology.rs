@@ -26,6 +26,11 @@
 //! [`Topology::platform_endpoints`]) cannot re-check it (`Fdt` does not expose its bytes):
 //! build that `Fdt` with [`Devicetree::new`] or [`validated_fdt`] when the blob is not trusted.
 //!
+//! `FDT_NOP` tokens are allowed anywhere by the specification, but `fdt` 0.1.5 loses nodes when
+//! one sits between properties or between nested `FDT_END_NODE`s, so the check accepts them only
+//! before an `FDT_END_NODE`, `FDT_END` or the root. A tree that may hold others (QEMU's `-dtb`
+//! path leaves dozens) goes through [`remove_nops`] first, which compacts it in place.
+//!
 //! # Validate once, look up many times
 //!
 //! PCI lookups ([`Topology::pci_endpoint`]) need only the [`Topology`]. Platform (virtio-mmio)
@@ -803,6 +808,95 @@ pub fn validated_fdt(dtb: &[u8]) -> Result<Fdt<'_>, TopologyError> {
     let strings = block(field(3)?, field(8)?)?;
     check_structure(structs, strings)?;
     Fdt::new(blob).map_err(|_| TopologyError::InvalidFdt)
+}
+
+/// Removes every `FDT_NOP` token from the structure block of `dtb`, in place, and returns how
+/// many were removed (Devicetree Specification v0.4 §5.4.1: `FDT_NOP` may appear anywhere
+/// between tokens and is ignored).
+///
+/// `fdt` 0.1.5 misparses a tree with `FDT_NOP` between properties or between nested
+/// `FDT_END_NODE`s (it silently loses nodes), and [`validated_fdt`] refuses such trees; QEMU's
+/// `-dtb` path leaves dozens of them between the root's children. Call this first on a blob
+/// that may hold them, then [`validated_fdt`] / [`Devicetree::new`] / [`Topology::from_dtb`]
+/// on the result. The tokens after each removed `FDT_NOP` move towards the start of the
+/// structure block; `size_dt_struct` in the header shrinks by 4 bytes per token; the bytes
+/// freed at the end of the block are zeroed; nothing outside the structure block changes. The
+/// blob keeps its `totalsize`. Nothing else is checked here: validate the result.
+///
+/// # Errors
+///
+/// [`TopologyError::InvalidFdt`] when the header is not a devicetree's, the structure block
+/// lies outside `totalsize` or `dtb`, or a token (or a name or property value) runs past the
+/// block or is unknown. On error `dtb` may hold a partly compacted structure block that is no
+/// longer a valid devicetree (an unknown token stops the walk midway): do not use it.
+pub fn remove_nops(dtb: &mut [u8]) -> Result<usize, TopologyError> {
+    let field = |dtb: &[u8], index: usize| {
+        be_u32_at(dtb, index * 4)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or(TopologyError::InvalidFdt)
+    };
+    if be_u32_at(dtb, 0) != Some(FDT_MAGIC) {
+        return Err(TopologyError::InvalidFdt);
+    }
+    let total_size = field(dtb, 1)?;
+    if total_size < FDT_HEADER_SIZE || total_size > dtb.len() {
+        return Err(TopologyError::InvalidFdt);
+    }
+    let (offset, size) = (field(dtb, 2)?, field(dtb, 9)?);
+    let end = offset.checked_add(size).ok_or(TopologyError::InvalidFdt)?;
+    if offset < FDT_HEADER_SIZE || end > total_size {
+        return Err(TopologyError::InvalidFdt);
+    }
+    let structs = &mut dtb[offset..end];
+    let (mut read, mut write, mut removed) = (0usize, 0usize, 0usize);
+    loop {
+        let token = be_u32_at(structs, read).ok_or(TopologyError::InvalidFdt)?;
+        let len = match token {
+            FDT_NOP => {
+                read += 4;
+                removed += 1;
+                continue;
+            }
+            FDT_BEGIN_NODE => {
+                let name = structs.get(read + 4..).ok_or(TopologyError::InvalidFdt)?;
+                let name_len = name
+                    .iter()
+                    .position(|&b| b == 0)
+                    .ok_or(TopologyError::InvalidFdt)?;
+                name_len
+                    .checked_add(1)
+                    .and_then(align4)
+                    .and_then(|n| n.checked_add(4))
+                    .ok_or(TopologyError::InvalidFdt)?
+            }
+            FDT_PROP => {
+                let value = be_u32_at(structs, read + 4).ok_or(TopologyError::InvalidFdt)?;
+                usize::try_from(value)
+                    .ok()
+                    .and_then(align4)
+                    .and_then(|n| n.checked_add(12))
+                    .ok_or(TopologyError::InvalidFdt)?
+            }
+            FDT_END_NODE | FDT_END => 4,
+            _ => return Err(TopologyError::InvalidFdt),
+        };
+        let token_end = read.checked_add(len).ok_or(TopologyError::InvalidFdt)?;
+        if token_end > structs.len() {
+            return Err(TopologyError::InvalidFdt);
+        }
+        structs.copy_within(read..token_end, write);
+        write += len;
+        read = token_end;
+        if token == FDT_END {
+            break;
+        }
+    }
+    structs[write..read].fill(0);
+    if removed > 0 {
+        let new_size = u32::try_from(size - removed * 4).map_err(|_| TopologyError::InvalidFdt)?;
+        dtb[36..40].copy_from_slice(&new_size.to_be_bytes());
+    }
+    Ok(removed)
 }
 
 /// The node at `path` (`/`-separated from the root; a component without `@unit-address`

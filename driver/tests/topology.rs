@@ -2,8 +2,8 @@
 //! with `vm-fdt` (plus a few hand-assembled blobs for structure errors).
 
 use virtio_iommu_driver::topology::{
-    validated_fdt, Devicetree, Endpoint, IommuLocation, IommuMapEntry, PciHostBridge, PciSpace,
-    PciWindow, Topology, TopologyError, VirtioIommuNode,
+    remove_nops, validated_fdt, Devicetree, Endpoint, IommuLocation, IommuMapEntry, PciHostBridge,
+    PciSpace, PciWindow, Topology, TopologyError, VirtioIommuNode,
 };
 use vm_fdt::FdtWriter;
 
@@ -1093,4 +1093,113 @@ fn corrupted_blobs_do_not_panic() {
     }
     eprintln!("{ok} corrupted blobs accepted, {err} refused");
     assert!(ok > 100 && err > 100, "ok {ok}, err {err}");
+}
+
+/// A tree with a virtio-mmio IOMMU and a PCI host bridge whose `iommu-map` points at it, with
+/// `FDT_NOP` after every token when `nops` (the Devicetree Specification allows them anywhere;
+/// QEMU's `-dtb` path leaves dozens between the root's children).
+fn tree_with_nops(nops: bool) -> Vec<u8> {
+    let mut raw = RawDtb::new();
+    let nop = |raw: &mut RawDtb| {
+        if nops {
+            raw.token(4).token(4);
+        }
+    };
+    nop(&mut raw);
+    raw.begin("");
+    nop(&mut raw);
+    raw.prop("#address-cells", &be_cells(&[2]));
+    nop(&mut raw);
+    raw.prop("#size-cells", &be_cells(&[2]));
+    nop(&mut raw);
+    raw.begin("virtio_mmio@a000000");
+    nop(&mut raw);
+    raw.prop("compatible", b"virtio,mmio\0");
+    nop(&mut raw);
+    raw.prop("reg", &be_cells(&[0, 0xa00_0000, 0, 0x200]));
+    nop(&mut raw);
+    raw.prop("#iommu-cells", &be_cells(&[1]));
+    nop(&mut raw);
+    raw.prop("phandle", &be_cells(&[0x9000]));
+    nop(&mut raw);
+    raw.token(2);
+    nop(&mut raw);
+    raw.begin("pcie@10000000");
+    nop(&mut raw);
+    raw.prop("compatible", b"pci-host-ecam-generic\0");
+    nop(&mut raw);
+    raw.prop("device_type", b"pci\0");
+    nop(&mut raw);
+    raw.prop("#address-cells", &be_cells(&[3]));
+    nop(&mut raw);
+    raw.prop("#size-cells", &be_cells(&[2]));
+    nop(&mut raw);
+    raw.prop("reg", &be_cells(&[0x40, 0x1000_0000, 0, 0x1000_0000]));
+    nop(&mut raw);
+    raw.prop("bus-range", &be_cells(&[0, 0xff]));
+    nop(&mut raw);
+    raw.prop("iommu-map", &be_cells(&[0, 0x9000, 0, 0x10000]));
+    nop(&mut raw);
+    raw.begin("child@0");
+    nop(&mut raw);
+    raw.token(2);
+    nop(&mut raw);
+    raw.token(2);
+    nop(&mut raw);
+    raw.token(2);
+    nop(&mut raw);
+    raw.finish()
+}
+
+#[test]
+fn nops_anywhere_are_removed() {
+    let clean = tree_with_nops(false);
+    let expected = Topology::from_dtb(&clean).unwrap();
+    assert_eq!(expected.iommus.len(), 1);
+    assert_eq!(expected.host_bridges.len(), 1);
+    assert_eq!(expected.pci_endpoint(0, 0x18), Ok(endpoint(0, 0x18)));
+
+    let mut dtb = tree_with_nops(true);
+    // fdt 0.1.5 would misparse this tree (NOPs between properties): the validator refuses it.
+    assert_eq!(Topology::from_dtb(&dtb), Err(TopologyError::InvalidFdt));
+    let total = dtb.len();
+    // Two NOPs at each of the 22 places: before the root and after every token but FDT_END.
+    assert_eq!(remove_nops(&mut dtb), Ok(44));
+    assert_eq!(dtb.len(), total);
+    assert_eq!(Topology::from_dtb(&dtb), Ok(expected));
+    // The compacted structure block is token for token the clean one.
+    let (clean_off, clean_size) = (blocks(&clean).0, blocks(&clean).1);
+    let (off, size) = (blocks(&dtb).0, blocks(&dtb).1);
+    assert_eq!(size, clean_size);
+    assert_eq!(
+        dtb[off..off + size],
+        clean[clean_off..clean_off + clean_size]
+    );
+    // A second pass finds nothing, and a clean tree is left as it is.
+    assert_eq!(remove_nops(&mut dtb), Ok(0));
+    let mut again = clean.clone();
+    assert_eq!(remove_nops(&mut again), Ok(0));
+    assert_eq!(again, clean);
+}
+
+#[test]
+fn remove_nops_refuses_malformed_blobs() {
+    assert_eq!(remove_nops(&mut []), Err(TopologyError::InvalidFdt));
+    assert_eq!(remove_nops(&mut [0u8; 64]), Err(TopologyError::InvalidFdt));
+    // A property whose length runs past the structure block, and an unknown token.
+    for bad in [[3u32, 0xffff_fff0, 0], [7, 0, 0]] {
+        let mut raw = RawDtb::new();
+        raw.begin("");
+        for t in bad {
+            raw.token(t);
+        }
+        let mut dtb = raw.finish();
+        assert_eq!(remove_nops(&mut dtb), Err(TopologyError::InvalidFdt));
+    }
+    // A structure block that ends without FDT_END.
+    let mut dtb = tree_with_nops(true);
+    let size_at = 36;
+    let size = u32::from_be_bytes(dtb[size_at..size_at + 4].try_into().unwrap());
+    dtb[size_at..size_at + 4].copy_from_slice(&(size - 4).to_be_bytes());
+    assert_eq!(remove_nops(&mut dtb), Err(TopologyError::InvalidFdt));
 }

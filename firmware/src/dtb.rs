@@ -56,8 +56,9 @@ pub fn address() -> u64 {
     }
 }
 
-/// Validates the DTB at `address` and returns it as a slice of exactly `totalsize` bytes.
-pub fn locate(address: u64) -> Result<&'static [u8], DtbError> {
+/// Validates the DTB at `address` (after removing its `FDT_NOP` tokens in place) and returns it
+/// as a slice of exactly `totalsize` bytes. Called once, by [`dtb`].
+fn locate(address: u64) -> Result<&'static [u8], DtbError> {
     if address & 7 != 0
         || crate::mmu::memory_type(address, HEADER_SIZE as u64)
             != Some(crate::mmu::MemoryType::Normal)
@@ -82,10 +83,18 @@ pub fn locate(address: u64) -> Result<&'static [u8], DtbError> {
     {
         return Err(DtbError::BadSize(address, total_size));
     }
-    // SAFETY: the whole blob lies in mapped RAM (checked above). Nothing writes it: the heap is
-    // placed so that it excludes the blob (see `heap::init`), and no other code owns that memory.
-    let blob = unsafe { core::slice::from_raw_parts(address as *const u8, size) };
-    fdt::Fdt::new(blob).map_err(|_| DtbError::Unparsable(address))?;
+    // SAFETY: the whole blob lies in mapped RAM (checked above). No other code owns or
+    // references that memory: the heap is placed so that it excludes the blob (see
+    // `heap::init`), and `locate` (private) runs only inside `dtb()`'s `Once`, so this is the
+    // only reference to it. It is written only here, by
+    // `remove_nops`, before being shared read-only.
+    let blob = unsafe { core::slice::from_raw_parts_mut(address as *mut u8, size) };
+    // QEMU's `-dtb` path leaves FDT_NOP tokens between nodes, which `fdt` 0.1.5 misparses and
+    // the driver's validator refuses: take them out first (the tree is otherwise unchanged).
+    virtio_iommu_driver::topology::remove_nops(blob).map_err(|_| DtbError::Unparsable(address))?;
+    let blob: &'static [u8] = blob;
+    virtio_iommu_driver::topology::validated_fdt(blob)
+        .map_err(|_| DtbError::Unparsable(address))?;
     Ok(blob)
 }
 

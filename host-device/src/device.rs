@@ -18,11 +18,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::IntoBytes;
 
 use crate::config::DeviceConfig;
-use crate::transport::{InterruptCause, InterruptHandler, VirtioCore};
 use crate::fault::reply::{corrupt_reply, peek_type};
 use crate::fault::{FaultCounters, Misbehaviour};
 use crate::request::{handle_request, validate_chain, Outcome};
 use crate::state::{Access, FaultRecord, IommuState, Piece, TranslateError};
+use crate::transport::{InterruptCause, InterruptHandler, VirtioCore};
 
 /// Device status bits (virtio §2.1).
 pub mod status {

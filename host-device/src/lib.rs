@@ -11,6 +11,10 @@
 //! - [`fault`]: [`FaultPlan`], fault injection: scripted device misbehaviours for testing
 //!   drivers.
 //! - [`mmio`]: [`MmioDevice`], the virtio-mmio (version 2) register model.
+//! - [`transport`]: [`transport::VirtioCore`], the interface every virtio transport drives a
+//!   device core through (implemented by [`IommuDevice`]); the virtio-pci transport is to come.
+//! - [`function`]: [`function::PciFunction`], a PCI function at register level (configuration
+//!   space, BARs, interrupts), as a vfio-user server serves it.
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
 //! - [`endpoints`]: PCI endpoint models (QEMU's `edu`) whose DMA goes through the IOMMU.
