@@ -7,7 +7,7 @@
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `VIOMMU_QEMU` | path of a `qemu-system-aarch64`, or `7.2` for Debian bookworm's QEMU 7.2 fetched into `target/qemu-7.2` ([`QemuChoice`]); default: `qemu-system-aarch64` from `PATH` (installed from bookworm-backports when missing and running as root) |
+//! | `VIOMMU_QEMU` | path of a `qemu-system-aarch64`, or `7.2` for Debian bookworm's QEMU 7.2 fetched into `target/qemu-7.2`, or `11.1` for Debian trixie-backports' QEMU 11.1 fetched into `target/qemu-11.1` ([`QemuChoice`]); default: `qemu-system-aarch64` from `PATH` (installed from bookworm-backports when missing and running as root) |
 //! | `VIOMMU_DISK` | raw disk image for virtio-blk (multiple of 512 bytes, ≥ 1 MiB); default: `target/viommu-disk.img`, 8 MiB of random bytes, generated once |
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
@@ -25,7 +25,9 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod qemu_111;
 mod toolchain;
+pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
 pub use toolchain::ensure_target;
 
 /// Debian package version of the QEMU 7.2 build used with [`QemuChoice::Debian72`].
@@ -129,7 +131,7 @@ impl std::error::Error for Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Wraps an I/O error with context.
-fn io_context<T>(result: io::Result<T>, context: impl FnOnce() -> String) -> Result<T> {
+pub(crate) fn io_context<T>(result: io::Result<T>, context: impl FnOnce() -> String) -> Result<T> {
     result.map_err(|source| Error::Io {
         context: context(),
         source,
@@ -148,16 +150,22 @@ pub enum QemuChoice {
     /// Debian bookworm's QEMU 7.2 ([`QEMU_72_DEB_VERSION`]), downloaded with
     /// `apt-get download` and unpacked with `dpkg -x` into `target/qemu-7.2` (no root needed).
     Debian72,
+    /// Debian trixie-backports' QEMU 11.1 ([`QEMU_111_DEB_VERSION`]) with its library closure,
+    /// unpacked into `target/qemu-11.1` and run through trixie's dynamic loader
+    /// ([`fetch_debian_qemu_111`]; no change to the system's apt or dpkg state).
+    Debian111,
 }
 
 impl QemuChoice {
     /// From `VIOMMU_QEMU`: unset or empty ⇒ [`System`](Self::System), `7.2` ⇒
-    /// [`Debian72`](Self::Debian72), anything else is a binary path.
+    /// [`Debian72`](Self::Debian72), `11.1` ⇒ [`Debian111`](Self::Debian111), anything else is
+    /// a binary path.
     pub fn from_env() -> Self {
         match std::env::var_os("VIOMMU_QEMU") {
             None => Self::System,
             Some(v) if v.is_empty() => Self::System,
             Some(v) if v == "7.2" => Self::Debian72,
+            Some(v) if v == "11.1" => Self::Debian111,
             Some(v) => Self::Binary(PathBuf::from(v)),
         }
     }
@@ -266,7 +274,7 @@ fn cargo() -> OsString {
 }
 
 /// Runs a command, capturing its output; fails on a non-zero status.
-fn run_captured(command: &mut Command) -> Result<std::process::Output> {
+pub(crate) fn run_captured(command: &mut Command) -> Result<std::process::Output> {
     let display = format!("{command:?}");
     let output = io_context(command.output(), || format!("cannot run `{display}`"))?;
     if output.status.success() {
@@ -384,7 +392,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 /// Serialises QEMU downloads and installs within this process (tests run in parallel).
-static QEMU_SETUP: Mutex<()> = Mutex::new(());
+pub(crate) static QEMU_SETUP: Mutex<()> = Mutex::new(());
 
 /// The QEMU binary for `choice`, fetching or installing it first if needed.
 pub fn resolve_qemu(choice: &QemuChoice) -> Result<PathBuf> {
@@ -401,6 +409,7 @@ pub fn resolve_qemu(choice: &QemuChoice) -> Result<PathBuf> {
             })
         }
         QemuChoice::Debian72 => fetch_debian_qemu_72(&target_dir().join("qemu-7.2")),
+        QemuChoice::Debian111 => fetch_debian_qemu_111(&target_dir().join("qemu-11.1")),
         QemuChoice::System => {
             if let Some(path) = find_in_path("qemu-system-aarch64") {
                 return Ok(path);
@@ -505,7 +514,7 @@ pub fn fetch_debian_qemu_72(dir: &Path) -> Result<PathBuf> {
 
 /// The Debian archive URI of `/etc/apt/sources.list.d/debian.sources` (so backports come from
 /// the same host), else `http://deb.debian.org/debian`.
-fn debian_archive_uri() -> String {
+pub(crate) fn debian_archive_uri() -> String {
     fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
         .ok()
         .and_then(|text| {

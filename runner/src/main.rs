@@ -9,7 +9,7 @@
 //! - `<firmware.elf>`: the cargo runner for `aarch64-unknown-none`: boots the ELF in QEMU as
 //!   configured by the `VIOMMU_*` environment variables (see the library documentation), streams
 //!   the output and exits with QEMU's exit status (the firmware's, via semihosting).
-//! - `install-qemu`: installs or fetches both QEMUs the tests use.
+//! - `install-qemu`: installs or fetches the three QEMUs the tests use (10.0, 7.2, 11.1).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,9 +24,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if first == "install-qemu" {
-        // Both QEMUs the tests use: 10.0 on PATH (installed with apt when missing) and 7.2
-        // unpacked into target/qemu-7.2.
-        for choice in [QemuChoice::System, QemuChoice::Debian72] {
+        // The QEMUs the tests use: 10.0 on PATH (installed with apt when missing), 7.2
+        // unpacked into target/qemu-7.2 and 11.1 into target/qemu-11.1.
+        for choice in [
+            QemuChoice::System,
+            QemuChoice::Debian72,
+            QemuChoice::Debian111,
+        ] {
             match virtio_iommu_runner::resolve_qemu(&choice) {
                 Ok(path) => println!("runner: {choice:?}: {}", path.display()),
                 Err(e) => {

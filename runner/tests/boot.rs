@@ -105,6 +105,17 @@ fn default_qemu_from_path() {
 }
 
 #[test]
+fn qemu_11_1_from_trixie_backports() {
+    boot(
+        "qemu-11.1",
+        RunConfig {
+            qemu: QemuChoice::Debian111,
+            ..RunConfig::default()
+        },
+    );
+}
+
+#[test]
 fn qemu_7_2_from_debian() {
     boot(
         "qemu-7.2",

@@ -1,4 +1,4 @@
-//! Generates the conformance table — case × backend (QEMU 10.0, QEMU 7.2, our device) — and
+//! Generates the conformance table — case × backend (QEMU 11.1, 10.0, 7.2, our device) — and
 //! checks that `CONFORMANCE.md` at the workspace root is up to date with it.
 //!
 //! QEMU's columns come from booting the firmware (which runs the same cases against QEMU's
@@ -111,6 +111,7 @@ fn can_fail_section() -> String {
 fn conformance_table_is_current() {
     let (v10, q10) = qemu_column(QemuChoice::System);
     let (v72, q72) = qemu_column(QemuChoice::Debian72);
+    let (v111, q111) = qemu_column(QemuChoice::Debian111);
     let full = run_ours(OursConfig::Full);
     let minimal = run_ours(OursConfig::Minimal);
 
@@ -133,9 +134,13 @@ fn conformance_table_is_current() {
     out.push_str(
         "Regenerate: `VIOMMU_BLESS=1 cargo test -p virtio-iommu-conformance --test table`.\n\n",
     );
-    out.push_str(&format!("- QEMU 10.0: {v10}\n- QEMU 7.2: {v72}\n\n"));
-    out.push_str("| case | statement | QEMU 10.0 | QEMU 7.2 | ours |\n|---|---|---|---|---|\n");
-    let mut counts = [[0u32; 3]; 3];
+    out.push_str(&format!(
+        "- QEMU 11.1: {v111}\n- QEMU 10.0: {v10}\n- QEMU 7.2: {v72}\n\n"
+    ));
+    out.push_str(
+        "| case | statement | QEMU 11.1 | QEMU 10.0 | QEMU 7.2 | ours |\n|---|---|---|---|---|---|\n",
+    );
+    let mut counts = [[0u32; 3]; 4];
     for (i, case) in CASES.iter().enumerate() {
         let ours = if full[i] == Outcome::Pass || minimal[i] != Outcome::Pass {
             &full[i]
@@ -143,6 +148,7 @@ fn conformance_table_is_current() {
             &minimal[i]
         };
         let cols = [
+            q111.get(case.id).cloned().unwrap_or_default(),
             q10.get(case.id).cloned().unwrap_or_default(),
             q72.get(case.id).cloned().unwrap_or_default(),
             (ours.word().to_string(), ours.detail().to_string()),
@@ -156,16 +162,20 @@ fn conformance_table_is_current() {
             counts[c][k] += 1;
         }
         out.push_str(&format!(
-            "| `{}` | {} | {} | {} | {} |\n",
+            "| `{}` | {} | {} | {} | {} | {} |\n",
             case.id,
             case.statement.replace('|', "\\|"),
             cell(&cols[0].0, &cols[0].1),
             cell(&cols[1].0, &cols[1].1),
-            cell(&cols[2].0, &cols[2].1)
+            cell(&cols[2].0, &cols[2].1),
+            cell(&cols[3].0, &cols[3].1)
         ));
     }
     out.push_str(&format!("\n{} cases. ", CASES.len()));
-    for (name, c) in ["QEMU 10.0", "QEMU 7.2", "ours"].iter().zip(counts) {
+    for (name, c) in ["QEMU 11.1", "QEMU 10.0", "QEMU 7.2", "ours"]
+        .iter()
+        .zip(counts)
+    {
         out.push_str(&format!(
             "{name}: {} pass, {} diverge, {} other. ",
             c[0], c[1], c[2]
@@ -175,7 +185,11 @@ fn conformance_table_is_current() {
     out.push_str(&can_fail_section());
 
     // Every case ran on QEMU (none missing, no harness error) and ours passes them all.
-    for (name, col) in [("QEMU 10.0", &q10), ("QEMU 7.2", &q72)] {
+    for (name, col) in [
+        ("QEMU 11.1", &q111),
+        ("QEMU 10.0", &q10),
+        ("QEMU 7.2", &q72),
+    ] {
         for case in CASES {
             let (w, d) = col.get(case.id).cloned().unwrap_or_default();
             assert!(
@@ -186,7 +200,7 @@ fn conformance_table_is_current() {
         }
     }
     assert_eq!(
-        counts[2][0] as usize,
+        counts[3][0] as usize,
         CASES.len(),
         "our device must pass every case"
     );
