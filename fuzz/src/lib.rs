@@ -321,7 +321,7 @@ impl Snapshot {
     }
 }
 
-/// The invariants of `IommuState` (documented in `host-device/src/state.rs` and its README):
+/// The invariants of `IommuState` (documented in `host-device/src/state/` and its README):
 /// domains are non-empty, attachments agree both ways, mappings of a domain are sorted and
 /// disjoint, inside the effective input range, granule-aligned, not wrapping in physical
 /// space, clear of every attached endpoint's reserved regions, absent from bypass domains,

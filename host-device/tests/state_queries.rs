@@ -1,4 +1,4 @@
-//! What `IommuState` and `Domain` report (state.rs docs): the domains and their endpoints and
+//! What `IommuState` and `Domain` report (the `state` module docs): the domains and their endpoints and
 //! mappings in order, inclusive mapping bounds, bypass mode of unattached endpoints (§5.13.6
 //! "Device operations": BYPASS_CONFIG offered and `bypass == 1`, or legacy BYPASS negotiated),
 //! the generation counter that changes with every change that can alter a translation (and a
