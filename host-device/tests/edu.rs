@@ -1,7 +1,7 @@
 //! The `edu` endpoint model: registers, and DMA through the virtio-iommu's translation.
 
 use virtio_iommu_device::config::DeviceConfig;
-use virtio_iommu_device::endpoints::edu::{Edu, DMA_START, IDENT};
+use virtio_iommu_device::endpoints::edu::{Edu, DMA_SIZE, DMA_START, IDENT};
 use virtio_iommu_device::function::PciFunction;
 use virtio_iommu_device::inprocess::TestBed;
 use virtio_iommu_driver::wire::MapFlags;
@@ -50,6 +50,16 @@ fn registers_and_ids() {
     assert_eq!(r32(&mut e, 4), !0x1234_5678);
     w32(&mut e, 8, 5);
     assert_eq!(r32(&mut e, 8), 120);
+    // 12! is the largest that fits in 32 bits; from 34! on the product is 0 modulo 2^32 (the
+    // model stops there, so u32::MAX costs 34 steps), and 13! wraps as u32 arithmetic does.
+    w32(&mut e, 8, 12);
+    assert_eq!(r32(&mut e, 8), 479_001_600);
+    w32(&mut e, 8, 13);
+    assert_eq!(r32(&mut e, 8), (1..=13u32).fold(1, u32::wrapping_mul));
+    w32(&mut e, 8, u32::MAX);
+    assert_eq!(r32(&mut e, 8), 0);
+    w32(&mut e, 8, 0);
+    assert_eq!(r32(&mut e, 8), 1);
     w32(&mut e, 0x60, 0x30);
     assert_eq!(r32(&mut e, 0x24), 0x30);
     w32(&mut e, 0x64, 0x10);
@@ -94,11 +104,17 @@ fn dma_through_a_mapping_and_faults() {
     w64(&mut e, 0x98, 3);
     let ev = drv.poll_event().unwrap().unwrap();
     assert_eq!(ev.address, Some(0x30_0000));
-    // Out-of-buffer DMA is refused, not an abort.
-    w64(&mut e, 0x80, DMA_START + 0xff0);
+    // Out-of-buffer DMA (one byte past the 4 KiB buffer, which starts with "hello edu") is
+    // refused, not an abort: page+0 (still zero) would receive "hello edu" if it ran.
+    w64(&mut e, 0x80, DMA_START);
     w64(&mut e, 0x88, 0x10_0000);
-    w64(&mut e, 0x90, 0x20);
+    w64(&mut e, 0x90, DMA_SIZE + 1);
     w64(&mut e, 0x98, 3);
     bed.read_phys(page, &mut got).unwrap();
     assert_eq!(got, [0; 9]);
+    // The same DMA within the buffer does land there: the refusal above was the range check.
+    w64(&mut e, 0x90, 9);
+    w64(&mut e, 0x98, 3);
+    bed.read_phys(page, &mut got).unwrap();
+    assert_eq!(&got, b"hello edu");
 }

@@ -214,7 +214,9 @@ impl Edu {
             0x08 if self.status & STATUS_COMPUTING == 0 => {
                 let mut n = v32;
                 let mut fact: u32 = 1;
-                while n > 0 {
+                // Modulo 2^32 the product is 0 once 32 factors of two are in (at most 34
+                // steps): stop there, so a guest writing u32::MAX costs 34 steps, not 4e9.
+                while n > 0 && fact != 0 {
                     fact = fact.wrapping_mul(n);
                     n -= 1;
                 }
