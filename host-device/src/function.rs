@@ -56,6 +56,16 @@ pub trait PciFunction: Send {
     fn set_guest_memory(&mut self, mem: GuestMemoryMmap);
     /// Function-level reset (vfio-user DEVICE_RESET): back to the power-on state.
     fn reset(&mut self);
+    /// Told by a server whose client emulates the MSI-X table and PBA itself (a vfio-user
+    /// client: QEMU keeps the table in its own memory, so the guest's writes to it never reach
+    /// the function, and sends per-vector MASK/UNMASK through SET_IRQS instead). With
+    /// `in_client` the function ignores its own table's per-vector mask bits and leaves
+    /// per-vector masking to the [`InterruptSink`]; MSI-X enable and the function mask bit in
+    /// the capability's Message Control, which the client writes through, still count.
+    /// Default: nothing (functions without MSI-X).
+    fn set_msix_table_in_client(&mut self, in_client: bool) {
+        let _ = in_client;
+    }
     /// Runs pending work that a register write deferred (owed rounds of queue processing),
     /// returning whether more remains. The server calls it between messages.
     fn poll(&mut self) -> bool {
