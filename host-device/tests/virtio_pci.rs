@@ -182,22 +182,19 @@ impl Pci {
     }
 
     /// Puts an ATTACH(domain 1, endpoint 1) on requestq as a two-descriptor chain (request,
-    /// then a 4-byte writable tail), notifies, and runs the owed rounds; returns the status
-    /// byte and the used element.
-    fn attach(&mut self) -> (u8, u32, u32) {
+    /// then a 4-byte writable tail at `STATUS_BUF + 16 * slot`), without notifying.
+    fn push_attach(&mut self) {
         let req = bytes(&attach(1, 1, 0));
+        let slot = u64::from(self.avail_idx % (QSIZE / 2));
+        let status = STATUS_BUF + 16 * slot;
         self.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
         self.mem
-            .write_slice(&[0xaa; 4], GuestAddress(STATUS_BUF))
+            .write_slice(&[0xaa; 4], GuestAddress(status))
             .unwrap();
-        let slot = u64::from(self.avail_idx % QSIZE);
-        let (d0, d1) = (
-            slot * 2 % u64::from(QSIZE),
-            (slot * 2 + 1) % u64::from(QSIZE),
-        );
+        let (d0, d1) = (slot * 2, slot * 2 + 1);
         for (d, addr, len, flags, next) in [
             (d0, REQ, req.len() as u32, F_NEXT, d1 as u16),
-            (d1, STATUS_BUF, 4, F_WRITE, 0),
+            (d1, status, 4, F_WRITE, 0),
         ] {
             let at = RING + d * 16;
             self.mem.write_obj(addr, GuestAddress(at)).unwrap();
@@ -206,20 +203,46 @@ impl Pci {
             self.w16(at + 14, next);
         }
         let avail = RING + 0x1000;
-        self.w16(avail + 4 + 2 * slot, d0 as u16);
+        self.w16(avail + 4 + 2 * u64::from(self.avail_idx % QSIZE), d0 as u16);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.w16(avail + 2, self.avail_idx);
-        // Notify requestq: a 16-bit write of the queue index at notify_off * multiplier.
-        self.bar_w(MODERN_BAR, region::NOTIFY.0, 2, 0);
+    }
+
+    /// Notifies queue `q`: a 16-bit write of its index at notify_off * multiplier.
+    fn notify(&mut self, q: u16) {
+        self.cw(cc::QUEUE_SELECT, 2, u64::from(q));
+        let off = self.cr(cc::QUEUE_NOTIFY_OFF, 2) * 4;
+        self.bar_w(MODERN_BAR, region::NOTIFY.0 + off, 2, u64::from(q));
+    }
+
+    /// Runs the rounds the function owes; returns how many `poll` calls did work.
+    fn drain(&mut self) -> usize {
         let mut rounds = 0;
         while self.f.poll() {
             rounds += 1;
             assert!(rounds < 100, "poll keeps owing work");
         }
-        let used = RING + 0x2000;
-        assert_eq!(self.r16(used + 2), self.avail_idx, "used index advanced");
-        let elem = used + 4 + 8 * u64::from((self.avail_idx.wrapping_sub(1)) % QSIZE);
-        let status: u8 = self.mem.read_obj(GuestAddress(STATUS_BUF)).unwrap();
+        rounds
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.r16(RING + 0x2002)
+    }
+
+    /// [`Self::push_attach`], notify, drain; returns the status byte and the used element
+    /// (head, length).
+    fn attach(&mut self) -> (u8, u32, u32) {
+        self.push_attach();
+        self.notify(0);
+        self.drain();
+        assert_eq!(self.used_idx(), self.avail_idx, "used index advanced");
+        let last = self.avail_idx.wrapping_sub(1);
+        let elem = RING + 0x2000 + 4 + 8 * u64::from(last % QSIZE);
+        let slot = u64::from(last % (QSIZE / 2));
+        let status: u8 = self
+            .mem
+            .read_obj(GuestAddress(STATUS_BUF + 16 * slot))
+            .unwrap();
         (status, self.r32(elem), self.r32(elem + 4))
     }
 }
@@ -544,6 +567,8 @@ fn bring_up_and_attach_through_the_pci_registers_with_msix() {
     let (status, id, len) = p.attach();
     assert_eq!(status, Status::Ok as u8);
     assert_eq!((id, len), (0, 4), "used element: head 0, 4 bytes written");
+    // The endpoint is attached in the device's state.
+    assert_eq!(p.dev.lock().unwrap().state().endpoint_domain(1), Some(1));
     assert_eq!(p.sink.take(), [Irq::Msix(1)], "requestq's vector, no INTx");
     // The ISR bit is set as QEMU sets it, without INTx while MSI-X is enabled.
     assert_eq!(p.isr(), 1);
@@ -753,6 +778,43 @@ fn function_level_reset_returns_to_power_on() {
     }
     p.bring_up();
     assert_eq!(p.attach().0, Status::Ok as u8);
+}
+
+#[test]
+fn a_notification_runs_one_round_and_poll_the_rounds_it_owes() {
+    let mut p = Pci::with(VirtioPciFunction::new);
+    let config = DeviceConfig::builder()
+        .endpoint(1)
+        .max_requests_per_notify(1)
+        .build()
+        .unwrap();
+    let dev = IommuDevice::new_shared(config, p.mem.clone()).unwrap();
+    p.f = VirtioPciFunction::new(dev.clone());
+    p.f.set_interrupt_sink(Some(p.sink.clone()));
+    p.dev = dev;
+    p.bring_up();
+    for _ in 0..3 {
+        p.push_attach();
+    }
+    // eventq's slot does not touch requestq.
+    p.notify(1);
+    assert_eq!(p.used_idx(), 0);
+    assert!(!p.f.poll());
+    p.notify(0);
+    assert_eq!(p.used_idx(), 1, "the notification's first round");
+    assert_eq!(p.drain(), 1, "one more poll owes work after the first");
+    assert_eq!(
+        p.used_idx(),
+        3,
+        "every chain available at the notification used"
+    );
+    assert!(!p.f.poll());
+    // A notification slot past the last queue is ignored.
+    p.push_attach();
+    p.bar_w(MODERN_BAR, region::NOTIFY.0 + 4 * 2, 2, 2);
+    p.bar_w(MODERN_BAR, region::NOTIFY.0 + region::NOTIFY.1 - 2, 2, 0);
+    assert_eq!(p.used_idx(), 3);
+    assert!(!p.f.poll());
 }
 
 /// Every offset up to 64 bytes past the end and every width, read and write, of config space

@@ -156,6 +156,36 @@ impl<C: VirtioCore> std::fmt::Debug for VirtioPciFunction<C> {
     }
 }
 
+/// The regions of [`MODERN_BAR`].
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+enum Region {
+    Common,
+    Isr,
+    Device,
+    Notify,
+}
+
+impl Region {
+    /// The region an access of `len` (1, 2, 4 or 8) bytes at BAR offset `offset` falls in
+    /// entirely, and the offset within it; `None` for other widths or straddling accesses.
+    fn locate(offset: u64, len: usize) -> Option<(Region, u64)> {
+        if !matches!(len, 1 | 2 | 4 | 8) {
+            return None;
+        }
+        [
+            (Region::Common, region::COMMON),
+            (Region::Isr, region::ISR),
+            (Region::Device, region::DEVICE),
+            (Region::Notify, region::NOTIFY),
+        ]
+        .into_iter()
+        .find(|&(_, (base, size))| {
+            offset >= base && offset.saturating_add(len as u64) <= base + size
+        })
+        .map(|(r, (base, _))| (r, offset - base))
+    }
+}
+
 fn le(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     for (d, s) in b.iter_mut().zip(data) {
@@ -207,63 +237,48 @@ impl<C: VirtioCore> VirtioPciFunction<C> {
 
     fn modern_read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let len = data.len() as u64;
-        if !matches!(len, 1 | 2 | 4 | 8) {
-            return;
-        }
-        let Some((base, size)) = [region::COMMON, region::ISR, region::DEVICE, region::NOTIFY]
-            .into_iter()
-            .find(|&(b, s)| offset >= b && offset.saturating_add(len) <= b + s)
-        else {
+        let Some((region, off)) = Region::locate(offset, data.len()) else {
             return;
         };
-        let off = offset - base;
-        let _ = size;
-        match base {
-            0x0000 => {
+        match region {
+            Region::Common => {
                 // 8-byte accesses are two 4-byte ones, as QEMU splits them.
-                let step = len.min(4) as usize;
+                let step = data.len().min(4);
                 for (i, chunk) in data.chunks_mut(step).enumerate() {
                     let v = self
                         .common
                         .read(&self.core, &self.irq, off + (i * step) as u64);
-                    let bytes = v.to_le_bytes();
-                    chunk.copy_from_slice(&bytes[..step]);
+                    chunk.copy_from_slice(&v.to_le_bytes()[..step]);
                 }
             }
-            0x1000 => {
+            Region::Isr => {
+                // Any read of the ISR region returns and clears the ISR byte, as QEMU's.
                 let isr = lock(&self.irq).take_isr();
                 self.core.ack_interrupt(u32::from(isr));
                 data[0] = isr;
             }
-            0x2000 => self.core.read_config(off, data),
-            _ => {}
+            Region::Device => self.core.read_config(off, data),
+            Region::Notify => {}
         }
     }
 
     fn modern_write(&mut self, offset: u64, data: &[u8]) {
-        let len = data.len() as u64;
-        if !matches!(len, 1 | 2 | 4 | 8) {
-            return;
-        }
-        let Some((base, _)) = [region::COMMON, region::ISR, region::DEVICE, region::NOTIFY]
-            .into_iter()
-            .find(|&(b, s)| offset >= b && offset.saturating_add(len) <= b + s)
-        else {
+        let Some((region, off)) = Region::locate(offset, data.len()) else {
             return;
         };
-        let off = offset - base;
-        match base {
-            0x0000 => {
-                let step = len.min(4) as usize;
+        match region {
+            Region::Common => {
+                let step = data.len().min(4);
                 for (i, chunk) in data.chunks(step).enumerate() {
                     let v = le(chunk) as u32;
                     self.common
                         .write(&mut self.core, &self.irq, off + (i * step) as u64, v);
                 }
             }
-            0x2000 => self.core.write_config(off, data),
-            0x3000 => {
+            Region::Isr => {}
+            Region::Device => self.core.write_config(off, data),
+            Region::Notify => {
+                // Whatever the value written: the slot names the queue.
                 let q = off / u64::from(NOTIFY_OFF_MULTIPLIER);
                 if let Ok(q) = u16::try_from(q) {
                     if q < self.core.num_queues() {
@@ -271,7 +286,6 @@ impl<C: VirtioCore> VirtioPciFunction<C> {
                     }
                 }
             }
-            _ => {}
         }
     }
 
