@@ -923,3 +923,16 @@ proptest! {
         prop_assert!(v < 3 || v == u64::from(NO_VECTOR));
     }
 }
+
+#[test]
+fn dropping_the_function_uninstalls_its_interrupt_handler() {
+    let p = Pci::new();
+    let (dev, sink) = (p.dev.clone(), p.sink.clone());
+    // While installed, a core interrupt reaches the sink (INTx: MSI-X is off).
+    dev.lock().unwrap().set_needs_reset();
+    assert_eq!(sink.take(), [Irq::Intx(true)]);
+    drop(p);
+    VirtioCore::write_status(&mut dev.clone(), 0);
+    dev.lock().unwrap().set_needs_reset();
+    assert_eq!(sink.take(), []);
+}
