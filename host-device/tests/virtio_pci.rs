@@ -936,3 +936,15 @@ fn dropping_the_function_uninstalls_its_interrupt_handler() {
     dev.lock().unwrap().set_needs_reset();
     assert_eq!(sink.take(), []);
 }
+
+#[test]
+fn function_level_reset_lowers_an_asserted_intx() {
+    let mut p = Pci::new();
+    p.bring_up();
+    assert_eq!(p.attach().0, Status::Ok as u8);
+    assert_eq!(p.sink.take(), [Irq::Intx(true)]);
+    p.f.reset();
+    assert_eq!(p.sink.take(), [Irq::Intx(false)]);
+    assert_eq!(p.cfg_r(reg::STATUS as u64, 2), 0x10);
+    assert_eq!(p.isr(), 0);
+}

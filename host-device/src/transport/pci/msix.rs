@@ -114,10 +114,12 @@ impl Interrupts {
     /// setting are kept.
     pub fn power_on(&mut self) {
         let sink = self.sink.take();
-        let in_client = self.table_in_client;
+        let (in_client, pin) = (self.table_in_client, self.pin);
         *self = Self::new(self.layout, self.queue_vectors.len() as u16);
         self.sink = sink;
         self.table_in_client = in_client;
+        // The sink still has the old level: tell it the new one.
+        self.pin = pin;
         self.update_pin();
     }
 
