@@ -54,4 +54,5 @@ pub use fault::{Fault, FaultPlan, Misbehaviour, When};
 pub use mmio::MmioDevice;
 pub use state::{Access, Domain, FaultRecord, IommuState, Mapping, Piece, TranslateError};
 pub use translate::{EndpointIommu, TranslationFailure};
+pub use transport::pci::VirtioPciFunction;
 pub use virtio_iommu_driver::wire;
