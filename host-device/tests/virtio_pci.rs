@@ -948,3 +948,29 @@ fn function_level_reset_lowers_an_asserted_intx() {
     assert_eq!(p.cfg_r(reg::STATUS as u64, 2), 0x10);
     assert_eq!(p.isr(), 0);
 }
+
+/// An owned (unshared) core: its interrupt handler runs inside the core's own methods, while the
+/// transport holds `&mut core`; the routing must not need the core.
+#[test]
+fn an_owned_core_routes_its_interrupts_too() {
+    let config = DeviceConfig::builder().endpoint(1).build().unwrap();
+    let core = IommuDevice::new(config, mem()).unwrap();
+    let mut f = VirtioPciFunction::new(core);
+    let sink = Arc::new(Rec::default());
+    f.set_interrupt_sink(Some(sink.clone()));
+    sink.take();
+    let mut id = [0u8; 4];
+    f.config_read(0, &mut id);
+    assert_eq!(u32::from_le_bytes(id), 0x1057_1af4);
+    f.core_mut().set_needs_reset();
+    assert_eq!(sink.take(), [Irq::Intx(true)]);
+    let mut isr = [0u8; 1];
+    f.bar_read(MODERN_BAR, region::ISR.0, &mut isr);
+    assert_eq!(isr, [2]);
+    assert_eq!(sink.take(), [Irq::Intx(false)]);
+    assert_eq!(
+        f.core().interrupt_status(),
+        0,
+        "the ISR read acknowledged the core"
+    );
+}

@@ -24,6 +24,12 @@
 //! with MSI-X enabled the queue's or the config vector is signalled (held in the PBA while
 //! masked), otherwise INTx follows the ISR.
 //!
+//! Locking: the core's interrupt handler (installed by [`VirtioPciFunction::new`]) only locks
+//! the transport's interrupt state, never the core, and the transport never calls the core
+//! while holding that state; so interrupts raised from any thread (a shared core used by
+//! endpoints translating elsewhere) are routed at once, without deadlock. The
+//! [`InterruptSink`] is called with that state locked: it must not call back into the function.
+//!
 //! Differences from QEMU: QEMU's `virtio-iommu-pci` has no MSI-X capability (it sets no
 //! `vectors` default); [`VirtioPciFunction::new`] gives one with `num_queues + 1` vectors, as
 //! QEMU's `virtio-blk-pci` does, and [`VirtioPciFunction::with_msix_vectors`] with 0 gives
