@@ -11,7 +11,7 @@
 //!   128 vectors ([`MsixLayout`]); absent without MSI-X.
 //! - BAR4 (+5): 64-bit prefetchable memory, 16 KiB: common configuration at 0x0000, ISR at
 //!   0x1000, device configuration at 0x2000, notifications at 0x3000 (multiplier 4, queue
-//!   `i` at 0x3000 + 4·i), each region 4 KiB.
+//!   `i` at 0x3000 + 4·i), each region 4 KiB (so at most QEMU's 1024 queues have a slot).
 //! - Capabilities (list at 0x34): MSI-X at 0x98 → PCI_CFG at 0x84 → NOTIFY at 0x70 →
 //!   DEVICE at 0x60 → ISR at 0x50 → COMMON at 0x40 (without MSI-X the list starts at 0x84).
 //!
