@@ -242,3 +242,24 @@ fn bad_used_lengths_and_unwritten_tails_are_per_token_outcomes() {
         "an unwritten tail is fatal, as for synchronous requests"
     );
 }
+
+fn flags(dev: &FakeDevice) -> (u16, u16) {
+    let s = dev.state();
+    (s.avail_flags(0), s.avail_flags(1))
+}
+
+#[test]
+fn interrupt_enable_and_disable_set_the_avail_flags_of_both_queues() {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    // After new(): requestq polled (NO_INTERRUPT), eventq interrupting.
+    assert_eq!(flags(&dev), (1, 0));
+    drv.enable_interrupts();
+    assert_eq!(flags(&dev), (0, 0));
+    drv.disable_interrupts();
+    assert_eq!(flags(&dev), (1, 1));
+    drv.set_interrupts(true, false);
+    assert_eq!(flags(&dev), (0, 1));
+    // Requests still complete either way (they are polled).
+    drv.attach(1, 16).unwrap();
+}
