@@ -111,3 +111,53 @@ fn qemu_11_1_own_iommu_with_rewritten_dtb() {
         "the IOMMU was found through our devicetree"
     );
 }
+
+#[test]
+fn our_iommu_node_matches_qemus_own() {
+    // QEMU's tree with its virtio-iommu-pci at 00:01.0 versus QEMU's tree without it plus
+    // add_pci_iommu(devfn 0x08): the same host bridge node, up to the phandle's value.
+    use virtio_iommu_runner::ours::{add_pci_iommu, pci_host_bridge};
+    let qemu = qemu_111();
+    let theirs = DeviceTree::parse(
+        &dump(&qemu, &machine(&["-device", "virtio-iommu-pci,addr=01.0"])).unwrap(),
+    )
+    .unwrap();
+    let mut ours = DeviceTree::parse(&dump(&qemu, &machine(&[])).unwrap()).unwrap();
+    let bridge = pci_host_bridge(&ours).unwrap();
+    assert!(ours.node(&bridge).unwrap().property("iommu-map").is_none());
+    let phandle = add_pci_iommu(&mut ours, 0x08).unwrap();
+    let theirs_bridge = theirs.node(&bridge).expect("same bridge path");
+    let theirs_phandle = theirs_bridge
+        .children
+        .last()
+        .unwrap()
+        .u32_cells("phandle")
+        .unwrap()[0];
+    // Our phandle in QEMU's place, then the whole bridge node must be equal (the bridge's
+    // property order aside: ours appends iommu-map at the end; the child's is QEMU's).
+    let normalize = |node: &virtio_iommu_runner::Node, from: u32| {
+        let mut node = node.clone();
+        let fix = |value: &mut Vec<u8>| {
+            for chunk in value.chunks_exact_mut(4) {
+                if chunk == from.to_be_bytes() {
+                    chunk.copy_from_slice(&0xabcd_u32.to_be_bytes());
+                }
+            }
+        };
+        for p in node.properties.iter_mut().filter(|p| p.name == "iommu-map") {
+            fix(&mut p.value);
+        }
+        for c in node.children.iter_mut() {
+            for p in c.properties.iter_mut().filter(|p| p.name == "phandle") {
+                fix(&mut p.value);
+            }
+        }
+        node.properties.sort_by(|a, b| a.name.cmp(&b.name));
+        node
+    };
+    assert_eq!(
+        normalize(ours.node(&bridge).unwrap(), phandle),
+        normalize(theirs_bridge, theirs_phandle)
+    );
+    ours.to_dtb().expect("serializable");
+}
