@@ -7,7 +7,8 @@
 //! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
 //! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
-//! editable devicetree: QEMU's dumped tree, parsed, edited, written back). This file keeps the
+//! editable devicetree: QEMU's dumped tree, parsed, edited, written back), `acpi` (MCFG, VIOT
+//! and XSDT for `-fw_cfg`), `ours` (booting against our device). This file keeps the
 //! errors, the run configuration and building the firmware.
 //!
 //! Environment (read by [`RunConfig::from_env`]):
@@ -35,6 +36,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod acpi;
 mod boot;
 pub mod devicetree;
 mod disk;

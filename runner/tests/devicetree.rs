@@ -161,3 +161,57 @@ fn our_iommu_node_matches_qemus_own() {
     );
     ours.to_dtb().expect("serializable");
 }
+
+#[test]
+fn qemu_11_1_own_iommu_with_our_acpi_tables() {
+    // QEMU's own virtio-iommu-pci at 00:01.0 with QEMU's ACPI off and our MCFG + VIOT given
+    // through fw_cfg (what `VIOMMU_DEVICE=ours` does): the firmware's VIOT case must pass.
+    use virtio_iommu_runner::ours::pci_iommu_acpi;
+    let qemu = qemu_111();
+    let config = RunConfig {
+        qemu: QemuChoice::Debian111,
+        iommu_addr: Some("01.0".into()),
+        extra_args: vec!["-machine".into(), "acpi=off".into()],
+        ..RunConfig::default()
+    };
+    let disk = prepare_disk(None).expect("disk");
+    let blob = dump(&qemu, &qemu_args(&config, firmware(), &disk.path)).expect("dumpdtb");
+    let tree = DeviceTree::parse(&blob).expect("parse");
+    let acpi = pci_iommu_acpi(&tree, 0x08).expect("ACPI tables");
+    let dir = std::env::temp_dir().join(format!("viommu-acpi-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (tables, loader) = (dir.join("tables"), dir.join("loader"));
+    std::fs::write(&tables, &acpi.tables).unwrap();
+    std::fs::write(&loader, &acpi.loader).unwrap();
+    let mut extra = config.extra_args.clone();
+    for (name, path) in [("etc/acpi/tables", &tables), ("etc/table-loader", &loader)] {
+        extra.push("-fw_cfg".into());
+        extra.push(format!("name={name},file={}", path.display()));
+    }
+    let outcome = run(
+        &RunConfig {
+            extra_args: extra,
+            ..config
+        },
+        firmware(),
+    )
+    .expect("boot");
+    let _ = std::fs::remove_dir_all(&dir);
+    let found = problems(&outcome, true);
+    assert!(
+        found.is_empty(),
+        "our ACPI tables: {found:#?}\n--- stderr ---\n{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.output.lines().any(|l| l.starts_with("ok ")
+            && l.contains("IOMMU and endpoints found through ACPI VIOT agree with the devicetree")),
+        "the VIOT case ran and passed"
+    );
+    assert!(
+        outcome
+            .output
+            .contains("MCFG@0x0+0x3c VIOT@0x3c+0x58 XSDT@0x94"),
+        "the firmware read our blob, not QEMU's"
+    );
+}

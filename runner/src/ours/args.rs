@@ -63,6 +63,28 @@ pub fn vfio_user_device(socket: &Path, addr: PciAddr) -> String {
     )
 }
 
+/// The files the runner writes for the guest: its devicetree and ACPI tables.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct FirmwareFiles {
+    /// The devicetree blob (`-dtb`).
+    pub dtb: PathBuf,
+    /// fw_cfg `etc/acpi/tables` ([`crate::acpi::AcpiBlob::tables`]).
+    pub acpi_tables: PathBuf,
+    /// fw_cfg `etc/table-loader` ([`crate::acpi::AcpiBlob::loader`]).
+    pub acpi_loader: PathBuf,
+}
+
+/// `-fw_cfg name=<name>,file=<path>`.
+fn fw_cfg(name: &str, path: &Path) -> [String; 2] {
+    [
+        "-fw_cfg".into(),
+        format!(
+            "name={name},file={}",
+            boot::qemu_option_value(&path.to_string_lossy())
+        ),
+    ]
+}
+
 /// RAM as a shared memfd of `size`: `-object memory-backend-memfd,id=mem,size=S,share=on
 /// -machine memory-backend=mem`.
 pub fn memfd_args(size: &str) -> Vec<String> {
@@ -77,21 +99,24 @@ pub fn memfd_args(size: &str) -> Vec<String> {
     ]
 }
 
-/// The machine without devices, for `dumpdtb`: [`machine_args`], [`memfd_args`], then
-/// `config.extra_args` (which shape the tree: `-M virt,…`, `-smp`, `-append`).
+/// The machine without devices, for `dumpdtb`: [`machine_args`], `-machine acpi=off`,
+/// [`memfd_args`], then `config.extra_args` (which shape the tree: `-M virt,…`, `-smp`,
+/// `-append`).
 ///
 /// # Errors
 ///
 /// Those of [`memory_size`].
 pub fn dump_args(config: &RunConfig, elf: &Path) -> Result<Vec<String>> {
     let mut args = machine_args(elf);
+    args.extend(["-machine".into(), "acpi=off".into()]);
     args.extend(memfd_args(&memory_size(&config.extra_args)?));
     args.extend(config.extra_args.iter().cloned());
     Ok(args)
 }
 
-/// The boot: [`machine_args`], [`memfd_args`], one [`vfio_user_device`] per `(socket, addr)`,
-/// `-dtb dtb`, then `config.extra_args`. No QEMU virtio-iommu, virtio-blk or edu.
+/// The boot: [`machine_args`], `-machine acpi=off`, [`memfd_args`], one [`vfio_user_device`]
+/// per `(socket, addr)`, `-dtb`, the ACPI files as fw_cfg `etc/acpi/tables` and
+/// `etc/table-loader`, then `config.extra_args`. No QEMU virtio-iommu, virtio-blk or edu.
 ///
 /// # Errors
 ///
@@ -100,16 +125,19 @@ pub fn ours_qemu_args(
     config: &RunConfig,
     elf: &Path,
     devices: &[(PathBuf, PciAddr)],
-    dtb: &Path,
+    files: &FirmwareFiles,
 ) -> Result<Vec<String>> {
     let mut args = machine_args(elf);
+    args.extend(["-machine".into(), "acpi=off".into()]);
     args.extend(memfd_args(&memory_size(&config.extra_args)?));
     for (socket, addr) in devices {
         args.push("-device".into());
         args.push(vfio_user_device(socket, *addr));
     }
     args.push("-dtb".into());
-    args.push(dtb.to_string_lossy().into_owned());
+    args.push(files.dtb.to_string_lossy().into_owned());
+    args.extend(fw_cfg(crate::acpi::TABLES_FILE, &files.acpi_tables));
+    args.extend(fw_cfg(crate::acpi::LOADER_FILE, &files.acpi_loader));
     args.extend(config.extra_args.iter().cloned());
     Ok(args)
 }
@@ -158,24 +186,26 @@ mod tests {
             (PathBuf::from("/d/iommu.sock"), PciAddr::new(1, 0).unwrap()),
             (PathBuf::from("/d/blk.sock"), PciAddr::new(2, 0).unwrap()),
         ];
-        let args = ours_qemu_args(
-            &config,
-            Path::new("/fw.elf"),
-            &devices,
-            Path::new("/d/v.dtb"),
-        )
-        .unwrap();
+        let files = FirmwareFiles {
+            dtb: "/d/v.dtb".into(),
+            acpi_tables: "/d/t,a".into(),
+            acpi_loader: "/d/l".into(),
+        };
+        let args = ours_qemu_args(&config, Path::new("/fw.elf"), &devices, &files).unwrap();
         let joined = args.join(" ");
         assert!(
             joined.starts_with("-M virt -cpu cortex-a57 -m 512M "),
             "{joined}"
         );
         assert!(joined.contains(
-            " -kernel /fw.elf -object memory-backend-memfd,id=mem,size=128M,share=on -machine memory-backend=mem -device {"
+            " -kernel /fw.elf -machine acpi=off -object memory-backend-memfd,id=mem,size=128M,share=on -machine memory-backend=mem -device {"
         ), "{joined}");
         assert!(joined.contains(r#""path":"/d/blk.sock","type":"unix"},"addr":"02.0"}"#));
         assert!(
-            joined.ends_with(" -dtb /d/v.dtb -m 128M -append bench"),
+            joined.ends_with(
+                " -dtb /d/v.dtb -fw_cfg name=etc/acpi/tables,file=/d/t,,a \
+                 -fw_cfg name=etc/table-loader,file=/d/l -m 128M -append bench"
+            ),
             "{joined}"
         );
         for qemu_device in ["virtio-iommu-pci", "virtio-blk-pci", "edu", "-drive"] {

@@ -12,6 +12,10 @@
 //! 3. QEMU's own tree for the machine without devices ([`dump`], [`dump_args`]) plus a
 //!    `virtio,pci-iommu` node and the host bridge's `iommu-map` ([`add_pci_iommu`]), written to
 //!    `virt.dtb`;
+//!    QEMU builds a VIOT only for its own virtio-iommu, so QEMU's ACPI is turned off and an
+//!    MCFG and VIOT describing the same bridge and IOMMU ([`pci_iommu_acpi`]) go to the guest
+//!    as fw_cfg `etc/acpi/tables` and `etc/table-loader` (QEMU warns that such names should
+//!    start with `opt/`);
 //! 4. the server, started and waited for until it listens ([`ServerProcess::start`]);
 //! 5. QEMU with shared memfd RAM, `-dtb` and one `vfio-user-pci` per device
 //!    ([`ours_qemu_args`]);
@@ -27,12 +31,17 @@
 #[allow(unused_imports)]
 use crate::*;
 
+mod acpi_desc;
 mod args;
 mod iommu_node;
 mod pci_addr;
 mod server;
 
-pub use args::{dump_args, json_string, memfd_args, memory_size, ours_qemu_args, vfio_user_device};
+pub use acpi_desc::{host_bridge_ecam, pci_iommu_acpi};
+pub use args::{
+    dump_args, json_string, memfd_args, memory_size, ours_qemu_args, vfio_user_device,
+    FirmwareFiles,
+};
 pub use iommu_node::{add_pci_iommu, iommu_map_cells, pci_host_bridge, PCI_HOST_COMPATIBLE};
 pub use pci_addr::PciAddr;
 pub use server::{
@@ -285,10 +294,21 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     // The devicetree: QEMU's own for this machine, plus our IOMMU.
     let mut tree = DeviceTree::parse(&dump(&qemu, &dump_args(config, elf)?)?)?;
     add_pci_iommu(&mut tree, layout.iommu.devfn())?;
-    let dtb = work.path().join("virt.dtb");
-    io_context(fs::write(&dtb, tree.to_dtb()?), || {
-        format!("cannot write {}", dtb.display())
-    })?;
+    let acpi = pci_iommu_acpi(&tree, layout.iommu.devfn())?;
+    let files = FirmwareFiles {
+        dtb: work.path().join("virt.dtb"),
+        acpi_tables: work.path().join("acpi-tables"),
+        acpi_loader: work.path().join("table-loader"),
+    };
+    for (path, bytes) in [
+        (&files.dtb, tree.to_dtb()?),
+        (&files.acpi_tables, acpi.tables),
+        (&files.acpi_loader, acpi.loader),
+    ] {
+        io_context(fs::write(path, bytes), || {
+            format!("cannot write {}", path.display())
+        })?;
+    }
 
     let spec = ServerSpec {
         iommu_socket: work.path().join("iommu.sock"),
@@ -334,7 +354,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         (spec.blk_socket.clone(), layout.blk),
         (spec.edu_socket.clone(), layout.edu),
     ];
-    let args = ours_qemu_args(config, elf, &devices, &dtb)?;
+    let args = ours_qemu_args(config, elf, &devices, &files)?;
     println!("runner: {}", display_command(&qemu, &args));
     let ran = run_qemu(&qemu, &args, deadline)?;
     let Some(status) = ran.status else {
