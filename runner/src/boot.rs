@@ -157,13 +157,32 @@ pub(crate) struct QemuRun {
     pub(crate) stderr: String,
     /// From spawning it to its exit (or kill).
     pub(crate) duration: Duration,
+    /// Whether it was killed because the watcher said so (not because of the deadline).
+    pub(crate) cut_short: bool,
 }
+
+/// How long QEMU may run on once the watcher of [`run_qemu_watched`] reported trouble.
+pub(crate) const WATCH_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `qemu args`, streaming its stdout and stderr while keeping them, until it exits or
 /// `deadline` passes (then it is killed and `status` is `None`). QEMU is killed on every error
 /// path too.
 pub(crate) fn run_qemu(qemu: &Path, args: &[String], deadline: Instant) -> Result<QemuRun> {
+    run_qemu_watched(qemu, args, deadline, &mut || false)
+}
+
+/// [`run_qemu`], calling `trouble` every 10 ms while QEMU runs: once it returns true (e.g. a
+/// process QEMU depends on died), QEMU gets [`WATCH_GRACE`] to exit by itself, then it is
+/// killed and [`QemuRun::cut_short`] is set.
+pub(crate) fn run_qemu_watched(
+    qemu: &Path,
+    args: &[String],
+    mut deadline: Instant,
+    trouble: &mut dyn FnMut() -> bool,
+) -> Result<QemuRun> {
     let started = Instant::now();
+    let mut watching = true;
+    let mut cut_short = false;
     let mut guard = ChildGuard(Some(io_context(
         Command::new(qemu)
             .args(args)
@@ -191,7 +210,17 @@ pub(crate) fn run_qemu(qemu: &Path, args: &[String], deadline: Instant) -> Resul
                 let _ = child.wait();
                 break None;
             }
-            None => thread::sleep(Duration::from_millis(10)),
+            None => {
+                if watching && trouble() {
+                    watching = false;
+                    let cut = Instant::now() + WATCH_GRACE;
+                    if cut < deadline {
+                        deadline = cut;
+                        cut_short = true;
+                    }
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
         }
     };
     let duration = started.elapsed();
@@ -207,6 +236,7 @@ pub(crate) fn run_qemu(qemu: &Path, args: &[String], deadline: Instant) -> Resul
         output,
         stderr,
         duration,
+        cut_short: cut_short && status.is_none(),
     })
 }
 

@@ -215,3 +215,14 @@ fn qemu_11_1_own_iommu_with_our_acpi_tables() {
         "the firmware read our blob, not QEMU's"
     );
 }
+
+#[test]
+fn failed_dump_names_qemus_complaint() {
+    let qemu = qemu_111();
+    match dump(&qemu, &machine(&["-device", "no-such-device"])) {
+        Err(virtio_iommu_runner::Error::CommandFailed { stderr, .. }) => {
+            assert!(stderr.contains("no-such-device"), "{stderr}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -139,3 +139,63 @@ fn qemu_7_2_is_refused() {
     assert_eq!(recorded(&server, "pid"), "", "no server started");
     let _ = fs::remove_dir_all(server.parent().unwrap());
 }
+
+#[test]
+fn server_dying_mid_run_cuts_qemu_short() {
+    // A fake QEMU (answers dumpdtb with a real tree, then "runs" forever) and a server that
+    // dies 0.5 s after listening: the run must end about WATCH_GRACE (5 s) later, not at the
+    // 60 s timeout, with QEMU killed.
+    use virtio_iommu_runner::devicetree::dump;
+    use virtio_iommu_runner::{resolve_qemu, QemuChoice};
+    let real = resolve_qemu(&QemuChoice::Debian111).expect("QEMU 11.1");
+    let server = fake(
+        "dying",
+        "echo 'virtio-iommu-vfio-user: listening'\nsleep 0.5\necho 'crash' >&2\nexit 9",
+    );
+    let dir = server.parent().unwrap().to_path_buf();
+    let tree = dump(
+        &real,
+        &["-M", "virt", "-m", "512M", "-nographic"].map(String::from),
+    )
+    .unwrap();
+    std::fs::write(dir.join("tree.dtb"), tree).unwrap();
+    let qemu = dir.join("qemu");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir.display();
+        fs::write(
+            &qemu,
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in dumpdtb=*) cp {d}/tree.dtb \"${{a#dumpdtb=}}\"; exit 0;; esac; done\n\
+                 echo $$ > {d}/qemu-pid\nexec sleep 120\n"
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let started = Instant::now();
+    let outcome = run(
+        &RunConfig {
+            qemu: QemuChoice::Binary(qemu.clone()),
+            ..ours(&server)
+        },
+        firmware(),
+    )
+    .expect("run");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    assert_eq!(outcome.exit_code, 128 + 9, "QEMU killed");
+    let report = outcome.server.as_ref().unwrap();
+    assert_eq!(report.exit_code, 9);
+    assert!(report.stderr.contains("crash"));
+    assert!(!problems(&outcome, false).is_empty());
+    let pid: u32 = recorded(&server, "qemu-pid").trim().parse().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU left running"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}

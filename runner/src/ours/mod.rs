@@ -329,7 +329,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let server = ServerProcess::start(&program, &spec, listen)?;
+    let mut server = ServerProcess::start(&program, &spec, listen)?;
     println!(
         "runner: vfio-user device virtio-iommu at {} socket {}",
         layout.iommu,
@@ -356,7 +356,27 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     ];
     let args = ours_qemu_args(config, elf, &devices, &files)?;
     println!("runner: {}", display_command(&qemu, &args));
-    let ran = run_qemu(&qemu, &args, deadline)?;
+    let ran = run_qemu_watched(&qemu, &args, deadline, &mut || server.has_exited())?;
+    if ran.cut_short {
+        let report = server.stop(Duration::ZERO);
+        eprintln!(
+            "runner: the server exited during the run (status {}); QEMU did not exit within {} s \
+             after it and was killed",
+            report.exit_code,
+            WATCH_GRACE.as_secs()
+        );
+        return Ok(RunOutcome {
+            exit_code: 128 + 9,
+            output: ran.output,
+            stderr: ran.stderr,
+            disk_sha256: disk.sha256,
+            disk: disk.path,
+            qemu,
+            args,
+            duration: started.elapsed(),
+            server: Some(report),
+        });
+    }
     let Some(status) = ran.status else {
         let report = server.kill();
         eprintln!(

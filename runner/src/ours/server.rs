@@ -301,6 +301,14 @@ impl ServerProcess {
         }
     }
 
+    /// Whether the server has exited (it is reaped; [`stop`](Self::stop) still reports it).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.child() {
+            Some(child) => !matches!(child.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
     /// The server's process ID.
     pub fn id(&self) -> Option<u32> {
         self.child.0.as_ref().map(Child::id)
