@@ -140,39 +140,78 @@ fn qemu_7_2_is_refused() {
     let _ = fs::remove_dir_all(server.parent().unwrap());
 }
 
-#[test]
-fn server_dying_mid_run_cuts_qemu_short() {
-    // A fake QEMU (answers dumpdtb with a real tree, then "runs" forever) and a server that
-    // dies 0.5 s after listening: the run must end about WATCH_GRACE (5 s) later, not at the
-    // 60 s timeout, with QEMU killed.
+/// A fake QEMU in `dir`: answers `-machine dumpdtb=F` with a real QEMU 11.1 tree, otherwise
+/// records its PID in `dir/qemu-pid` and "runs" (sleeps) for two minutes.
+fn fake_qemu(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     use virtio_iommu_runner::devicetree::dump;
     use virtio_iommu_runner::{resolve_qemu, QemuChoice};
     let real = resolve_qemu(&QemuChoice::Debian111).expect("QEMU 11.1");
-    let server = fake(
-        "dying",
-        "echo 'virtio-iommu-vfio-user: listening'\nsleep 0.5\necho 'crash' >&2\nexit 9",
-    );
-    let dir = server.parent().unwrap().to_path_buf();
     let tree = dump(
         &real,
         &["-M", "virt", "-m", "512M", "-nographic"].map(String::from),
     )
     .unwrap();
-    std::fs::write(dir.join("tree.dtb"), tree).unwrap();
+    fs::write(dir.join("tree.dtb"), tree).unwrap();
     let qemu = dir.join("qemu");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let d = dir.display();
-        fs::write(
-            &qemu,
-            format!(
-                "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in dumpdtb=*) cp {d}/tree.dtb \"${{a#dumpdtb=}}\"; exit 0;; esac; done\n\
-                 echo $$ > {d}/qemu-pid\nexec sleep 120\n"
-            ),
-        )
-        .unwrap();
-        fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
+    let d = dir.display();
+    fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in dumpdtb=*) cp {d}/tree.dtb \"${{a#dumpdtb=}}\"; exit 0;; esac; done\n\
+             echo $$ > {d}/qemu-pid\nexec sleep 120\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&qemu, fs::Permissions::from_mode(0o755)).unwrap();
+    qemu
+}
+
+#[test]
+fn timeout_kills_qemu_and_server() {
+    let server = fake(
+        "patient",
+        "echo 'virtio-iommu-vfio-user: listening'\nexec sleep 120",
+    );
+    let dir = server.parent().unwrap().to_path_buf();
+    let qemu = fake_qemu(&dir);
+    let started = Instant::now();
+    let result = run(
+        &RunConfig {
+            qemu: virtio_iommu_runner::QemuChoice::Binary(qemu),
+            timeout: Duration::from_secs(3),
+            ..ours(&server)
+        },
+        firmware(),
+    );
+    assert!(
+        matches!(result, Err(Error::Timeout { seconds: 3, .. })),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for pid_file in ["pid", "qemu-pid"] {
+        let pid: u32 = recorded(&server, pid_file).trim().parse().unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid_file}: process left running"
+        );
     }
+    assert!(!socket_dir(&server).exists(), "temporary directory left");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn server_dying_mid_run_cuts_qemu_short() {
+    // A fake QEMU (answers dumpdtb with a real tree, then "runs" forever) and a server that
+    // dies 0.5 s after listening: the run must end about WATCH_GRACE (5 s) later, not at the
+    // 60 s timeout, with QEMU killed.
+    use virtio_iommu_runner::QemuChoice;
+    let server = fake(
+        "dying",
+        "echo 'virtio-iommu-vfio-user: listening'\nsleep 0.5\necho 'crash' >&2\nexit 9",
+    );
+    let dir = server.parent().unwrap().to_path_buf();
+    let qemu = fake_qemu(&dir);
     let started = Instant::now();
     let outcome = run(
         &RunConfig {
