@@ -56,8 +56,11 @@ fn main() -> ExitCode {
                     eprintln!("runner: --device needs a value: qemu or ours");
                     return ExitCode::from(2);
                 }
-                Err(e) => {
-                    eprintln!("runner: --device: {e}");
+                Err(_) => {
+                    eprintln!(
+                        "runner: --device {}: neither `qemu` nor `ours`",
+                        value.unwrap_or_default()
+                    );
                     return ExitCode::from(2);
                 }
             }
