@@ -116,7 +116,7 @@ fn qemu_11_1_own_iommu_with_rewritten_dtb() {
 fn our_iommu_node_matches_qemus_own() {
     // QEMU's tree with its virtio-iommu-pci at 00:01.0 versus QEMU's tree without it plus
     // add_pci_iommu(devfn 0x08): the same host bridge node, up to the phandle's value.
-    use virtio_iommu_runner::ours::{add_pci_iommu, pci_host_bridge};
+    use virtio_iommu_runner::ours::{add_pci_iommu, pci_host_bridge, Coverage};
     let qemu = qemu_111();
     let theirs = DeviceTree::parse(
         &dump(&qemu, &machine(&["-device", "virtio-iommu-pci,addr=01.0"])).unwrap(),
@@ -125,7 +125,7 @@ fn our_iommu_node_matches_qemus_own() {
     let mut ours = DeviceTree::parse(&dump(&qemu, &machine(&[])).unwrap()).unwrap();
     let bridge = pci_host_bridge(&ours).unwrap();
     assert!(ours.node(&bridge).unwrap().property("iommu-map").is_none());
-    let phandle = add_pci_iommu(&mut ours, 0x08).unwrap();
+    let phandle = add_pci_iommu(&mut ours, 0x08, &Coverage::AllExcept(vec![])).unwrap();
     let theirs_bridge = theirs.node(&bridge).expect("same bridge path");
     let theirs_phandle = theirs_bridge
         .children
@@ -166,7 +166,7 @@ fn our_iommu_node_matches_qemus_own() {
 fn qemu_11_1_own_iommu_with_our_acpi_tables() {
     // QEMU's own virtio-iommu-pci at 00:01.0 with QEMU's ACPI off and our MCFG + VIOT given
     // through fw_cfg (what `VIOMMU_DEVICE=ours` does): the firmware's VIOT case must pass.
-    use virtio_iommu_runner::ours::pci_iommu_acpi;
+    use virtio_iommu_runner::ours::{pci_iommu_acpi, Coverage};
     let qemu = qemu_111();
     let config = RunConfig {
         qemu: QemuChoice::Debian111,
@@ -177,7 +177,7 @@ fn qemu_11_1_own_iommu_with_our_acpi_tables() {
     let disk = prepare_disk(None).expect("disk");
     let blob = dump(&qemu, &qemu_args(&config, firmware(), &disk.path)).expect("dumpdtb");
     let tree = DeviceTree::parse(&blob).expect("parse");
-    let acpi = pci_iommu_acpi(&tree, 0x08).expect("ACPI tables");
+    let acpi = pci_iommu_acpi(&tree, 0x08, &Coverage::AllExcept(vec![])).expect("ACPI tables");
     let dir = std::env::temp_dir().join(format!("viommu-acpi-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (tables, loader) = (dir.join("tables"), dir.join("loader"));

@@ -8,7 +8,7 @@ use crate::acpi::{self, AcpiBlob, McfgEntry, ViotNode};
 use crate::devicetree::DeviceTree;
 use crate::{Error, Result};
 
-use super::iommu_node::pci_host_bridge;
+use super::iommu_node::{pci_host_bridge, Coverage};
 
 /// A devicetree error.
 fn dt_error(reason: String) -> Error {
@@ -65,30 +65,46 @@ pub fn host_bridge_ecam(tree: &DeviceTree) -> Result<McfgEntry> {
 }
 
 /// MCFG and VIOT (and the XSDT) for a virtio-iommu at `devfn` on the first bus of the tree's
-/// host bridge, translating every BDF of the bridge's bus range (endpoint ID = BDF, as the
-/// `iommu-map` of [`super::add_pci_iommu`]; the IOMMU's own BDF is in the range as in QEMU's
-/// VIOT and excluded by the guest, VIOT §5.2.32.3).
+/// host bridge, translating the BDFs `coverage` names with endpoint ID = BDF, as the
+/// `iommu-map` of [`super::add_pci_iommu`]: one PCI range node per run of requester IDs within
+/// the bridge's bus range. `AllExcept(vec![])` gives QEMU's single range over the whole bus
+/// range, which includes the IOMMU's own BDF (the guest excludes it, VIOT §5.2.32.3);
+/// otherwise the IOMMU's BDF is left out as in the `iommu-map`.
 ///
 /// # Errors
 ///
-/// Those of [`host_bridge_ecam`].
-pub fn pci_iommu_acpi(tree: &DeviceTree, devfn: u8) -> Result<AcpiBlob> {
+/// Those of [`host_bridge_ecam`]; [`Error::Devicetree`] when the VIOT would exceed 64 KiB.
+pub fn pci_iommu_acpi(tree: &DeviceTree, devfn: u8, coverage: &Coverage) -> Result<AcpiBlob> {
     let ecam = host_bridge_ecam(tree)?;
-    let first = u16::from(ecam.bus_start) << 8;
-    let nodes = [
-        ViotNode::VirtioPciIommu {
-            segment: ecam.segment,
-            bdf: first | u16::from(devfn),
-        },
-        ViotNode::PciRange {
-            endpoint_start: u32::from(first),
-            segment_start: ecam.segment,
-            segment_end: ecam.segment,
-            bdf_start: first,
-            bdf_end: u16::from(ecam.bus_end) << 8 | 0xff,
-            output: 0,
-        },
-    ];
+    let first = u32::from(ecam.bus_start) << 8;
+    let end = (u32::from(ecam.bus_end) << 8 | 0xff) + 1;
+    let iommu_bdf = (first as u16) | u16::from(devfn);
+    let range = |start: u32, last: u32| ViotNode::PciRange {
+        endpoint_start: start,
+        segment_start: ecam.segment,
+        segment_end: ecam.segment,
+        bdf_start: start as u16,
+        bdf_end: last as u16,
+        output: 0,
+    };
+    let mut nodes = vec![ViotNode::VirtioPciIommu {
+        segment: ecam.segment,
+        bdf: iommu_bdf,
+    }];
+    if *coverage == Coverage::AllExcept(Vec::new()) {
+        nodes.push(range(first, end - 1));
+    } else {
+        for (start, count) in coverage.runs(iommu_bdf) {
+            // Clipped to the bridge's buses (both ends within 0..=0xffff).
+            let (lo, hi) = (
+                u32::from(start).max(first),
+                (u32::from(start) + count).min(end),
+            );
+            if lo < hi {
+                nodes.push(range(lo, hi - 1));
+            }
+        }
+    }
     let viot = acpi::viot(&nodes).map_err(dt_error)?;
     Ok(acpi::blob(&[acpi::mcfg(&[ecam]), viot]))
 }
@@ -138,7 +154,7 @@ mod tests {
     fn viot_names_our_iommu() {
         use virtio_iommu_driver::topology::{IommuLocation, Topology};
         let t = tree(&[0x40, 0x1000_0000, 0, 0x1000_0000], Some(&[0, 255]));
-        let blob = pci_iommu_acpi(&t, 0x28).unwrap();
+        let blob = pci_iommu_acpi(&t, 0x28, &Coverage::AllExcept(vec![])).unwrap();
         let topology = Topology::from_acpi_tables(&blob.tables).unwrap();
         assert_eq!(
             topology.iommus[0].location,
@@ -151,5 +167,25 @@ mod tests {
         assert_eq!(blk.endpoint_id, 0x10);
         let far = topology.pci_endpoint(0, 0x3f18).unwrap().unwrap();
         assert_eq!(far.endpoint_id, 0x3f18, "every bus of the bridge");
+        // All but the host bridge: 0 untranslated, empty slots covered.
+        let blob = pci_iommu_acpi(&t, 0x28, &Coverage::AllExcept(vec![0])).unwrap();
+        let topology = Topology::from_acpi_tables(&blob.tables).unwrap();
+        for (rid, expected) in [(0, None), (1, Some(1)), (0x28, None), (0x29, Some(0x29))] {
+            let ep = topology.pci_endpoint(0, rid).unwrap();
+            assert_eq!(ep.map(|e| e.endpoint_id), expected, "rid {rid:#x}");
+        }
+        // Only our endpoints: the host bridge (0) and anything else stay untranslated.
+        let only = Coverage::Only(vec![0x18, 0x10]);
+        let blob = pci_iommu_acpi(&t, 0x28, &only).unwrap();
+        let topology = Topology::from_acpi_tables(&blob.tables).unwrap();
+        for (rid, expected) in [
+            (0x10, Some(0x10)),
+            (0x18, Some(0x18)),
+            (0, None),
+            (0x11, None),
+        ] {
+            let ep = topology.pci_endpoint(0, rid).unwrap();
+            assert_eq!(ep.map(|e| e.endpoint_id), expected, "rid {rid:#x}");
+        }
     }
 }

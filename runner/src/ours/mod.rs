@@ -11,7 +11,11 @@
 //!    it gets the copy while `disk-sha256:` is checked against the original's hash;
 //! 3. QEMU's own tree for the machine without devices ([`dump`], [`dump_args`]) plus a
 //!    `virtio,pci-iommu` node and the host bridge's `iommu-map` ([`add_pci_iommu`]), written to
-//!    `virt.dtb`;
+//!    `virt.dtb`; the map covers every requester ID but the IOMMU's and the host bridge's
+//!    (`Coverage::AllExcept([0])`): the host bridge 00:00.0 is QEMU's and unknown to our
+//!    IOMMU, while empty slots stay covered so that the firmware finds endpoint IDs the IOMMU
+//!    does not know (its S_NOENT cases). QEMU devices added with extra arguments are covered
+//!    too, but their DMA is not translated by our server (a warning says so);
 //!    QEMU builds a VIOT only for its own virtio-iommu, so QEMU's ACPI is turned off and an
 //!    MCFG and VIOT describing the same bridge and IOMMU ([`pci_iommu_acpi`]) go to the guest
 //!    as fw_cfg `etc/acpi/tables` and `etc/table-loader` (QEMU warns that such names should
@@ -42,7 +46,9 @@ pub use args::{
     dump_args, json_string, memfd_args, memory_size, ours_qemu_args, vfio_user_device,
     FirmwareFiles,
 };
-pub use iommu_node::{add_pci_iommu, iommu_map_cells, pci_host_bridge, PCI_HOST_COMPATIBLE};
+pub use iommu_node::{
+    add_pci_iommu, iommu_map_cells, pci_host_bridge, Coverage, PCI_HOST_COMPATIBLE,
+};
 pub use pci_addr::PciAddr;
 pub use server::{
     build_server, parse_counts, ServerCounts, ServerProcess, ServerReport, ServerSpec,
@@ -51,6 +57,9 @@ pub use server::{
 };
 
 use crate::devicetree::{dump, DeviceTree};
+
+/// Requester ID of the host bridge function 00:00.0 of `-M virt` (QEMU's `gpex-root`).
+pub const HOST_BRIDGE_RID: u16 = 0;
 
 /// Which virtio-iommu (and endpoints) the firmware runs against.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -292,9 +301,11 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     );
 
     // The devicetree: QEMU's own for this machine, plus our IOMMU.
+    // Every requester ID but the IOMMU's and the host bridge's (see `Coverage`).
+    let coverage = Coverage::AllExcept(vec![HOST_BRIDGE_RID]);
     let mut tree = DeviceTree::parse(&dump(&qemu, &dump_args(config, elf)?)?)?;
-    add_pci_iommu(&mut tree, layout.iommu.devfn())?;
-    let acpi = pci_iommu_acpi(&tree, layout.iommu.devfn())?;
+    add_pci_iommu(&mut tree, layout.iommu.devfn(), &coverage)?;
+    let acpi = pci_iommu_acpi(&tree, layout.iommu.devfn(), &coverage)?;
     let files = FirmwareFiles {
         dtb: work.path().join("virt.dtb"),
         acpi_tables: work.path().join("acpi-tables"),
@@ -418,9 +429,10 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     })
 }
 
-/// Warns about QEMU devices in the extra arguments: the `iommu-map` sends every requester ID
-/// but the IOMMU's through our IOMMU, but QEMU's own devices' DMA is not translated by it (for
-/// example `cargo qemu-dma-modes`' `virtio-rng-pci`).
+/// Warns about QEMU devices in the extra arguments: the `iommu-map` puts them behind our
+/// IOMMU, but their DMA is not translated by it (e.g. `cargo qemu-dma-modes`'
+/// `virtio-rng-pci`, whose buffers the firmware maps at IOVAs the device then uses as physical
+/// addresses).
 fn warn_about_qemu_devices(config: &RunConfig) {
     let mut args = config.extra_args.iter();
     while let Some(arg) = args.next() {
