@@ -139,8 +139,11 @@ fn bench_mode_batches() {
 fn bench_mode_against_our_device() {
     // Our device through vfio-user (issue #8 item 6): a notification is a message to another
     // process here. The ratio is printed; ≥ 64 requests per notification is asserted.
-    let server = virtio_iommu_runner::ours::server_binary(&RunConfig::default())
-        .unwrap_or_else(|e| panic!("building the vfio-user server: {e}"));
+    let server = virtio_iommu_runner::ours::server_binary(&RunConfig {
+        server: std::env::var_os("VIOMMU_SERVER").map(PathBuf::from),
+        ..RunConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("building the vfio-user server: {e}"));
     let config = RunConfig {
         device: virtio_iommu_runner::DeviceChoice::Ours,
         server: Some(server),

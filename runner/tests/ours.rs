@@ -16,12 +16,15 @@ fn firmware() -> &'static Path {
     ELF.get_or_init(|| firmware_elf().unwrap_or_else(|e| panic!("building the firmware: {e}")))
 }
 
-/// The server, built once for this test binary (or `$VIOMMU_SERVER`).
+/// The server, built once for this test binary (or `$VIOMMU_SERVER`, a prebuilt one).
 fn server() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        virtio_iommu_runner::ours::server_binary(&RunConfig::default())
-            .unwrap_or_else(|e| panic!("building the vfio-user server: {e}"))
+        virtio_iommu_runner::ours::server_binary(&RunConfig {
+            server: std::env::var_os("VIOMMU_SERVER").map(PathBuf::from),
+            ..RunConfig::default()
+        })
+        .unwrap_or_else(|e| panic!("building the vfio-user server: {e}"))
     })
 }
 
