@@ -14,8 +14,8 @@
 //!    `virt.dtb`; the map covers every requester ID but the IOMMU's and the host bridge's
 //!    (`Coverage::AllExcept([0])`): the host bridge 00:00.0 is QEMU's and unknown to our
 //!    IOMMU, while empty slots stay covered so that the firmware finds endpoint IDs the IOMMU
-//!    does not know (its S_NOENT cases). QEMU devices added with extra arguments are covered
-//!    too, but their DMA is not translated by our server (a warning says so);
+//!    does not know (its S_NOENT cases). QEMU PCI devices in the extra arguments are refused
+//!    ([`check_no_qemu_pci_devices`]);
 //!    QEMU builds a VIOT only for its own virtio-iommu, so QEMU's ACPI is turned off and an
 //!    MCFG and VIOT describing the same bridge and IOMMU ([`pci_iommu_acpi`]) go to the guest
 //!    as fw_cfg `etc/acpi/tables` and `etc/table-loader` (QEMU warns that such names should
@@ -278,6 +278,7 @@ fn remaining(deadline: Instant, config: &RunConfig, output: &str) -> Result<Dura
 /// [`prepare_disk`]; [`Error::Io`] for file and process failures.
 pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     let layout = Layout::from_config(config)?;
+    check_no_qemu_pci_devices(&config.extra_args)?;
     let qemu = resolve_qemu(&qemu_for_ours(&config.qemu)?)?;
     let program = server_binary(config)?;
     let disk = prepare_disk(config.disk.as_deref())?;
@@ -359,7 +360,6 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         spec.edu_socket.display(),
         spec.edu_endpoint
     );
-    warn_about_qemu_devices(config);
     let devices = [
         (spec.iommu_socket.clone(), layout.iommu),
         (spec.blk_socket.clone(), layout.blk),
@@ -429,22 +429,36 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     })
 }
 
-/// Warns about QEMU devices in the extra arguments: the `iommu-map` puts them behind our
-/// IOMMU, but their DMA is not translated by it (e.g. `cargo qemu-dma-modes`'
-/// `virtio-rng-pci`, whose buffers the firmware maps at IOVAs the device then uses as physical
-/// addresses).
-fn warn_about_qemu_devices(config: &RunConfig) {
-    let mut args = config.extra_args.iter();
+/// Refuses QEMU PCI devices in the extra arguments (`-device <driver>-pci…` or `edu`): our
+/// IOMMU does not know them, yet the `iommu-map` would put them behind it (the firmware PROBEs
+/// every function behind it and gets S_NOENT), their DMA would not be translated, and QEMU
+/// places a device without `addr=` in slot 1 before the vfio-user devices are realized (seen
+/// with `cargo qemu-dma-modes`' `virtio-rng-pci`: "slot 1 function 0 not available for
+/// vfio-user-pci").
+///
+/// # Errors
+///
+/// [`Error::InvalidEnv`] (`VIOMMU_DEVICE`) naming the device.
+pub fn check_no_qemu_pci_devices(extra_args: &[String]) -> Result<()> {
+    let mut args = extra_args.iter();
     while let Some(arg) = args.next() {
-        if arg == "-device" {
-            if let Some(device) = args.next() {
-                eprintln!(
-                    "runner: warning: `-device {device}` is QEMU's: the devicetree puts it behind \
-                     our IOMMU, but its DMA is not translated by our server"
-                );
-            }
+        if arg != "-device" && arg != "--device" {
+            continue;
+        }
+        let Some(device) = args.next() else { break };
+        let driver = device.split(',').next().unwrap_or_default();
+        if driver.ends_with("-pci") || driver == "edu" {
+            return Err(Error::InvalidEnv {
+                name: "VIOMMU_DEVICE",
+                reason: format!(
+                    "`ours` cannot boot with QEMU's PCI device `-device {device}`: our IOMMU \
+                     does not know it and does not translate its DMA (for dma-modes against \
+                     our device use `cargo qemu-ours-dma-modes`, which has no virtio-rng)"
+                ),
+            });
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -525,6 +539,22 @@ mod tests {
             match Layout::from_config(&config) {
                 Err(Error::InvalidEnv { name, .. }) => assert_eq!(name, variable),
                 other => panic!("{iommu:?} {blk:?} {edu:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn qemu_pci_devices_are_refused() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_no_qemu_pci_devices(&args(&["-append", "bench", "-smp", "2"])).is_ok());
+        assert!(check_no_qemu_pci_devices(&args(&["-device", "loader,addr=0x1"])).is_ok());
+        for bad in ["virtio-rng-pci,iommu_platform=on", "edu", "e1000e-pci"] {
+            match check_no_qemu_pci_devices(&args(&["-m", "1G", "-device", bad])) {
+                Err(Error::InvalidEnv { name, reason }) => {
+                    assert_eq!(name, "VIOMMU_DEVICE");
+                    assert!(reason.contains(bad), "{reason}");
+                }
+                other => panic!("{bad}: {other:?}"),
             }
         }
     }
