@@ -381,6 +381,7 @@ impl BlkCore {
         let negotiated = self.driver_features;
         let max_descriptors = usize::from(self.queue.size());
         let mut done = 0;
+        let mut used = 0;
         while done < self.max_requests {
             if avail == 0 {
                 self.owed = 0;
@@ -440,8 +441,9 @@ impl BlkCore {
                 self.set_needs_reset();
                 break;
             }
+            used += 1;
         }
-        if done > 0 {
+        if used > 0 {
             self.signal_used();
         }
         done
