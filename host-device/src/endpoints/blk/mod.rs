@@ -11,9 +11,11 @@
 //!   one queue per vCPU with `VIRTIO_BLK_F_MQ`; one queue needs no MQ.)
 //! - Features offered: `VERSION_1` and `ACCESS_PLATFORM` (both required at FEATURES_OK: the
 //!   device has no untranslated path), `SEG_MAX` ([`SEG_MAX`] = queue size − 2, as QEMU's
-//!   `seg-max-adjust`), `BLK_SIZE` (512), `FLUSH`, and `RO` for a read-only device. Not
-//!   offered: indirect descriptors, event index, `CONFIG_WCE` (the cache is writeback: the
-//!   driver flushes), discard, write zeroes, topology, geometry.
+//!   `seg-max-adjust`), `BLK_SIZE` (512), `FLUSH`, `RO` for a read-only device, and
+//!   `VIRTIO_RING_F_INDIRECT_DESC` (virtio-queue follows indirect tables, through the
+//!   translation like every other access; a chain still counts at most the queue size in
+//!   descriptors). Not offered: event index, `CONFIG_WCE` (the cache is writeback: the driver
+//!   flushes), discard, write zeroes, topology, geometry, multiqueue.
 //! - Capacity: the file's length at creation, rounded down to 512-byte sectors (a trailing
 //!   partial sector is never read or written); it does not follow later size changes.
 //! - Disk I/O: `pread`/`pwrite` ([`std::os::unix::fs::FileExt`]) through a 64 KiB bounce buffer; FLUSH is
@@ -26,6 +28,12 @@
 //! the device then processes nothing until reset, so a broken ring costs one fault per
 //! notification at most, never a spin. A descriptor that does not translate only truncates its
 //! chain, which is returned with used length 0.
+//!
+//! Locking: every access translates through the IOMMU ([`crate::translate::EndpointIommu`]
+//! locks the [`SharedDevice`] for each one); a translation fault is reported on the IOMMU's
+//! event queue from this thread, so the IOMMU's interrupt handler may run while the blk core
+//! is in a [`VirtioCore`] call: that handler must not lock the blk core (or a lock held
+//! around it).
 //!
 //! Queue activation checks the size and alignment only: the rings' IOVAs are translated at
 //! their first use (as QEMU does), so no fault is reported for a queue a driver enables
@@ -309,7 +317,8 @@ impl BlkCore {
             | feature::ACCESS_PLATFORM
             | feature::SEG_MAX
             | feature::BLK_SIZE
-            | feature::FLUSH;
+            | feature::FLUSH
+            | feature::RING_INDIRECT_DESC;
         if self.read_only {
             f |= feature::RO;
         }

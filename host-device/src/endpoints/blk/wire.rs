@@ -33,7 +33,7 @@ pub mod feature {
     pub const CONFIG_WCE: u64 = 1 << 11;
     /// `VIRTIO_BLK_F_MQ` (12) (not offered: one requestq).
     pub const MQ: u64 = 1 << 12;
-    /// `VIRTIO_RING_F_INDIRECT_DESC` (28) (not offered).
+    /// `VIRTIO_RING_F_INDIRECT_DESC` (28): descriptors may refer to indirect tables.
     pub const RING_INDIRECT_DESC: u64 = 1 << 28;
     /// `VIRTIO_RING_F_EVENT_IDX` (29) (not offered).
     pub const RING_EVENT_IDX: u64 = 1 << 29;
