@@ -598,13 +598,38 @@ fn writes_reach_the_file_and_flush_succeeds() {
 }
 
 #[test]
-fn flush_without_the_feature_is_unsupported() {
+fn without_flush_negotiated_flush_is_unsupported_and_writes_are_synced() {
     let mut rig = Rig::with(
         BlkOptions::default(),
         Some(feature::VERSION_1 | feature::ACCESS_PLATFORM),
     );
     assert_eq!(rig.simple(req::FLUSH, 0), (status::UNSUPP, 1));
     assert_eq!(rig.blk.counters().flushes, 0);
+    // Writethrough: each successful OUT is synced before it completes; a failed one is not.
+    assert_eq!(rig.write_sectors(1, &[9; 1024]).0, status::OK);
+    assert_eq!(rig.blk.counters().flushes, 1);
+    assert_eq!(rig.write_sectors(4096, &[9; 512]).0, status::IOERR);
+    assert_eq!(rig.blk.counters().flushes, 1);
+    assert_eq!(rig.file_sectors(1, 2), vec![9; 1024]);
+}
+
+#[test]
+fn writeback_writes_are_not_synced_until_flush() {
+    let mut rig = Rig::new();
+    assert_eq!(rig.write_sectors(1, &[9; 512]).0, status::OK);
+    assert_eq!(rig.blk.counters().flushes, 0);
+    assert_eq!(rig.simple(req::FLUSH, 0).0, status::OK);
+    assert_eq!(rig.blk.counters().flushes, 1);
+}
+
+#[test]
+fn a_head_index_outside_the_table_needs_reset() {
+    let mut rig = Rig::new();
+    rig.make_available(QSIZE);
+    rig.blk.notify(0);
+    assert!(rig.blk.needs_reset());
+    assert_eq!(rig.used_idx(), 0);
+    assert_eq!(rig.blk.counters().unanswered, 1);
 }
 
 #[test]

@@ -18,8 +18,10 @@
 //!   flushes), discard, write zeroes, topology, geometry, multiqueue.
 //! - Capacity: the file's length at creation, rounded down to 512-byte sectors (a trailing
 //!   partial sector is never read or written); it does not follow later size changes.
-//! - Disk I/O: `pread`/`pwrite` ([`std::os::unix::fs::FileExt`]) through a 64 KiB bounce buffer; FLUSH is
-//!   `fdatasync` ([`File::sync_data`]). Requests are completed synchronously, in order.
+//! - Disk I/O: `pread`/`pwrite` ([`std::os::unix::fs::FileExt`]) through a 64 KiB bounce
+//!   buffer; FLUSH is `fdatasync` ([`File::sync_data`]). Without `FLUSH` negotiated the cache
+//!   is writethrough (§5.2.5): each OUT is synced before it completes. Requests are completed
+//!   synchronously, in order.
 //! - Requests: see [`request`] for the framing rules and statuses.
 //!
 //! Unreachable rings: the available index or an available ring entry that does not translate
@@ -145,7 +147,8 @@ pub struct BlkCounters {
     pub bytes_read: u64,
     /// Bytes written from guest memory to the disk (OUT).
     pub bytes_written: u64,
-    /// FLUSH requests executed.
+    /// Disk syncs (`fdatasync`): FLUSH requests, and OUT requests in writethrough mode
+    /// (`VIRTIO_BLK_F_FLUSH` not negotiated).
     pub flushes: u64,
     /// Used-buffer interrupts raised.
     pub interrupts: u64,

@@ -26,7 +26,9 @@
 //!    any data byte that does not translate with the needed permission ⇒ `S_IOERR`, and no
 //!    data moves: every data range is translated (faults reported) before the first byte is
 //!    copied;
-//! 7. a disk error ⇒ `S_IOERR`.
+//! 7. a disk error ⇒ `S_IOERR`;
+//! 8. without `VIRTIO_BLK_F_FLUSH` negotiated the cache is writethrough (§5.2.5): an OUT is
+//!    synced (`fdatasync`) before its status is written.
 //!
 //! Used length: the number of bytes written from the start of the writable part (§2.7.8.2
 //! "the device MUST write at least len bytes ... beginning at the first device-writable
@@ -92,7 +94,7 @@ pub struct Handled {
     pub bytes_read: u64,
     /// Bytes written from guest memory to the disk.
     pub bytes_written: u64,
-    /// Whether a FLUSH reached the disk.
+    /// Whether the disk was synced (`fdatasync`): a FLUSH, or an OUT in writethrough mode.
     pub flushed: bool,
 }
 
@@ -117,7 +119,10 @@ pub struct Disk<'a> {
     pub capacity: u64,
     /// Whether OUT is refused (`VIRTIO_BLK_F_RO`).
     pub read_only: bool,
-    /// Whether FLUSH is executed (`VIRTIO_BLK_F_FLUSH` negotiated); else it is `S_UNSUPP`.
+    /// Whether `VIRTIO_BLK_F_FLUSH` was negotiated: the cache is writeback and FLUSH is
+    /// executed. Else FLUSH is `S_UNSUPP` and the cache is writethrough (§5.2.5: writeback
+    /// after reset if and only if FLUSH is negotiated): every OUT is made durable
+    /// (`fdatasync`) before its status is written.
     pub flush: bool,
     /// The GET_ID string, NUL-padded.
     pub serial: &'a [u8; ID_BYTES],
@@ -421,6 +426,15 @@ pub fn handle_request<'a, M: GuestMemory>(
                         (Some(off), Some(p)) => write_out(mem, disk, &p, off),
                         _ => Transfer::fail(false),
                     }
+                };
+                let t = if t.status == status::OK && !disk.flush {
+                    done.flushed = true;
+                    match disk.file.sync_data() {
+                        Ok(()) => t,
+                        Err(_) => Transfer::fail(false),
+                    }
+                } else {
+                    t
                 };
                 done.bytes_written = t.bytes;
                 (t.status, t.dma_error)
