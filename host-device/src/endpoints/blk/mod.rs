@@ -14,8 +14,8 @@
 //!   `seg-max-adjust`), `BLK_SIZE` (512), `FLUSH`, `RO` for a read-only device, and
 //!   `VIRTIO_RING_F_INDIRECT_DESC` (virtio-queue follows indirect tables, through the
 //!   translation like every other access; a chain still counts at most the queue size in
-//!   descriptors). Not offered: event index, `CONFIG_WCE` (the cache is writeback: the driver
-//!   flushes), discard, write zeroes, topology, geometry, multiqueue.
+//!   descriptors). Not offered: event index, `CONFIG_WCE` (the cache mode follows the
+//!   negotiation of `FLUSH`, §5.2.5), discard, write zeroes, topology, geometry, multiqueue.
 //! - Capacity: the file's length at creation, rounded down to 512-byte sectors (a trailing
 //!   partial sector is never read or written); it does not follow later size changes.
 //! - Disk I/O: `pread`/`pwrite` ([`std::os::unix::fs::FileExt`]) through a 64 KiB bounce
@@ -26,7 +26,8 @@
 //!
 //! Unreachable rings: the available index or an available ring entry that does not translate
 //! (the IOMMU reports the fault), an available index claiming more chains than the queue
-//! holds, or a used-ring write that fails ⇒ DEVICE_NEEDS_RESET and a configuration interrupt;
+//! holds, a head index outside the descriptor table (it cannot be returned), or a used-ring
+//! write that fails ⇒ DEVICE_NEEDS_RESET and a configuration interrupt;
 //! the device then processes nothing until reset, so a broken ring costs one fault per
 //! notification at most, never a spin. A descriptor that does not translate only truncates its
 //! chain, which is returned with used length 0.
@@ -67,8 +68,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Default [`BlkOptions::max_requests_per_notify`].
 pub const DEFAULT_MAX_REQUESTS_PER_NOTIFY: usize = 64;
-/// Default [`BlkOptions::max_request_bytes`]: 16 MiB (Linux sends at most `max_sectors_kb`,
-/// 1280 KiB by default).
+/// Default [`BlkOptions::max_request_bytes`]: 16 MiB, well above Linux's default
+/// `max_sectors_kb` (a few MiB at most).
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 16 << 20;
 
 /// The guest memory a [`BlkCore`] reaches: IOVAs of its endpoint, translated by the IOMMU.

@@ -181,8 +181,8 @@ impl Stream {
     }
 }
 
-/// Splits a chain into its readable and writable streams. `Ok(false)` in the second slot
-/// when a readable descriptor follows a writable one.
+/// Splits a chain into its readable and writable streams; the third value is `false` when a
+/// readable descriptor follows a writable one.
 fn collect<M: GuestMemory>(
     chain: DescriptorChain<&M>,
     max_descriptors: usize,
