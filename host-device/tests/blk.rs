@@ -26,6 +26,9 @@ const WINDOW: u64 = 4 << 20;
 /// IOVA of a read-only window.
 const IOVA_RO: u64 = 0x2_0000_0000;
 const RO_SIZE: u64 = 64 << 10;
+/// IOVA of a write-only window.
+const IOVA_WO: u64 = 0x3_0000_0000;
+const WO_SIZE: u64 = 64 << 10;
 /// Never mapped.
 const UNMAPPED: u64 = 0x9_0000_0000;
 const QSIZE: u16 = 256;
@@ -128,6 +131,8 @@ struct Rig {
     phys: u64,
     /// Guest-physical address of the read-only window.
     ro_phys: u64,
+    /// Guest-physical address of the write-only window.
+    wo_phys: u64,
     slot: u16,
     next: u64,
     causes: Causes,
@@ -164,6 +169,9 @@ impl Rig {
         drv.map(1, IOVA, IOVA + WINDOW - 1, phys, RW).unwrap();
         drv.map(1, IOVA_RO, IOVA_RO + RO_SIZE - 1, ro_phys, MapFlags::READ)
             .unwrap();
+        let wo_phys = bed.alloc(WO_SIZE as usize).unwrap();
+        drv.map(1, IOVA_WO, IOVA_WO + WO_SIZE - 1, wo_phys, MapFlags::WRITE)
+            .unwrap();
         let mut blk =
             BlkCore::with_options(disk.open(), bed.shared_device().clone(), EP, options).unwrap();
         blk.set_memory(bed.memory().clone());
@@ -177,6 +185,7 @@ impl Rig {
             disk,
             phys,
             ro_phys,
+            wo_phys,
             slot: 0,
             next: DATA,
             causes,
@@ -784,6 +793,67 @@ fn a_read_into_a_read_only_mapping_faults_and_leaves_ram_unchanged() {
     rig.submit(&[r(h, 16), r(IOVA_RO, 512), w(st, 1)]);
     assert_eq!(rig.read(st, 1)[0], status::OK);
     assert_eq!(rig.file_sectors(7, 1), vec![0x33; 512]);
+}
+
+/// Linux maps a request's buffers by DMA direction: the header and OUT data device-readable
+/// only (`DMA_TO_DEVICE`), IN data and the status device-writable only (`DMA_FROM_DEVICE`).
+/// The device never needs more.
+#[test]
+fn buffers_mapped_with_their_direction_only_suffice() {
+    let mut rig = Rig::new();
+    rig.bed
+        .write_phys(rig.ro_phys + 0x100, &header(req::IN, 33))
+        .unwrap();
+    rig.bed.write_phys(rig.wo_phys, &[POISON; 1025]).unwrap();
+    let used = rig.submit(&[
+        r(IOVA_RO + 0x100, 16),
+        w(IOVA_WO, 1024),
+        w(IOVA_WO + 1024, 1),
+    ]);
+    assert_eq!(used, 1025);
+    let mut got = vec![0u8; 1025];
+    rig.bed.read_phys(rig.wo_phys, &mut got).unwrap();
+    assert_eq!(got[..1024], expected(33, 2)[..]);
+    assert_eq!(got[1024], status::OK);
+    // OUT: header and data read-only, status write-only.
+    rig.bed
+        .write_phys(rig.ro_phys + 0x200, &header(req::OUT, 50))
+        .unwrap();
+    rig.bed
+        .write_phys(rig.ro_phys + 0x400, &[0x42; 512])
+        .unwrap();
+    let used = rig.submit(&[
+        r(IOVA_RO + 0x200, 16),
+        r(IOVA_RO + 0x400, 512),
+        w(IOVA_WO + 0x800, 1),
+    ]);
+    assert_eq!(used, 1);
+    assert_eq!(rig.file_sectors(50, 1), vec![0x42; 512]);
+    // GET_ID into write-only memory.
+    rig.bed
+        .write_phys(rig.ro_phys + 0x300, &header(req::GET_ID, 0))
+        .unwrap();
+    assert_eq!(
+        rig.submit(&[
+            r(IOVA_RO + 0x300, 16),
+            w(IOVA_WO + 0x1000, 20),
+            w(IOVA_WO + 0x1014, 1)
+        ]),
+        21
+    );
+    assert!(rig.events().is_empty(), "no fault");
+    // But a header in write-only memory faults (a read).
+    rig.bed
+        .write_phys(rig.wo_phys + 0x2000, &header(req::IN, 0))
+        .unwrap();
+    rig.submit(&[r(IOVA_WO + 0x2000, 16), w(IOVA_WO + 0x3000, 1)]);
+    let mut st = [0u8; 1];
+    rig.bed.read_phys(rig.wo_phys + 0x3000, &mut st).unwrap();
+    assert_eq!(st[0], status::IOERR);
+    let ev = rig.events();
+    assert_eq!(ev.len(), 1);
+    assert!(ev[0].read);
+    assert_eq!(ev[0].address, Some(IOVA_WO + 0x2000));
 }
 
 #[test]

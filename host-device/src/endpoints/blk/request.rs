@@ -25,7 +25,8 @@
 //!    capacity ⇒ `S_IOERR`; OUT on a read-only device ⇒ `S_IOERR`, nothing written (§5.2.6.1);
 //!    any data byte that does not translate with the needed permission ⇒ `S_IOERR`, and no
 //!    data moves: every data range is translated (faults reported) before the first byte is
-//!    copied;
+//!    copied (a mapping removed by another thread in between can still cut a transfer short:
+//!    `S_IOERR`, with the data undefined as for any failed request);
 //! 7. a disk error ⇒ `S_IOERR`;
 //! 8. without `VIRTIO_BLK_F_FLUSH` negotiated the cache is writethrough (§5.2.5): an OUT is
 //!    synced (`fdatasync`) before its status is written.
