@@ -28,9 +28,12 @@
 //! (the IOMMU reports the fault), an available index claiming more chains than the queue
 //! holds, a head index outside the descriptor table (it cannot be returned), or a used-ring
 //! write that fails ⇒ DEVICE_NEEDS_RESET and a configuration interrupt;
-//! the device then processes nothing until reset, so a broken ring costs one fault per
-//! notification at most, never a spin. A descriptor that does not translate only truncates its
-//! chain, which is returned with used length 0.
+//! the device then processes nothing until reset, so a broken ring costs one fault report in
+//! all, never a spin. Why not skip and go on: a request that cannot be fetched cannot be
+//! answered, and a used ring that cannot be written cannot answer any; the spec's way to say
+//! so is DEVICE_NEEDS_RESET (§2.1.1). A descriptor that does not translate only truncates its
+//! chain, which is returned with used length 0; a buffer that does not translate fails its
+//! request with `S_IOERR` (see [`request`]), as the status still reaches the driver.
 //!
 //! Locking: every access translates through the IOMMU ([`crate::translate::EndpointIommu`]
 //! locks the [`SharedDevice`] for each one); a translation fault is reported on the IOMMU's
