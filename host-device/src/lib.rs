@@ -18,7 +18,8 @@
 //!   space, BARs, interrupts), as a vfio-user server serves it.
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
-//! - [`endpoints`]: PCI endpoint models (QEMU's `edu`) whose DMA goes through the IOMMU.
+//! - [`endpoints`]: endpoint models whose DMA goes through the IOMMU: QEMU's `edu`, and a
+//!   virtio-blk device core ([`endpoints::blk::BlkCore`], a [`transport::VirtioCore`]).
 //! - [`embedding`]: embedding the device in a VMM, and testing against it (doctested).
 //! - `inprocess` (feature `test-utils`): a virtio-drivers `Transport` and `Hal` running the
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
