@@ -199,3 +199,29 @@ fn dma_modes_against_our_device() {
         })
     ));
 }
+
+#[test]
+fn our_device_on_another_machine() {
+    // The devicetree and ACPI tables follow the machine: ECAM below 4 GiB (highmem=off), GICv3
+    // with its ITS and two CPUs, and 128 MiB of shared RAM (the memfd backend follows `-m`).
+    let outcome = boot(
+        "ours, highmem=off gic-version=3 -smp 2 -m 128M",
+        RunConfig {
+            extra_args: [
+                "-M",
+                "virt,highmem=off,gic-version=3",
+                "-smp",
+                "2",
+                "-m",
+                "128M",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..ours()
+        },
+    );
+    assert!(outcome
+        .output
+        .contains("ECAM 0x3f000000+0x1000000 buses 0..=15"));
+    assert!(outcome.args.join(" ").contains("size=128M,share=on"));
+}
