@@ -29,8 +29,10 @@
 //! `VIOMMU_TIMEOUT_SECS` bounds steps 3–6 together (the builds of step 1 are not counted).
 //! The temporary directory, the server and QEMU are removed or killed on every exit path.
 //!
-//! Modules: `pci_addr` (device addresses and requester IDs), `args` (QEMU's command line),
-//! `iommu_node` (the devicetree additions), `server` (the server process).
+//! Modules: `pci_addr` (device addresses and requester IDs), `layout` (where our devices sit,
+//! what else may be on the bus), `workdir` (the temporary directory), `args` (QEMU's command
+//! line), `iommu_node` (the devicetree additions), `acpi_desc` (the ACPI tables), `server`
+//! (the server process).
 
 #[allow(unused_imports)]
 use crate::*;
@@ -38,8 +40,10 @@ use crate::*;
 mod acpi_desc;
 mod args;
 mod iommu_node;
+mod layout;
 mod pci_addr;
 mod server;
+mod workdir;
 
 pub use acpi_desc::{host_bridge_ecam, pci_iommu_acpi};
 pub use args::{
@@ -49,17 +53,16 @@ pub use args::{
 pub use iommu_node::{
     add_pci_iommu, iommu_map_cells, pci_host_bridge, Coverage, PCI_HOST_COMPATIBLE,
 };
+pub use layout::{check_no_qemu_pci_devices, Layout, HOST_BRIDGE_RID};
 pub use pci_addr::PciAddr;
 pub use server::{
     build_server, parse_counts, ServerCounts, ServerProcess, ServerReport, ServerSpec,
     COUNTS_PREFIX, EXIT_TIMEOUT, LISTENING_LINE, LISTEN_TIMEOUT, SERVER_BIN, SERVER_FEATURE,
     SERVER_PACKAGE,
 };
+pub use workdir::WorkDir;
 
 use crate::devicetree::{dump, DeviceTree};
-
-/// Requester ID of the host bridge function 00:00.0 of `-M virt` (QEMU's `gpex-root`).
-pub const HOST_BRIDGE_RID: u16 = 0;
 
 /// Which virtio-iommu (and endpoints) the firmware runs against.
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
@@ -126,114 +129,6 @@ pub fn qemu_for_ours(choice: &QemuChoice) -> Result<QemuChoice> {
     }
 }
 
-/// Where our three devices sit on PCI bus 0.
-#[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub struct Layout {
-    /// The virtio-iommu (default 00:01.0).
-    pub iommu: PciAddr,
-    /// virtio-blk (default 00:02.0, endpoint 0x10).
-    pub blk: PciAddr,
-    /// edu (default 00:03.0, endpoint 0x18).
-    pub edu: PciAddr,
-}
-
-impl Layout {
-    /// From `config.{iommu,blk,edu}_addr` (QEMU's `addr=` syntax), defaults 1, 2 and 3.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidEnv`] naming the variable when an address does not parse, or when two
-    /// devices share one.
-    pub fn from_config(config: &RunConfig) -> Result<Self> {
-        let parse = |value: Option<&String>, name: &'static str, default: u8| {
-            match value {
-            None => Ok(PciAddr {
-                slot: default,
-                function: 0,
-            }),
-            Some(text) => PciAddr::parse(text).ok_or_else(|| Error::InvalidEnv {
-                name,
-                reason: format!("`{text}` is not a PCI address (slot[.function], hexadecimal, slot ≤ 1f, function ≤ 7)"),
-            }),
-        }
-        };
-        let layout = Self {
-            iommu: parse(config.iommu_addr.as_ref(), "VIOMMU_IOMMU_ADDR", 1)?,
-            blk: parse(config.blk_addr.as_ref(), "VIOMMU_BLK_ADDR", 2)?,
-            edu: parse(config.edu_addr.as_ref(), "VIOMMU_EDU_ADDR", 3)?,
-        };
-        let clash = |a: PciAddr, b: PciAddr, name: &'static str, other: &str| {
-            if a == b {
-                Err(Error::InvalidEnv {
-                    name,
-                    reason: format!("{a} is also the {other}'s address"),
-                })
-            } else {
-                Ok(())
-            }
-        };
-        clash(layout.blk, layout.iommu, "VIOMMU_BLK_ADDR", "virtio-iommu")?;
-        clash(layout.edu, layout.iommu, "VIOMMU_EDU_ADDR", "virtio-iommu")?;
-        clash(layout.edu, layout.blk, "VIOMMU_EDU_ADDR", "virtio-blk")?;
-        for (addr, name) in [
-            (layout.iommu, "VIOMMU_IOMMU_ADDR"),
-            (layout.blk, "VIOMMU_BLK_ADDR"),
-            (layout.edu, "VIOMMU_EDU_ADDR"),
-        ] {
-            if addr.slot == 0 {
-                return Err(Error::InvalidEnv {
-                    name,
-                    reason: "slot 0 is the host bridge's".into(),
-                });
-            }
-        }
-        Ok(layout)
-    }
-}
-
-/// A fresh directory under the system's temporary directory, removed with its contents on drop.
-#[derive(Debug)]
-pub struct WorkDir {
-    /// The directory.
-    path: PathBuf,
-}
-
-impl WorkDir {
-    /// Creates `<tmp>/viommu-ours-<pid>-<n>` (the first `n` not taken).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Io`] when no directory can be created.
-    pub fn new() -> Result<Self> {
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        loop {
-            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = std::env::temp_dir().join(format!("viommu-ours-{}-{n}", std::process::id()));
-            match fs::create_dir(&path) {
-                Ok(()) => return Ok(Self { path }),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 10_000 => continue,
-                Err(e) => {
-                    return Err(Error::Io {
-                        context: format!("cannot create {}", path.display()),
-                        source: e,
-                    })
-                }
-            }
-        }
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
-
 /// The server binary for `config`: `config.server` if set, else [`build_server`] (captured
 /// output: cargo's errors come back in the error).
 ///
@@ -250,6 +145,65 @@ pub fn server_binary(config: &RunConfig) -> Result<PathBuf> {
         }),
         None => build_server(BuildOutput::Captured),
     }
+}
+
+/// Writes the guest's devicetree and ACPI tables into `dir`: QEMU's own tree for this machine
+/// ([`dump`] of [`dump_args`]) plus our IOMMU ([`add_pci_iommu`]), and the MCFG + VIOT
+/// describing the same ([`pci_iommu_acpi`]); both cover every requester ID but the IOMMU's and
+/// the host bridge's ([`HOST_BRIDGE_RID`], see [`Coverage`]).
+///
+/// # Errors
+///
+/// Those of [`dump`], [`DeviceTree::parse`], [`add_pci_iommu`], [`pci_iommu_acpi`];
+/// [`Error::Io`] when a file cannot be written.
+pub fn write_firmware_files(
+    config: &RunConfig,
+    elf: &Path,
+    qemu: &Path,
+    layout: &Layout,
+    dir: &Path,
+) -> Result<FirmwareFiles> {
+    let coverage = Coverage::AllExcept(vec![HOST_BRIDGE_RID]);
+    let mut tree = DeviceTree::parse(&dump(qemu, &dump_args(config, elf)?)?)?;
+    add_pci_iommu(&mut tree, layout.iommu.devfn(), &coverage)?;
+    let acpi = pci_iommu_acpi(&tree, layout.iommu.devfn(), &coverage)?;
+    let files = FirmwareFiles {
+        dtb: dir.join("virt.dtb"),
+        acpi_tables: dir.join("acpi-tables"),
+        acpi_loader: dir.join("table-loader"),
+    };
+    for (path, bytes) in [
+        (&files.dtb, tree.to_dtb()?),
+        (&files.acpi_tables, acpi.tables),
+        (&files.acpi_loader, acpi.loader),
+    ] {
+        io_context(fs::write(path, bytes), || {
+            format!("cannot write {}", path.display())
+        })?;
+    }
+    Ok(files)
+}
+
+/// Prints one line per vfio-user device: name, address, socket, endpoint ID (and disk).
+fn print_devices(layout: &Layout, spec: &ServerSpec) {
+    println!(
+        "runner: vfio-user device virtio-iommu at {} socket {}",
+        layout.iommu,
+        spec.iommu_socket.display()
+    );
+    println!(
+        "runner: vfio-user device virtio-blk at {} socket {} endpoint {:#x} disk {}",
+        layout.blk,
+        spec.blk_socket.display(),
+        spec.blk_endpoint,
+        spec.disk.display()
+    );
+    println!(
+        "runner: vfio-user device edu at {} socket {} endpoint {:#x}",
+        layout.edu,
+        spec.edu_socket.display(),
+        spec.edu_endpoint
+    );
 }
 
 /// Time left until `deadline`, or [`Error::Timeout`] when it passed.
@@ -301,26 +255,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         private_disk.display()
     );
 
-    // The devicetree: QEMU's own for this machine, plus our IOMMU.
-    // Every requester ID but the IOMMU's and the host bridge's (see `Coverage`).
-    let coverage = Coverage::AllExcept(vec![HOST_BRIDGE_RID]);
-    let mut tree = DeviceTree::parse(&dump(&qemu, &dump_args(config, elf)?)?)?;
-    add_pci_iommu(&mut tree, layout.iommu.devfn(), &coverage)?;
-    let acpi = pci_iommu_acpi(&tree, layout.iommu.devfn(), &coverage)?;
-    let files = FirmwareFiles {
-        dtb: work.path().join("virt.dtb"),
-        acpi_tables: work.path().join("acpi-tables"),
-        acpi_loader: work.path().join("table-loader"),
-    };
-    for (path, bytes) in [
-        (&files.dtb, tree.to_dtb()?),
-        (&files.acpi_tables, acpi.tables),
-        (&files.acpi_loader, acpi.loader),
-    ] {
-        io_context(fs::write(path, bytes), || {
-            format!("cannot write {}", path.display())
-        })?;
-    }
+    let files = write_firmware_files(config, elf, &qemu, &layout, work.path())?;
 
     let spec = ServerSpec {
         iommu_socket: work.path().join("iommu.sock"),
@@ -342,24 +277,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             .join(" ")
     );
     let mut server = ServerProcess::start(&program, &spec, listen)?;
-    println!(
-        "runner: vfio-user device virtio-iommu at {} socket {}",
-        layout.iommu,
-        spec.iommu_socket.display()
-    );
-    println!(
-        "runner: vfio-user device virtio-blk at {} socket {} endpoint {:#x} disk {}",
-        layout.blk,
-        spec.blk_socket.display(),
-        spec.blk_endpoint,
-        private_disk.display()
-    );
-    println!(
-        "runner: vfio-user device edu at {} socket {} endpoint {:#x}",
-        layout.edu,
-        spec.edu_socket.display(),
-        spec.edu_endpoint
-    );
+    print_devices(&layout, &spec);
     let devices = [
         (spec.iommu_socket.clone(), layout.iommu),
         (spec.blk_socket.clone(), layout.blk),
@@ -429,38 +347,6 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     })
 }
 
-/// Refuses QEMU PCI devices in the extra arguments (`-device <driver>-pci…` or `edu`): our
-/// IOMMU does not know them, yet the `iommu-map` would put them behind it (the firmware PROBEs
-/// every function behind it and gets S_NOENT), their DMA would not be translated, and QEMU
-/// places a device without `addr=` in slot 1 before the vfio-user devices are realized (seen
-/// with `cargo qemu-dma-modes`' `virtio-rng-pci`: "slot 1 function 0 not available for
-/// vfio-user-pci").
-///
-/// # Errors
-///
-/// [`Error::InvalidEnv`] (`VIOMMU_DEVICE`) naming the device.
-pub fn check_no_qemu_pci_devices(extra_args: &[String]) -> Result<()> {
-    let mut args = extra_args.iter();
-    while let Some(arg) = args.next() {
-        if arg != "-device" && arg != "--device" {
-            continue;
-        }
-        let Some(device) = args.next() else { break };
-        let driver = device.split(',').next().unwrap_or_default();
-        if driver.ends_with("-pci") || driver == "edu" {
-            return Err(Error::InvalidEnv {
-                name: "VIOMMU_DEVICE",
-                reason: format!(
-                    "`ours` cannot boot with QEMU's PCI device `-device {device}`: our IOMMU \
-                     does not know it and does not translate its DMA (for dma-modes against \
-                     our device use `cargo qemu-ours-dma-modes`, which has no virtio-rng)"
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,68 +391,5 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn layout() {
-        let default = Layout::from_config(&RunConfig::default()).unwrap();
-        assert_eq!(default.iommu.requester_id(), 0x08);
-        assert_eq!(default.blk.requester_id(), 0x10);
-        assert_eq!(default.edu.requester_id(), 0x18);
-        let moved = Layout::from_config(&RunConfig {
-            iommu_addr: Some("0x5".into()),
-            blk_addr: Some("0x1e".into()),
-            edu_addr: Some("3.1".into()),
-            ..RunConfig::default()
-        })
-        .unwrap();
-        assert_eq!(
-            (moved.iommu.devfn(), moved.blk.devfn(), moved.edu.devfn()),
-            (0x28, 0xf0, 0x19)
-        );
-        for (iommu, blk, edu, variable) in [
-            (Some("0x20"), None, None, "VIOMMU_IOMMU_ADDR"),
-            (None, Some("1"), None, "VIOMMU_BLK_ADDR"),
-            (None, None, Some("02.0"), "VIOMMU_EDU_ADDR"),
-            (Some("0"), None, None, "VIOMMU_IOMMU_ADDR"),
-        ] {
-            let config = RunConfig {
-                iommu_addr: iommu.map(String::from),
-                blk_addr: blk.map(String::from),
-                edu_addr: edu.map(String::from),
-                ..RunConfig::default()
-            };
-            match Layout::from_config(&config) {
-                Err(Error::InvalidEnv { name, .. }) => assert_eq!(name, variable),
-                other => panic!("{iommu:?} {blk:?} {edu:?}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn qemu_pci_devices_are_refused() {
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(check_no_qemu_pci_devices(&args(&["-append", "bench", "-smp", "2"])).is_ok());
-        assert!(check_no_qemu_pci_devices(&args(&["-device", "loader,addr=0x1"])).is_ok());
-        for bad in ["virtio-rng-pci,iommu_platform=on", "edu", "e1000e-pci"] {
-            match check_no_qemu_pci_devices(&args(&["-m", "1G", "-device", bad])) {
-                Err(Error::InvalidEnv { name, reason }) => {
-                    assert_eq!(name, "VIOMMU_DEVICE");
-                    assert!(reason.contains(bad), "{reason}");
-                }
-                other => panic!("{bad}: {other:?}"),
-            }
-        }
-    }
-
-    #[test]
-    fn work_dir_is_removed() {
-        let dir = WorkDir::new().unwrap();
-        let path = dir.path().to_path_buf();
-        fs::write(path.join("blk.sock"), b"x").unwrap();
-        let other = WorkDir::new().unwrap();
-        assert_ne!(other.path(), path);
-        drop(dir);
-        assert!(!path.exists());
     }
 }
