@@ -23,8 +23,9 @@
 //! 4. the server, started and waited for until it listens ([`ServerProcess::start`]);
 //! 5. QEMU with shared memfd RAM, `-dtb` and one `vfio-user-pci` per device
 //!    ([`ours_qemu_args`]);
-//! 6. the server, waited for after QEMU quit and killed if it does not exit
-//!    ([`ServerProcess::stop`]); its report lands in [`RunOutcome::server`].
+//! 6. the server, waited for after QEMU quit ([`EXIT_TIMEOUT`], [`FAILED_EXIT_TIMEOUT`] when
+//!    QEMU failed) and killed if it does not exit ([`ServerProcess::stop`]); its report lands
+//!    in [`RunOutcome::server`].
 //!
 //! `VIOMMU_TIMEOUT_SECS` bounds steps 3–6 together (the builds of step 1 are not counted).
 //! The temporary directory, the server and QEMU are removed or killed on every exit path.
@@ -57,8 +58,8 @@ pub use layout::{check_no_qemu_pci_devices, Layout, HOST_BRIDGE_RID};
 pub use pci_addr::PciAddr;
 pub use server::{
     build_server, parse_counts, ServerCounts, ServerProcess, ServerReport, ServerSpec,
-    COUNTS_PREFIX, EXIT_TIMEOUT, LISTENING_LINE, LISTEN_TIMEOUT, SERVER_BIN, SERVER_FEATURE,
-    SERVER_PACKAGE,
+    COUNTS_PREFIX, EXIT_TIMEOUT, FAILED_EXIT_TIMEOUT, LISTENING_LINE, LISTEN_TIMEOUT, SERVER_BIN,
+    SERVER_FEATURE, SERVER_PACKAGE,
 };
 pub use workdir::WorkDir;
 
@@ -318,11 +319,16 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             output: ran.output,
         });
     };
-    let report = server.stop(EXIT_TIMEOUT);
+    let exit_timeout = if status.success() {
+        EXIT_TIMEOUT
+    } else {
+        FAILED_EXIT_TIMEOUT
+    };
+    let report = server.stop(exit_timeout);
     match (&report.counts, report.killed) {
         (_, true) => eprintln!(
             "runner: server did not exit within {} s after QEMU quit; killed it",
-            EXIT_TIMEOUT.as_secs()
+            exit_timeout.as_secs()
         ),
         (Some(c), false) => println!(
             "runner: server exited with status {}: requests={} notifications={} faults={}",
