@@ -598,6 +598,48 @@ impl IovaAllocator {
         Ok(())
     }
 
+    /// Takes the IOVAs `start..=end` (inclusive, widened outward to whole granules) for the
+    /// caller, e.g. for MAPs made by hand in a domain whose other IOVAs this allocator hands
+    /// out ([`crate::dma::DmaSpace::reserve_iova`]). Unlike [`Self::reserve`], every one of
+    /// them must be free: the claim counts as one live allocation, which
+    /// [`Self::free`]`(start, size)` of the widened range gives back. O(log n), no heap
+    /// allocation.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is changed on error. [`IommuError::InvalidRange`] when `start > end`;
+    /// [`IommuError::IovaInUse`] (with the widened range) when some of the IOVAs are not free:
+    /// outside the managed range, IOVA 0, reserved (a reserved region, a fault window, an
+    /// earlier claim) or allocated; [`IommuError::DmaAlloc`] when the node pool cannot hold the
+    /// split.
+    pub fn claim(&mut self, start: u64, end: u64) -> Result<(), IommuError> {
+        if start > end {
+            return Err(IommuError::InvalidRange);
+        }
+        let (s, e) = self.widen(start, end);
+        // Free ranges are disjoint and never adjacent (`free` merges, the rest only shrinks),
+        // so the range is free exactly when one free range holds all of it.
+        let Some((fs, fe)) = self.tree.floor(s).filter(|(_, fe)| fe.0 >= e) else {
+            return Err(IommuError::IovaInUse { start: s, end: e });
+        };
+        let fe = fe.0;
+        let left = (fs < s).then(|| (fs, s - 1));
+        let right = (fe > e).then(|| (e + 1, fe));
+        // Nodes after the claim: this free range becomes up to two, and the claim is live.
+        let pieces = usize::from(left.is_some()) + usize::from(right.is_some());
+        if self.tree.len() - 1 + pieces + self.live + 1 > self.tree.capacity() {
+            return Err(IommuError::DmaAlloc);
+        }
+        self.tree.remove(fs);
+        for (ps, pe) in [left, right].into_iter().flatten() {
+            // Cannot fail: room was checked above.
+            self.tree.insert(ps, FreeEnd(pe))?;
+        }
+        self.free_bytes -= e - s + 1;
+        self.live += 1;
+        Ok(())
+    }
+
     /// Allocates `size` bytes, rounded up to the granule; returns the first IOVA (aligned to
     /// the granule, never 0). O(log n), no heap allocation.
     ///

@@ -19,6 +19,14 @@ pub enum ResvMemKind {
     /// A subtype the spec does not define; treated as [`ResvMemKind::Reserved`] (driver
     /// requirement "SHOULD treat unknown subtypes as RESERVED"). Holds the raw value.
     Unknown(u8),
+    /// Not from PROBE: the software MSI window the driver adds when PROBE reports no
+    /// `RESV_MEM_T_MSI` region (as Linux's `IOMMU_RESV_SW_MSI`): IOVAs kept out of the
+    /// allocator so that buffers never land where the embedder maps MSI doorbells by hand.
+    SoftwareMsi,
+    /// Not from PROBE: a devicetree `/reserved-memory` region whose `iommu-addresses` give the
+    /// endpoint the same IOVA range as the region's `reg` (Linux's `IOMMU_RESV_DIRECT`): the
+    /// range is kept out of the allocator and mapped 1:1 (IOVA = physical address, READ|WRITE).
+    Direct,
 }
 
 /// A reserved region from a RESV_MEM property: `start..=end` (inclusive) in the endpoint's IOVA

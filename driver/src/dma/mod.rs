@@ -124,7 +124,7 @@
 mod bounce;
 mod hal;
 mod mapper;
-mod ranges;
+pub(crate) mod ranges;
 mod space;
 mod transport;
 
