@@ -867,4 +867,36 @@ mod tests {
         b.reserve(0x5000, 0x5fff); // keeps the larger piece
         assert_eq!(b.iter_free().collect::<Vec<_>>(), [(0x6000, 0xff_ffff)]);
     }
+
+    #[test]
+    fn claim_takes_only_free_iovas_and_free_gives_them_back() {
+        let mut a = IovaAllocator::with_capacity(0, 0xf_ffff, 0x1000, 5).unwrap();
+        let x = a.alloc(0x2000).unwrap();
+        assert_eq!(x, 0x1000);
+        a.reserve(0x8000, 0x8fff);
+        let busy = |start, end| Err(IommuError::IovaInUse { start, end });
+        // Over the allocation, the reserved granule, IOVA 0, outside the range: refused.
+        assert_eq!(a.claim(0x2000, 0x3fff), busy(0x2000, 0x3fff));
+        assert_eq!(a.claim(0x7000, 0x8000), busy(0x7000, 0x8fff));
+        assert_eq!(a.claim(0, 0xfff), busy(0, 0xfff));
+        assert_eq!(a.claim(0xf_f000, 0x10_0000), busy(0xf_f000, 0x10_0fff));
+        assert_eq!(a.claim(2, 1), Err(IommuError::InvalidRange));
+        let free = a.free_bytes();
+        // Widened outward; splits a free range in two.
+        a.claim(0x4800, 0x5001).unwrap();
+        assert_eq!(a.free_bytes(), free - 0x2000);
+        assert_eq!(a.live_allocations(), 2);
+        assert!(a.iter_free().all(|(s, e)| e < 0x4000 || s > 0x5fff));
+        // Node pool: 3 free ranges + 2 live = 5; a claim that leaves a piece needs a 6th.
+        assert_eq!(a.free_ranges(), 3);
+        assert_eq!(a.claim(0x6000, 0x6fff), Err(IommuError::DmaAlloc));
+        assert_eq!(a.free_bytes(), free - 0x2000, "unchanged");
+        // Taking a whole free range needs no new node.
+        a.claim(0x3000, 0x3fff).unwrap();
+        a.free(0x3000, 0x1000).unwrap();
+        a.free(0x4000, 0x2000).unwrap();
+        assert_eq!(a.free_bytes(), free);
+        assert_eq!(a.live_allocations(), 1);
+        assert_eq!(a.alloc(0x5000).unwrap(), 0x3000, "merged back");
+    }
 }
