@@ -78,9 +78,12 @@ fn merge_sorts_joins_and_resolves_overlaps_by_precedence() {
 /// Writes a DTB: root with 2/2 cells, a `/soc` bus with 1/1 cells holding a DMA device with
 /// phandle 0x11, `/reserved-memory` (cells given), and `/virtio_mmio@a000000` with phandle
 /// 0x10 and the given `memory-region`.
+/// Properties of a node: name and raw value.
+type Props = Vec<(&'static str, Vec<u8>)>;
+
 struct Tree {
     resv_cells: (u32, u32),
-    children: Vec<(&'static str, Vec<(&'static str, Vec<u8>)>)>,
+    children: Vec<(&'static str, Props)>,
     memory_region: Option<Vec<u8>>,
 }
 
@@ -297,7 +300,7 @@ fn error_of(t: Tree) -> TopologyError {
 
 #[test]
 fn malformed_nodes_give_typed_errors() {
-    let with = |name: &'static str, props: Vec<(&'static str, Vec<u8>)>| Tree {
+    let with = |name: &'static str, props: Props| Tree {
         resv_cells: (2, 2),
         children: vec![(name, props)],
         memory_region: Some(cells(&[0x30])),
