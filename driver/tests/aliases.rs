@@ -9,7 +9,10 @@ const PH: u32 = 0x8001;
 
 /// A tree with a virtio-iommu (phandle `PH`) on the first bridge and one bridge per
 /// `(name, iommu-map, iommu-map-mask, bus-range)`.
-fn tree(bridges: &[(&str, Vec<u32>, Option<u32>, (u32, u32))]) -> Topology {
+/// A host bridge: node name, `iommu-map` cells, `iommu-map-mask`, `bus-range`.
+type BridgeSpec<'a> = (&'a str, Vec<u32>, Option<u32>, (u32, u32));
+
+fn tree(bridges: &[BridgeSpec<'_>]) -> Topology {
     let mut w = FdtWriter::new().unwrap();
     let root = w.begin_node("").unwrap();
     w.property_u32("#address-cells", 2).unwrap();
