@@ -55,7 +55,7 @@ use fdt::Fdt;
 pub use alias::{AliasGroup, RequesterIds};
 
 pub mod acpi;
-mod alias;
+pub mod alias;
 pub mod reserved;
 pub mod viot;
 

@@ -106,7 +106,7 @@ impl Topology {
 
     /// The alias groups: every set of at least two PCI requester IDs (over all host bridges)
     /// that `iommu-map`/`iommu-map-mask` send to the same endpoint ID of the same IOMMU (see
-    /// the [module documentation](self) for the binding rules), ordered by IOMMU phandle then
+    /// the [module documentation](super::alias) for the binding rules), ordered by IOMMU phandle then
     /// endpoint ID. Such requesters cannot be isolated from each other: they share a domain.
     /// Walks every requester ID of every bridge's bus range (at most 65 536 per bridge)
     /// through its `iommu-map`.
