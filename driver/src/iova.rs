@@ -472,8 +472,9 @@ impl IovaAllocator {
     }
 
     /// An allocator for one endpoint's domain: `input_range` (inclusive IOVAs, as in
-    /// [`crate::IommuConfig::input_range`]) minus every region in `reserved` (PROBE's RESV_MEM,
-    /// §5.13.6.6.1: the driver SHOULD NOT map them, R30), with the default capacity.
+    /// [`crate::IommuConfig::input_range`]) minus every region in `reserved`, whatever its kind
+    /// (PROBE's RESV_MEM, §5.13.6.6.1: the driver SHOULD NOT map them, R30; or the merged list
+    /// of [`crate::topology::reserved::merge`]), with the default capacity.
     ///
     /// # Errors
     ///

@@ -9,7 +9,10 @@ use crate::wire::{
 };
 use zerocopy::FromBytes;
 
-/// Kind of a reserved memory region (`subtype` of RESV_MEM, §5.13.6.6.1).
+/// Kind of a reserved memory region: the `subtype` of a PROBE RESV_MEM property (§5.13.6.6.1),
+/// or one of the kinds the driver adds when it merges other sources
+/// (`topology::reserved::merge`, feature `alloc`): [`ResvMemKind::SoftwareMsi`],
+/// [`ResvMemKind::Direct`].
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub enum ResvMemKind {
     /// `RESV_MEM_T_RESERVED`: the endpoint must not access the region; never map it.
@@ -29,8 +32,9 @@ pub enum ResvMemKind {
     Direct,
 }
 
-/// A reserved region from a RESV_MEM property: `start..=end` (inclusive) in the endpoint's IOVA
-/// space, which equals guest-physical addresses for these regions.
+/// A reserved region: `start..=end` (inclusive) in the endpoint's IOVA space, from a RESV_MEM
+/// property (where IOVA equals guest-physical address) or from a merged list
+/// (`topology::reserved::merge`, feature `alloc`).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub struct ReservedRegion {
     /// Region kind.

@@ -407,13 +407,15 @@ impl DmaSpace {
     }
 
     /// Strict mode, set up on the driver: an IOVA allocator over `input_range` minus
-    /// `reserved` ([`IovaAllocator::for_endpoint`]), the space ([`Self::new`]), then ATTACH of
-    /// `endpoint` to `domain` (§5.13.6.1).
+    /// `reserved` ([`IovaAllocator::for_endpoint`]; PROBE's regions or the merged list of
+    /// [`crate::topology::reserved::merge`]), the space ([`Self::new`]), then ATTACH of
+    /// `endpoint` to `domain` (§5.13.6.1) and 1:1 MAPs of its [`ResvMemKind::Direct`] regions
+    /// ([`Self::attach_endpoint`]). Further endpoints join with [`Self::attach_endpoint`].
     ///
     /// # Errors
     ///
     /// Those of [`IovaAllocator::for_endpoint`], [`Self::new`] and
-    /// [`VirtIOIommu::attach`].
+    /// [`Self::attach_endpoint`].
     pub fn attach_strict<H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
         domain: u32,
@@ -434,7 +436,7 @@ impl DmaSpace {
     /// # Errors
     ///
     /// Those of [`IovaAllocator::for_endpoint`], [`Self::isolated`] and
-    /// [`VirtIOIommu::attach`].
+    /// [`Self::attach_endpoint`].
     pub fn attach_isolated<B: Hal, H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
         domain: u32,
