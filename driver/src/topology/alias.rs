@@ -18,7 +18,6 @@
 //! uses the bridge's requester ID) and devices that use several requester IDs.
 
 use super::{Topology, TopologyError};
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 /// Requester IDs `first..=last` (inclusive, `bus << 8 | device << 3 | function`) of host
@@ -71,37 +70,136 @@ impl AliasGroup {
     }
 }
 
+/// Requester IDs `first..=last` of one host bridge that reach endpoint IDs of one IOMMU in
+/// step: `ep_first + (rid - first)` (`step_one`), or `ep_first` for all of them.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    host_bridge: usize,
+    first: u16,
+    last: u16,
+    phandle: u32,
+    ep_first: u32,
+    step_one: bool,
+}
+
+impl Segment {
+    /// Last endpoint ID reached (inclusive).
+    fn ep_last(&self) -> u32 {
+        if self.step_one {
+            // `map_requester_id` produced every value, so no overflow.
+            self.ep_first + u32::from(self.last - self.first)
+        } else {
+            self.ep_first
+        }
+    }
+
+    /// Requester IDs reaching `ep`, if any.
+    fn rids_for(&self, ep: u32) -> Option<(u16, u16)> {
+        if ep < self.ep_first || ep > self.ep_last() {
+            return None;
+        }
+        if self.step_one {
+            // `ep - ep_first <= last - first`, a u16.
+            let rid = self.first + (ep - self.ep_first) as u16;
+            Some((rid, rid))
+        } else {
+            Some((self.first, self.last))
+        }
+    }
+
+    /// Number of requester IDs per endpoint ID reached.
+    fn multiplicity(&self) -> usize {
+        if self.step_one {
+            1
+        } else {
+            usize::from(self.last - self.first) + 1
+        }
+    }
+}
+
 impl Topology {
-    /// Every requester ID → endpoint translation of every host bridge, grouped by
-    /// `(IOMMU phandle, endpoint ID)`, in key order.
-    fn translations(&self) -> BTreeMap<(u32, u32), Vec<RequesterIds>> {
-        let mut groups: BTreeMap<(u32, u32), Vec<RequesterIds>> = BTreeMap::new();
+    /// Every requester ID of every host bridge's bus range that `iommu-map` translates, as
+    /// segments (few: one per `iommu-map` entry without a mask; no allocation per ID).
+    fn segments(&self) -> Vec<Segment> {
+        let mut out: Vec<Segment> = Vec::new();
         for (host_bridge, bridge) in self.host_bridges.iter().enumerate() {
             if bridge.iommu_map.is_empty() {
                 continue;
             }
             let first = u16::from(bridge.bus_start) << 8;
             let last = u16::from(bridge.bus_end) << 8 | 0xff;
+            let mut current: Option<Segment> = None;
             for rid in first..=last {
-                let Some(key) = bridge.map_requester_id(rid) else {
+                let Some((phandle, ep)) = bridge.map_requester_id(rid) else {
+                    out.extend(current.take());
                     continue;
                 };
-                let runs = groups.entry(key).or_default();
-                match runs.last_mut() {
-                    Some(run)
-                        if run.host_bridge == host_bridge && run.last.wrapping_add(1) == rid =>
-                    {
-                        run.last = rid;
+                if let Some(seg) = current.as_mut() {
+                    let single = seg.first == seg.last;
+                    let next = seg.ep_last().checked_add(1) == Some(ep);
+                    let same = seg.ep_last() == ep;
+                    // A single ID starts a run in step (next ID) or constant (same ID).
+                    let extends = if single {
+                        next || same
+                    } else if seg.step_one {
+                        next
+                    } else {
+                        same
+                    };
+                    if extends && seg.phandle == phandle && seg.last.wrapping_add(1) == rid {
+                        if single {
+                            seg.step_one = next;
+                        }
+                        seg.last = rid;
+                        continue;
                     }
-                    _ => runs.push(RequesterIds {
-                        host_bridge,
-                        first: rid,
-                        last: rid,
-                    }),
                 }
+                out.extend(current.take());
+                current = Some(Segment {
+                    host_bridge,
+                    first: rid,
+                    last: rid,
+                    phandle,
+                    ep_first: ep,
+                    step_one: true,
+                });
+            }
+            out.extend(current);
+        }
+        out
+    }
+
+    /// The group of `(phandle, ep)` from `segments`.
+    fn group(&self, segments: &[Segment], phandle: u32, ep: u32) -> AliasGroup {
+        let mut requester_ids: Vec<RequesterIds> = Vec::new();
+        let mut runs: Vec<RequesterIds> = segments
+            .iter()
+            .filter(|s| s.phandle == phandle)
+            .filter_map(|s| {
+                s.rids_for(ep).map(|(first, last)| RequesterIds {
+                    host_bridge: s.host_bridge,
+                    first,
+                    last,
+                })
+            })
+            .collect();
+        runs.sort_unstable_by_key(|r| (r.host_bridge, r.first));
+        for r in runs {
+            match requester_ids.last_mut() {
+                Some(l)
+                    if l.host_bridge == r.host_bridge && l.last.checked_add(1) == Some(r.first) =>
+                {
+                    l.last = r.last;
+                }
+                _ => requester_ids.push(r),
             }
         }
-        groups
+        AliasGroup {
+            iommu_phandle: phandle,
+            iommu: self.iommu_by_phandle(phandle),
+            endpoint_id: ep,
+            requester_ids,
+        }
     }
 
     /// The alias groups: every set of at least two PCI requester IDs (over all host bridges)
@@ -109,18 +207,44 @@ impl Topology {
     /// the [module documentation](super::alias) for the binding rules), ordered by IOMMU phandle then
     /// endpoint ID. Such requesters cannot be isolated from each other: they share a domain.
     /// Walks every requester ID of every bridge's bus range (at most 65 536 per bridge)
-    /// through its `iommu-map`.
+    /// through its `iommu-map` (O(65 536 × entries) time per bridge), keeping runs of
+    /// requester IDs, not one record per ID.
     pub fn alias_groups(&self) -> Vec<AliasGroup> {
-        self.translations()
-            .into_iter()
-            .map(|((iommu_phandle, endpoint_id), requester_ids)| AliasGroup {
-                iommu_phandle,
-                iommu: self.iommu_by_phandle(iommu_phandle),
-                endpoint_id,
-                requester_ids,
-            })
-            .filter(|g| g.len() > 1)
-            .collect()
+        let segments = self.segments();
+        // Per IOMMU, a sweep over the endpoint-ID intervals the segments cover, counting how
+        // many requester IDs reach each endpoint ID (as u64: `ep_last + 1` may be 2^32).
+        let mut events: Vec<(u32, u64, isize)> = Vec::with_capacity(segments.len() * 2);
+        for s in &segments {
+            // At most 65 536 requester IDs per segment: fits an isize.
+            let m = s.multiplicity() as isize;
+            events.push((s.phandle, u64::from(s.ep_first), m));
+            events.push((s.phandle, u64::from(s.ep_last()) + 1, -m));
+        }
+        events.sort_unstable();
+        let mut groups = Vec::new();
+        let mut count = 0isize;
+        for (i, &(ph, at, delta)) in events.iter().enumerate() {
+            count += delta;
+            let Some(&(next_ph, next_at, _)) = events.get(i + 1) else {
+                break;
+            };
+            if next_ph != ph {
+                // Every interval of this IOMMU has closed: `count` is back at 0.
+                count = 0;
+                continue;
+            }
+            if count < 2 {
+                continue;
+            }
+            // Endpoint IDs `at..next_at` are reached `count` times; both bounds fit u32 or
+            // are 2^32 (an exclusive end).
+            for ep in at..next_at {
+                if let Ok(ep) = u32::try_from(ep) {
+                    groups.push(self.group(&segments, ph, ep));
+                }
+            }
+        }
+        groups
     }
 
     /// The requester IDs that share the endpoint of `requester_id` under host bridge
@@ -140,23 +264,18 @@ impl Topology {
             .host_bridges
             .get(host_bridge)
             .ok_or(TopologyError::NoSuchHostBridge(host_bridge))?;
-        let Some(key) = bridge.map_requester_id(requester_id) else {
+        let Some((phandle, ep)) = bridge.map_requester_id(requester_id) else {
             return Ok(None);
         };
-        let mut requester_ids = self.translations().remove(&key).unwrap_or_default();
-        if requester_ids.is_empty() {
+        let mut group = self.group(&self.segments(), phandle, ep);
+        if group.requester_ids.is_empty() {
             // Outside the bridge's bus range: alone.
-            requester_ids.push(RequesterIds {
+            group.requester_ids.push(RequesterIds {
                 host_bridge,
                 first: requester_id,
                 last: requester_id,
             });
         }
-        Ok(Some(AliasGroup {
-            iommu_phandle: key.0,
-            iommu: self.iommu_by_phandle(key.0),
-            endpoint_id: key.1,
-            requester_ids,
-        }))
+        Ok(Some(group))
     }
 }

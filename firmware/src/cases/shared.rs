@@ -100,8 +100,28 @@ fn reserved_regions(tap: &mut Tap, dtb: &[u8], env: &Env) {
     );
 }
 
+/// QEMU's `iommu-map` sends every requester ID but the IOMMU's own to its own endpoint ID:
+/// no requester shares an endpoint.
+fn alias_groups(tap: &mut Tap, pci: &PciBus) {
+    tap.case("topology: no alias groups in QEMU's iommu-map", || {
+        let start = crate::timer::now_ticks();
+        let groups = pci.topology.alias_groups();
+        let us = crate::timer::ticks_to_us(crate::timer::now_ticks() - start);
+        println!("# alias groups: {} (computed in {us} us)", groups.len());
+        match groups.first() {
+            Some(g) => Err(format!(
+                "endpoint {:#x} shared by {} requester IDs",
+                g.endpoint_id,
+                g.len()
+            )),
+            None => Ok(()),
+        }
+    });
+}
+
 pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
     reserved_regions(tap, dtb, env);
+    alias_groups(tap, pci);
     let name = "shared domain: virtio-blk and edu DMA through one IOVA space";
     let blk_dev = env.endpoint_of(0x1af4, &[0x1042, 0x1001]);
     let edu_dev = env.endpoint_of(edu::VENDOR_ID, &[edu::DEVICE_ID]);
