@@ -70,6 +70,12 @@ fn reserved_regions(tap: &mut Tap, dtb: &[u8], env: &Env) {
             let dt = Devicetree::new(dtb).map_err(|e| format!("devicetree: {e}"))?;
             let nodes = reserved::reserved_memory(&dt).map_err(|e| format!("{e}"))?;
             println!("# /reserved-memory: {} region(s)", nodes.len());
+            for n in &nodes {
+                println!(
+                    "#   {} phandle {:#x} {:x?} no-map {}",
+                    n.path, n.phandle, n.range, n.no_map
+                );
+            }
             for (dev, probe) in &env.endpoints {
                 let merged = reserved::merge(probe, &[]);
                 let has_msi = probe.iter().any(|r| r.kind == ResvMemKind::Msi);
