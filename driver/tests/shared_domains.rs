@@ -347,3 +347,34 @@ fn merged_regions_keep_the_software_msi_window_free() {
     )
     .unwrap();
 }
+
+/// Identity-bypass shared: the further endpoint is attached with ATTACH_F_BYPASS and reaches
+/// RAM at its physical address; buffers in its reserved region are refused from then on.
+#[test]
+fn identity_bypass_space_shared() {
+    let bed = bed();
+    let mut drv = bed.driver().unwrap();
+    let (base, size) = bed.ram().range();
+    let ram = [PhysRange::from_start_size(base, size).unwrap()];
+    let unbacked = PhysRange {
+        start: 1 << 60,
+        end: u64::MAX,
+    };
+    let mut space = DmaSpace::attach_identity(&mut drv, 1, 8, &ram, &[], Some(unbacked)).unwrap();
+    assert_eq!(
+        space.mode(),
+        virtio_iommu_driver::dma::DmaMode::IdentityBypass
+    );
+    assert!(space.map_buffer(&mut drv, RESV16.0, 0x10, RW).is_ok());
+    let r16 = regions(&mut drv, 16);
+    space.attach_endpoint(&mut drv, 16, &r16).unwrap();
+    let pa = bed.alloc(0x1000).unwrap();
+    bed.write_phys(pa, b"bypass").unwrap();
+    assert_eq!(read(&bed, 16, pa, 6).unwrap(), b"bypass");
+    assert_eq!(read(&bed, 8, pa, 6).unwrap(), b"bypass");
+    assert!(space.map_buffer(&mut drv, RESV16.0, 0x10, RW).is_err());
+    assert!(matches!(
+        space.reserve_iova(&drv, 0x10_0000, 0x10_0fff),
+        Err(IommuError::NotSupported(_))
+    ));
+}
