@@ -18,6 +18,8 @@
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
 //! - [`endpoints`]: PCI endpoint models (QEMU's `edu`) whose DMA goes through the IOMMU.
+//! - `server` (feature `vfio-user`): a vfio-user server for any [`function::PciFunction`],
+//!   for QEMU's `vfio-user-pci`; the binary `virtio-iommu-vfio-user` serves the device with it.
 //! - [`embedding`]: embedding the device in a VMM, and testing against it (doctested).
 //! - `inprocess` (feature `test-utils`): a virtio-drivers `Transport` and `Hal` running the
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
@@ -39,6 +41,8 @@ pub mod fault;
 pub mod function;
 pub mod mmio;
 pub mod request;
+#[cfg(feature = "vfio-user")]
+pub mod server;
 pub mod state;
 pub mod translate;
 pub mod transport;
