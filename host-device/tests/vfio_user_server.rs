@@ -748,3 +748,74 @@ fn intx_eventfd_signalled_by_edu_raise_interrupt() {
     drop(c);
     srv.join().unwrap();
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtio-iommu-vfio-user");
+
+#[test]
+fn binary_listens_serves_edu_and_exits_with_its_summary() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = temp_dir();
+    let path = dir.0.join("edu.sock");
+    // A stale socket file from an earlier run is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let mut child = Command::new(BIN)
+        .args(["--edu", path.to_str().unwrap(), "--edu-endpoint", "0x18"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "virtio-iommu-vfio-user: listening\n");
+    let mut c = Client::connect(&path);
+    assert!(c.version().ok());
+    assert_eq!(c.read_ok(CONFIG, 0, 4), vec![0x34, 0x12, 0xe8, 0x11]);
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        rest,
+        "virtio-iommu-vfio-user: requests=0 notifications=0 faults=0\n"
+    );
+    assert!(!path.exists(), "socket file removed");
+}
+
+#[test]
+fn binary_refuses_bad_arguments() {
+    use std::process::Command;
+    for args in [
+        &[][..],
+        &["--edu", "/nonexistent/x.sock"],
+        &["--edu", "/tmp/x.sock", "--edu-endpoint", "nope"],
+        &[
+            "--edu",
+            "/tmp/x.sock",
+            "--edu-endpoint",
+            "8",
+            "--log-level",
+            "loud",
+        ],
+        &["--edu", "/tmp/x.sock", "--edu-endpoint", "8", "--bogus"],
+        &["--iommu", "/tmp/i.sock", "--blk", "/tmp/b.sock"],
+        &["--edu", "/nonexistent/dir/x.sock", "--edu-endpoint", "8"],
+    ] {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        assert!(!o.status.success(), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}: nothing on stdout");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("virtio-iommu-vfio-user: "),
+            "{args:?}"
+        );
+    }
+}

@@ -209,7 +209,7 @@ impl<F: PciFunction> FunctionBackend<F> {
         } else {
             self.function.bar_read(region as u8, offset, data);
         }
-        log::debug!("read  region {region} {offset:#x} {data:02x?}");
+        log::debug!("read  region {region} {offset:#x} {:02x?}", Head(data));
         Ok(())
     }
 
@@ -225,7 +225,7 @@ impl<F: PciFunction> FunctionBackend<F> {
     ) -> Result<(), BackendError> {
         self.check(region, offset, data.len())?;
         self.counters.bump(Counter::RegionWrite);
-        log::debug!("write region {region} {offset:#x} {data:02x?}");
+        log::debug!("write region {region} {offset:#x} {:02x?}", Head(data));
         if region == VFIO_PCI_CONFIG_REGION_INDEX {
             let mut buf = data.to_vec();
             let mut off = offset;
@@ -325,6 +325,20 @@ impl<F: PciFunction> FunctionBackend<F> {
         self.function.set_guest_memory(self.mappings.guest_memory());
         self.irqs.clear();
         self.pending = false;
+    }
+}
+
+/// The first 16 bytes of an access, for the debug log.
+struct Head<'a>(&'a [u8]);
+
+impl std::fmt::Debug for Head<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.len().min(16);
+        write!(f, "{:02x?}", &self.0[..n])?;
+        if self.0.len() > n {
+            write!(f, "+{} bytes", self.0.len() - n)?;
+        }
+        Ok(())
     }
 }
 

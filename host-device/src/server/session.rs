@@ -127,6 +127,11 @@ pub(super) fn run<F: PciFunction>(
                 }
             }
             Err(Refused(errno)) => {
+                log::debug!(
+                    "vfio-user: command {} id {} refused, errno {errno}",
+                    header.command,
+                    header.message_id
+                );
                 backend.counters().bump(Counter::ErrorReply);
                 send_error(stream, &header, errno)?;
             }
@@ -249,7 +254,7 @@ fn dispatch<F: PciFunction>(
         Command::Version => {
             no_fds(&fds)?;
             let v: wire::Version = parse(payload)?;
-            let caps = &payload[4..];
+            let caps = payload.get(4..).unwrap_or_default();
             // The client's capabilities: a NUL-terminated JSON string, if any.
             if !caps.is_empty() && caps.last() != Some(&0) {
                 return Err(Refused(libc::EINVAL));
@@ -339,7 +344,9 @@ fn dispatch<F: PciFunction>(
         }
         Command::SetIrqs => {
             let s: wire::IrqSet = parse(payload)?;
-            let rest = &payload[core::mem::size_of::<wire::IrqSet>()..];
+            let rest = payload
+                .get(core::mem::size_of::<wire::IrqSet>()..)
+                .unwrap_or_default();
             let data = match s.flags & VFIO_IRQ_SET_DATA_TYPE_MASK {
                 VFIO_IRQ_SET_DATA_EVENTFD => IrqData::Eventfds(fds),
                 other => {
