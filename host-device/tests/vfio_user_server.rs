@@ -819,3 +819,190 @@ fn binary_refuses_bad_arguments() {
         );
     }
 }
+
+/// A function with 4 MSI-X vectors: a BAR0 write of value v at offset 0 fires vector v; a
+/// write at offset 8 owes v rounds of deferred work, counted at offset 16.
+struct Fake {
+    sink: Option<std::sync::Arc<dyn virtio_iommu_device::function::InterruptSink>>,
+    table_in_client: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    owed: u64,
+    done: u64,
+}
+
+impl virtio_iommu_device::function::PciFunction for Fake {
+    fn config_read(&mut self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn config_write(&mut self, _: u64, _: &[u8]) {}
+    fn bar(&self, index: u8) -> Option<virtio_iommu_device::function::Bar> {
+        (index == 0).then_some(virtio_iommu_device::function::Bar {
+            size: 4096,
+            is_64bit: false,
+            prefetchable: false,
+        })
+    }
+    fn bar_read(&mut self, _: u8, offset: u64, data: &mut [u8]) {
+        let v = if offset == 16 { self.done } else { 0 };
+        let b = v.to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+    fn bar_write(&mut self, _: u8, offset: u64, data: &[u8]) {
+        let mut b = [0u8; 8];
+        let n = data.len().min(8);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u64::from_le_bytes(b);
+        match offset {
+            0 => {
+                if let Some(s) = &self.sink {
+                    s.msix(v as u16);
+                }
+            }
+            8 => self.owed = v,
+            _ => {}
+        }
+    }
+    fn msix_vectors(&self) -> u16 {
+        4
+    }
+    fn set_interrupt_sink(
+        &mut self,
+        sink: Option<std::sync::Arc<dyn virtio_iommu_device::function::InterruptSink>>,
+    ) {
+        self.sink = sink;
+    }
+    fn set_guest_memory(&mut self, _: GuestMemoryMmap) {}
+    fn reset(&mut self) {}
+    fn set_msix_table_in_client(&mut self, in_client: bool) {
+        self.table_in_client
+            .store(in_client, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn poll(&mut self) -> bool {
+        if self.owed > 0 {
+            self.owed -= 1;
+            self.done += 1;
+        }
+        self.owed > 0
+    }
+}
+
+fn serve_fake() -> (Served, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let dir = temp_dir();
+    let path = dir.0.join("fake.sock");
+    let listener = Listener::bind(&path).unwrap();
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fake = Fake {
+        sink: None,
+        table_in_client: flag.clone(),
+        owed: 0,
+        done: 0,
+    };
+    let thread = std::thread::spawn(move || FunctionServer::new(fake).run(&listener));
+    (
+        Served {
+            path,
+            thread: Some(thread),
+            _dir: dir,
+        },
+        flag,
+    )
+}
+
+#[test]
+fn msix_eventfds_masks_and_pending_vectors() {
+    let (mut srv, table_in_client) = serve_fake();
+    let mut c = Client::connect(&srv.path);
+    assert!(c.version().ok());
+    assert!(
+        table_in_client.load(std::sync::atomic::Ordering::Relaxed),
+        "the server tells the function that QEMU emulates the MSI-X table"
+    );
+    let info = c.call(GET_IRQ_INFO, &le32(&[16, 0, 2, 0]));
+    assert_eq!(info.u32_at(12), 4, "4 MSI-X vectors");
+    let e: Vec<EventFd> = (0..4)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    // QEMU's MSI-X enable: vector 0 with fd -1 (no descriptor), count 1.
+    assert!(c.set_irqs(0x20 | 0x4, 2, 0, 1, &[], &[]).ok());
+    // Vector 1 fires before it has an eventfd: pending, delivered once assigned.
+    c.bar_w(0, &1u32.to_le_bytes());
+    assert!(c
+        .set_irqs(0x20 | 0x4, 2, 1, 1, &[], &[e[1].as_raw_fd()])
+        .ok());
+    assert_eq!(fired(&e[1]), 1, "pending vector delivered at assignment");
+    // Assign 0..4 at once; each vector signals its own eventfd.
+    let fds: Vec<RawFd> = e.iter().map(|x| x.as_raw_fd()).collect();
+    assert!(c.set_irqs(0x20 | 0x4, 2, 0, 4, &[], &fds).ok());
+    for v in 0..4u32 {
+        c.bar_w(0, &v.to_le_bytes());
+        for (i, x) in e.iter().enumerate() {
+            assert_eq!(
+                fired(x),
+                u64::from(i as u32 == v),
+                "vector {v}, eventfd {i}"
+            );
+        }
+    }
+    // Out-of-range vector from the function: ignored.
+    c.bar_w(0, &9u32.to_le_bytes());
+    assert!(e.iter().all(|x| fired(x) == 0));
+    // Per-vector MASK: the interrupt becomes pending, UNMASK delivers it once.
+    assert!(c.set_irqs(0x08 | 0x1, 2, 2, 1, &[], &[]).ok());
+    c.bar_w(0, &2u32.to_le_bytes());
+    c.bar_w(0, &2u32.to_le_bytes());
+    assert_eq!(fired(&e[2]), 0, "masked");
+    assert!(c.set_irqs(0x10 | 0x1, 2, 2, 1, &[], &[]).ok());
+    assert_eq!(fired(&e[2]), 1, "delivered on unmask");
+    assert!(c.set_irqs(0x10 | 0x1, 2, 2, 1, &[], &[]).ok());
+    assert_eq!(fired(&e[2]), 0, "only once");
+    // DATA_BOOL mask of vectors 0 and 3 only.
+    assert!(c.set_irqs(0x08 | 0x2, 2, 0, 4, &[1, 0, 0, 1], &[]).ok());
+    for v in 0..4u32 {
+        c.bar_w(0, &v.to_le_bytes());
+    }
+    let got: Vec<u64> = e.iter().map(fired).collect();
+    assert_eq!(got, vec![0, 1, 1, 0]);
+    // Unassign vector 1 (no descriptors): its interrupt stays pending, not lost.
+    assert!(c.set_irqs(0x20 | 0x4, 2, 1, 1, &[], &[]).ok());
+    c.bar_w(0, &1u32.to_le_bytes());
+    assert_eq!(fired(&e[1]), 0);
+    // Disable the index: no more signals.
+    assert!(c.set_irqs(0x20 | 0x1, 2, 0, 0, &[], &[]).ok());
+    assert!(c.set_irqs(0x10 | 0x2, 2, 0, 4, &[1, 1, 1, 1], &[]).ok());
+    for v in 0..4u32 {
+        c.bar_w(0, &v.to_le_bytes());
+    }
+    assert!(e.iter().all(|x| fired(x) == 0));
+    // Range past the vectors.
+    assert_eq!(c.set_irqs(0x20 | 0x1, 2, 3, 2, &[], &[]).error, EINVAL);
+    drop(c);
+    srv.join().unwrap();
+}
+
+#[test]
+fn deferred_work_is_bounded_per_write_and_finished_between_messages() {
+    let (mut srv, _) = serve_fake();
+    let mut c = Client::connect(&srv.path);
+    // 10 rounds: all done right after the write.
+    c.bar_w(8, &10u64.to_le_bytes());
+    assert_eq!(c.read_ok(0, 16, 8), 10u64.to_le_bytes());
+    // A million rounds: the write is answered after a bounded number of them...
+    c.bar_w(8, &1_000_000u64.to_le_bytes());
+    let first = u64::from_le_bytes(c.read_ok(0, 16, 8).try_into().unwrap());
+    assert!(
+        first < 10 + 1_000_000,
+        "not all rounds before the next reply"
+    );
+    // ...and the rest runs while the client is quiet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = u64::from_le_bytes(c.read_ok(0, 16, 8).try_into().unwrap());
+        if done == 10 + 1_000_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deferred work stuck at {done}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    srv.join().unwrap();
+}
