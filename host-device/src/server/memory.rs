@@ -60,6 +60,15 @@ struct Mapping {
     region: Option<Arc<GuestRegionMmap>>,
 }
 
+/// Whether `file` is a memfd with `F_SEAL_SHRINK` (QEMU's `memory-backend-memfd` seals its
+/// memfds by default, `seal=on`).
+fn sealed_against_shrinking(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(F_GET_SEALS) on a descriptor this process owns; integer arguments only.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
 /// The client's DMA mappings, by guest physical start address.
 #[derive(Default)]
 pub struct DmaMappings {
@@ -135,6 +144,13 @@ impl DmaMappings {
                     .len();
                 if file_end > len {
                     return Err(DmaError::BeyondFile);
+                }
+                if !sealed_against_shrinking(&file) {
+                    log::warn!(
+                        "DMA_MAP {address:#x}+{size:#x}: the file is not sealed against \
+                         shrinking; if the client truncates it, accesses past its end kill the \
+                         server (SIGBUS)"
+                    );
                 }
                 let len = usize::try_from(size).map_err(|_| DmaError::BadRange)?;
                 let mmap = MmapRegion::from_file(FileOffset::new(file, offset), len)
