@@ -16,6 +16,8 @@
 //! reporting the MSI doorbell page 0x0802_0000..=0x0802_0fff for each endpoint; the endpoints
 //! are the IDs given on the command line (requester IDs: bus << 8 | slot << 3 | function).
 
+mod notify;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,7 +68,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: virtio-iommu-vfio-user --iommu SOCK [--blk SOCK --disk PATH \
---blk-endpoint ID] [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug]";
+--blk-endpoint ID] [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug|trace]";
 
 fn parse_id(s: &str) -> Result<u32, String> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -93,6 +95,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     "warn" => LevelFilter::Warn,
                     "info" => LevelFilter::Info,
                     "debug" => LevelFilter::Debug,
+                    "trace" => LevelFilter::Trace,
                     other => return Err(format!("bad log level {other:?}")),
                 })
             }
@@ -140,7 +143,7 @@ fn spawn<F: PciFunction + 'static>(
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let mut server = FunctionServer::new(function);
+            let mut server = FunctionServer::new(notify::Notifications::new(function));
             let clean = match server.run(&listener) {
                 Ok(()) => {
                     log::info!("{name}: client disconnected");
