@@ -752,15 +752,17 @@ fn intx_eventfd_signalled_by_edu_raise_interrupt() {
 const BIN: &str = env!("CARGO_BIN_EXE_virtio-iommu-vfio-user");
 
 #[test]
-fn binary_listens_serves_edu_and_exits_with_its_summary() {
+fn binary_listens_serves_the_iommu_and_edu_and_exits_with_its_summary() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let dir = temp_dir();
-    let path = dir.0.join("edu.sock");
+    let iommu = dir.0.join("iommu.sock");
+    let edu = dir.0.join("edu.sock");
     // A stale socket file from an earlier run is replaced.
-    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    drop(std::os::unix::net::UnixListener::bind(&edu).unwrap());
     let mut child = Command::new(BIN)
-        .args(["--edu", path.to_str().unwrap(), "--edu-endpoint", "0x18"])
+        .args(["--iommu", iommu.to_str().unwrap()])
+        .args(["--edu", edu.to_str().unwrap(), "--edu-endpoint", "0x18"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -769,10 +771,21 @@ fn binary_listens_serves_edu_and_exits_with_its_summary() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "virtio-iommu-vfio-user: listening\n");
-    let mut c = Client::connect(&path);
-    assert!(c.version().ok());
-    assert_eq!(c.read_ok(CONFIG, 0, 4), vec![0x34, 0x12, 0xe8, 0x11]);
-    drop(c);
+    let mut i = Client::connect(&iommu);
+    assert!(i.version().ok());
+    // virtio-iommu as a modern virtio-pci function: 1af4:1057.
+    assert_eq!(i.read_ok(CONFIG, 0, 4), vec![0xf4, 0x1a, 0x57, 0x10]);
+    let mut e = Client::connect(&edu);
+    assert!(e.version().ok());
+    assert_eq!(e.read_ok(CONFIG, 0, 4), vec![0x34, 0x12, 0xe8, 0x11]);
+    drop(e);
+    // One client left: the server keeps running.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with a client still connected"
+    );
+    drop(i);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -788,7 +801,7 @@ fn binary_listens_serves_edu_and_exits_with_its_summary() {
         rest,
         "virtio-iommu-vfio-user: requests=0 notifications=0 faults=0\n"
     );
-    assert!(!path.exists(), "socket file removed");
+    assert!(!iommu.exists() && !edu.exists(), "socket files removed");
 }
 
 #[test]
@@ -797,6 +810,18 @@ fn binary_refuses_bad_arguments() {
     for args in [
         &[][..],
         &["--edu", "/nonexistent/x.sock"],
+        &["--edu", "/tmp/x.sock", "--edu-endpoint", "8"],
+        &[
+            "--iommu",
+            "/tmp/i.sock",
+            "--blk",
+            "/tmp/b.sock",
+            "--disk",
+            "/nonexistent.img",
+            "--blk-endpoint",
+            "16",
+        ],
+        &["--iommu", "/nonexistent/dir/i.sock"],
         &["--edu", "/tmp/x.sock", "--edu-endpoint", "nope"],
         &[
             "--edu",

@@ -3,41 +3,56 @@
 //!
 //! ```text
 //! virtio-iommu-vfio-user --iommu SOCK [--blk SOCK --disk PATH --blk-endpoint ID]
-//!                        [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug]
+//!                        [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug|trace]
 //! ```
 //!
 //! Binds every socket (a stale socket file is removed first), prints
 //! `virtio-iommu-vfio-user: listening` on stdout, serves one client per socket, and once every
 //! client has disconnected prints `virtio-iommu-vfio-user: requests=N notifications=N faults=N`
-//! and exits 0 (1 if a client broke the protocol, 2 on bad arguments or setup failures).
+//! (requestq requests the IOMMU took, queue notifications received by all functions, faults the
+//! IOMMU raised) and exits 0 — 1 if a client broke the protocol, 2 on bad arguments or setup
+//! failures.
 //!
-//! The IOMMU is configured as QEMU 11.1's `virtio-iommu-pci` on `-M virt` with its default
-//! GICv2m: 4 KiB granule, 48-bit input range, 32-bit domain range, boot bypass on, PROBE
-//! reporting the MSI doorbell page 0x0802_0000..=0x0802_0fff for each endpoint; the endpoints
-//! are the IDs given on the command line (requester IDs: bus << 8 | slot << 3 | function).
+//! The functions: the virtio-iommu as a modern virtio-pci function
+//! ([`virtio_iommu_device::transport::pci::VirtioPciFunction`] over one shared
+//! [`IommuDevice`]), a virtio-blk device over the disk image and QEMU's `edu`, both endpoints
+//! of that IOMMU. The IOMMU is configured as QEMU 11.1's `virtio-iommu-pci` on `-M virt` with its
+//! default GICv2m: 4 KiB granule, 48-bit input range, 32-bit domain range, boot bypass on,
+//! PROBE reporting the MSI doorbell page 0x0802_0000..=0x0802_0fff for each endpoint; the
+//! endpoints are the IDs given (requester IDs: bus << 8 | slot << 3 | function) and the host
+//! bridge's, 0 (QEMU's device takes every function of its bus as an endpoint, and the
+//! devicetree's `iommu-map` covers the host bridge).
 
+mod args;
 mod notify;
 
+use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::thread::JoinHandle;
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::{Log, Metadata, Record};
 use virtio_iommu_device::config::{DeviceConfig, ResvRegion};
 use virtio_iommu_device::device::{lock, SharedDevice};
+use virtio_iommu_device::endpoints::blk::BlkCore;
 use virtio_iommu_device::endpoints::edu::Edu;
 use virtio_iommu_device::function::PciFunction;
 use virtio_iommu_device::server::{FunctionServer, Listener};
+use virtio_iommu_device::transport::pci::VirtioPciFunction;
 use virtio_iommu_device::IommuDevice;
 use vm_memory::GuestMemoryMmap;
 
 const NAME: &str = "virtio-iommu-vfio-user";
-/// QEMU `-M virt`: the GICv2m MSI_SETSPI_NS frame (hw/arm/virt.c `VIRT_GIC_V2M`).
+/// QEMU `-M virt`: the GICv2m MSI_SETSPI_NS frame (hw/arm/virt.c `VIRT_GIC_V2M`), which QEMU's
+/// virtio-iommu-pci reports as a RESV_MEM MSI region of every endpoint.
 const GICV2M_FIRST: u64 = 0x0802_0000;
 const GICV2M_LAST: u64 = 0x0802_0fff;
 
-/// Errors, warnings and more on stderr, one line each.
+/// Requester ID of `-M virt`'s PCIe host bridge, 00:00.0.
+const HOST_BRIDGE: u32 = 0;
+
+/// Log records on stderr, one line each.
 struct StderrLogger;
 
 impl Log for StderrLogger {
@@ -55,67 +70,6 @@ impl Log for StderrLogger {
 }
 
 static LOGGER: StderrLogger = StderrLogger;
-
-#[derive(Debug, Default)]
-struct Args {
-    iommu: Option<PathBuf>,
-    blk: Option<PathBuf>,
-    disk: Option<PathBuf>,
-    blk_endpoint: Option<u32>,
-    edu: Option<PathBuf>,
-    edu_endpoint: Option<u32>,
-    level: Option<LevelFilter>,
-}
-
-const USAGE: &str = "usage: virtio-iommu-vfio-user --iommu SOCK [--blk SOCK --disk PATH \
---blk-endpoint ID] [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug|trace]";
-
-fn parse_id(s: &str) -> Result<u32, String> {
-    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    r.map_err(|_| format!("bad endpoint ID {s:?}"))
-}
-
-fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut a = Args::default();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--iommu" => a.iommu = Some(value()?.into()),
-            "--blk" => a.blk = Some(value()?.into()),
-            "--disk" => a.disk = Some(value()?.into()),
-            "--blk-endpoint" => a.blk_endpoint = Some(parse_id(&value()?)?),
-            "--edu" => a.edu = Some(value()?.into()),
-            "--edu-endpoint" => a.edu_endpoint = Some(parse_id(&value()?)?),
-            "--log-level" => {
-                a.level = Some(match value()?.as_str() {
-                    "error" => LevelFilter::Error,
-                    "warn" => LevelFilter::Warn,
-                    "info" => LevelFilter::Info,
-                    "debug" => LevelFilter::Debug,
-                    "trace" => LevelFilter::Trace,
-                    other => return Err(format!("bad log level {other:?}")),
-                })
-            }
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    if a.iommu.is_none() && a.edu.is_none() {
-        return Err("--iommu SOCK is required".into());
-    }
-    if a.blk.is_some() != a.disk.is_some() || a.blk.is_some() != a.blk_endpoint.is_some() {
-        return Err("--blk, --disk and --blk-endpoint go together".into());
-    }
-    if a.edu.is_some() != a.edu_endpoint.is_some() {
-        return Err("--edu and --edu-endpoint go together".into());
-    }
-    if a.blk_endpoint.is_some() && a.blk_endpoint == a.edu_endpoint {
-        return Err("blk and edu need different endpoint IDs".into());
-    }
-    Ok(a)
-}
 
 /// QEMU 11.1's virtio-iommu-pci defaults on `-M virt` (GICv2m), with `endpoints`.
 fn iommu_config(endpoints: &[u32]) -> Result<DeviceConfig, String> {
@@ -139,7 +93,7 @@ fn spawn<F: PciFunction + 'static>(
     name: &'static str,
     listener: Listener,
     function: F,
-) -> std::io::Result<JoinHandle<Outcome>> {
+) -> Result<JoinHandle<Outcome>, String> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
@@ -154,43 +108,66 @@ fn spawn<F: PciFunction + 'static>(
                     false
                 }
             };
-            let c = server.counters().get();
-            log::info!("{name}: {c:?}");
+            log::info!("{name}: {:?}", server.counters().get());
             (clean, server.function().notifications())
         })
+        .map_err(|e| format!("thread: {e}"))
 }
 
 fn bind(path: &Path) -> Result<Listener, String> {
     Listener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
 }
 
-fn run(args: Args) -> Result<bool, String> {
-    let endpoints: Vec<u32> = [args.blk_endpoint, args.edu_endpoint]
-        .into_iter()
-        .flatten()
-        .collect();
+fn run(args: args::Args) -> Result<bool, String> {
+    // The host bridge (00:00.0, requester ID 0) is an endpoint too, as on QEMU's device, which
+    // takes every function of its bus (the devicetree's iommu-map covers it).
+    let mut endpoints: Vec<u32> = [
+        Some(HOST_BRIDGE),
+        args.blk.as_ref().map(|b| b.2),
+        args.edu.as_ref().map(|e| e.1),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    endpoints.sort_unstable();
+    endpoints.dedup();
     let iommu: SharedDevice<GuestMemoryMmap> =
         IommuDevice::new_shared(iommu_config(&endpoints)?, GuestMemoryMmap::new())
             .map_err(|e| format!("IOMMU device: {e}"))?;
 
-    let mut listeners = Vec::new();
-    if let Some(p) = &args.iommu {
-        return Err(format!(
-            "--iommu {}: the virtio-pci transport is not in this build yet",
-            p.display()
-        ));
-    }
-    if let (Some(p), Some(ep)) = (&args.edu, args.edu_endpoint) {
-        listeners.push(("edu", bind(p)?, ep));
-    }
+    // Every socket is bound (and the disk opened) before "listening" is printed.
+    let iommu_listener = bind(&args.iommu)?;
+    let blk = match &args.blk {
+        Some((sock, disk, ep)) => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(disk)
+                .map_err(|e| format!("cannot open disk {}: {e}", disk.display()))?;
+            let core =
+                BlkCore::new(file, iommu.clone(), *ep).map_err(|e| format!("virtio-blk: {e}"))?;
+            Some((bind(sock)?, core))
+        }
+        None => None,
+    };
+    let edu = match &args.edu {
+        Some((sock, ep)) => Some((bind(sock)?, Edu::new(iommu.clone(), *ep))),
+        None => None,
+    };
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{NAME}: listening");
     let _ = out.flush();
 
-    let mut threads = Vec::new();
-    for (name, listener, ep) in listeners {
-        let edu = Edu::new(iommu.clone(), ep);
-        threads.push(spawn(name, listener, edu).map_err(|e| format!("thread: {e}"))?);
+    let mut threads = vec![spawn(
+        "virtio-iommu",
+        iommu_listener,
+        VirtioPciFunction::new(iommu.clone()),
+    )?];
+    if let Some((listener, core)) = blk {
+        threads.push(spawn("virtio-blk", listener, VirtioPciFunction::new(core))?);
+    }
+    if let Some((listener, edu)) = edu {
+        threads.push(spawn("edu", listener, edu)?);
     }
     let mut clean = true;
     let mut notifications = 0;
@@ -215,15 +192,15 @@ fn run(args: Args) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let args = match parse(std::env::args().skip(1)) {
+    let args = match args::parse(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("{NAME}: {e}\n{USAGE}");
+            eprintln!("{NAME}: {e}\n{}", args::USAGE);
             return ExitCode::from(2);
         }
     };
     let _ = log::set_logger(&LOGGER);
-    log::set_max_level(args.level.unwrap_or(LevelFilter::Warn));
+    log::set_max_level(args.level);
     match run(args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
