@@ -103,3 +103,40 @@ impl<F: PciFunction> PciFunction for Notifications<F> {
         self.inner.poll()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_iommu_device::config::DeviceConfig;
+    use virtio_iommu_device::endpoints::edu::Edu;
+    use virtio_iommu_device::transport::pci::VirtioPciFunction;
+    use virtio_iommu_device::IommuDevice;
+
+    fn iommu() -> virtio_iommu_device::SharedDevice<GuestMemoryMmap> {
+        let config = DeviceConfig::builder().endpoints([8]).build().unwrap();
+        IommuDevice::new_shared(config, GuestMemoryMmap::new()).unwrap()
+    }
+
+    #[test]
+    fn finds_the_notify_region_and_counts_only_writes_into_it() {
+        let mut f = Notifications::new(VirtioPciFunction::new(iommu()));
+        let (bar, start, len) = f.region.expect("virtio-pci has a notify capability");
+        assert!(len >= 8, "two queues' slots");
+        f.bar_write(bar, start, &0u16.to_le_bytes());
+        f.bar_write(bar, start + 4, &1u16.to_le_bytes());
+        assert_eq!(f.notifications(), 2);
+        // Outside the region, or in another BAR: not counted.
+        f.bar_write(bar, start + len, &[0; 4]);
+        f.bar_write(bar, start.wrapping_sub(4), &[0; 4]);
+        f.bar_write(bar.wrapping_add(1), start, &[0; 2]);
+        assert_eq!(f.notifications(), 2);
+    }
+
+    #[test]
+    fn a_function_without_capabilities_counts_nothing() {
+        let mut f = Notifications::new(Edu::new(iommu(), 8));
+        assert_eq!(f.region, None);
+        f.bar_write(0, 0x3000, &[0; 4]);
+        assert_eq!(f.notifications(), 0);
+    }
+}
