@@ -17,6 +17,13 @@
 //! sends per-vector MASK/UNMASK for MSI-X: when the guest masks a vector it keeps the eventfd and
 //! records the pending bit in its own PBA, and when it unmasks one it sends
 //! `ACTION_TRIGGER|DATA_EVENTFD` for that vector. The per-vector mask here serves other clients.
+//! Observed with QEMU 11.1.3 (qtest driving the function's config space and BARs): setting
+//! MSI-X enable sends INTx `TRIGGER|DATA_NONE` count 0, then MSI-X `TRIGGER|DATA_EVENTFD`
+//! start 0 count 1 without descriptor; writes to the MSI-X table and per-vector mask/unmask
+//! reach the server only as that vector's `TRIGGER|DATA_EVENTFD` with a descriptor at unmask
+//! (nothing at mask); PBA reads arrive as REGION_READs; clearing enable sends MSI-X
+//! `TRIGGER|DATA_NONE` count 0 and re-assigns the INTx eventfd. With INTx, after a signal the
+//! next BAR access makes QEMU send `UNMASK|DATA_NONE` (its EOI).
 //!
 //! Eventfds are made non-blocking when assigned, so a descriptor that is not an eventfd (a full
 //! pipe) cannot block the server.

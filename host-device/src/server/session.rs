@@ -344,6 +344,13 @@ fn dispatch<F: PciFunction>(
         }
         Command::SetIrqs => {
             let s: wire::IrqSet = parse(payload)?;
+            log::debug!(
+                "vfio-user: SET_IRQS index {} flags {:#x} start {} count {}",
+                s.index,
+                s.flags,
+                s.start,
+                s.count
+            );
             let rest = payload
                 .get(core::mem::size_of::<wire::IrqSet>()..)
                 .unwrap_or_default();
