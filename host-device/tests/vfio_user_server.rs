@@ -1031,3 +1031,28 @@ fn deferred_work_is_bounded_per_write_and_finished_between_messages() {
     drop(c);
     srv.join().unwrap();
 }
+
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_block_the_server() {
+    let limits = Limits {
+        part_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let mut srv = serve_edu(limits);
+    let c = Client::connect(&srv.path);
+    let mut s = c.s.try_clone().unwrap();
+    // 4 KiB config reads, never read back: the replies fill the socket buffers.
+    let sender = std::thread::spawn(move || {
+        let mut m = header(1, REGION_READ, 32, 0);
+        m.extend_from_slice(&Client::access(CONFIG, 0, 4096));
+        for _ in 0..10_000 {
+            if s.write_all(&m).is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(matches!(srv.join(), Err(ServeError::Stalled)));
+    assert!(sender.join().unwrap(), "the server closed the connection");
+    drop(c);
+}

@@ -217,12 +217,21 @@ fn send_reply(stream: &mut UnixStream, request: &Header, payload: &[u8]) -> Resu
         .as_bytes()
         .to_vec();
     msg.extend_from_slice(payload);
-    stream.write_all(&msg).map_err(ServeError::Io)
+    stream.write_all(&msg).map_err(write_error)
+}
+
+/// A reply write that did not finish within the write timeout is a stalled client.
+fn write_error(e: io::Error) -> ServeError {
+    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+        ServeError::Stalled
+    } else {
+        ServeError::Io(e)
+    }
 }
 
 fn send_error(stream: &mut UnixStream, request: &Header, errno: i32) -> Result<(), ServeError> {
     let h = reply_header(request, 0, wire::FLAG_ERROR, errno as u32);
-    stream.write_all(h.as_bytes()).map_err(ServeError::Io)
+    stream.write_all(h.as_bytes()).map_err(write_error)
 }
 
 /// The capabilities answered to VERSION (the JSON object of the vfio-user specification).
