@@ -211,11 +211,11 @@ impl Irqs {
         if expected != data.kind() {
             return Err(IrqError::BadData);
         }
-        // DATA_NONE with count 0 on TRIGGER: disable the whole index (vfio-pci).
-        if action == VFIO_IRQ_SET_ACTION_TRIGGER && count == 0 {
-            if matches!(data, IrqData::None | IrqData::Eventfds(_)) {
+        if count == 0 {
+            // TRIGGER with DATA_NONE (or no eventfd) and count 0 disables the whole index
+            // (vfio-pci); any other empty range changes nothing.
+            if action == VFIO_IRQ_SET_ACTION_TRIGGER && !matches!(data, IrqData::Bool(_)) {
                 self.disable(index);
-                return Ok(());
             }
             return Ok(());
         }
