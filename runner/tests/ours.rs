@@ -116,9 +116,15 @@ fn our_device_in_other_slots() {
 #[test]
 fn our_device_other_disk() {
     // 1 MiB + 512 bytes of a pattern, as boot.rs's `other_disk_image`; it must stay unchanged.
-    let dir = std::env::temp_dir().join(format!("viommu-ours-disk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("pattern.img");
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("viommu-ours-disk-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let path = dir.0.join("pattern.img");
     let data: Vec<u8> = (0..(1u32 << 20) + 512)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 ^ (i >> 9) as u8)
         .collect();
