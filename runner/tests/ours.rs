@@ -143,7 +143,6 @@ fn our_device_other_disk() {
         before,
         "the image was modified"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
