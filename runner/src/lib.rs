@@ -19,7 +19,7 @@
 //! | `VIOMMU_DISK` | raw disk image for virtio-blk (multiple of 512 bytes, ≥ 1 MiB); default: `target/viommu-disk.img`, 8 MiB of random bytes, generated once |
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
-//! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it |
+//! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it (with `ours`: devicetree dump, server and QEMU together, both killed) |
 //! | `VIOMMU_DEVICE` | `qemu` (default): QEMU's virtio-iommu-pci, virtio-blk-pci and edu; `ours`: our device through our vfio-user server and QEMU 11.1's `vfio-user-pci` ([`DeviceChoice`], [`ours`]) |
 //! | `VIOMMU_SERVER` | (`ours`) a prebuilt `virtio-iommu-vfio-user` instead of building it |
 //! | `VIOMMU_SERVER_LOG` | (`ours`) the server's `--log-level` |
