@@ -230,3 +230,41 @@ fn our_device_on_another_machine() {
         .contains("ECAM 0x3f000000+0x1000000 buses 0..=15"));
     assert!(outcome.args.join(" ").contains("size=128M,share=on"));
 }
+
+#[test]
+fn runner_binary_with_device_ours() {
+    // What `cargo qemu-ours` runs, through the binary: `--device ours` after `qemu` is
+    // VIOMMU_DEVICE=ours; here the ELF form with VIOMMU_DEVICE=ours (the cargo-runner path),
+    // and a bad --device value.
+    let runner = env!("CARGO_BIN_EXE_virtio-iommu-runner");
+    let out = std::process::Command::new(runner)
+        .arg(firmware())
+        .env("VIOMMU_DEVICE", "ours")
+        .env("VIOMMU_SERVER", server())
+        .env_remove("VIOMMU_QEMU")
+        .output()
+        .expect("run the runner");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "runner: vfio-user device virtio-iommu at 00:01.0",
+        "runner: vfio-user device virtio-blk at 00:02.0",
+        "runner: vfio-user device edu at 00:03.0",
+        "virtio-iommu-vfio-user: listening",
+        "virtio-iommu-vfio-user: requests=",
+        " 0 failed",
+    ] {
+        assert!(stdout.contains(needle), "`{needle}` missing:\n{stdout}");
+    }
+    let bad = std::process::Command::new(runner)
+        .args(["qemu", "--device", "theirs"])
+        .output()
+        .expect("run the runner");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--device theirs"));
+}
