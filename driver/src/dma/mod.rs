@@ -122,6 +122,7 @@
 //! DMA buffers it allocated once.
 
 mod bounce;
+pub mod flush;
 mod hal;
 mod mapper;
 mod ranges;
@@ -133,6 +134,7 @@ mod fake;
 
 pub use crate::iova::{IovaAllocator, DEFAULT_IOVA_CAPACITY};
 pub use bounce::DEFAULT_BOUNCE_GRANULES;
+pub use flush::{Clock, FlushError, FlushStats, FnClock, UnmapPolicy, MAX_PENDING};
 pub use hal::{with_locked, DmaContext, IommuHal};
 pub use mapper::IommuMapper;
 pub use ranges::PhysRange;
