@@ -1056,8 +1056,9 @@ impl DmaSpace {
         taken.unmapped.map(|()| taken.phys)
     }
 
-    /// UNMAPs everything this space mapped — every live buffer mapping, including those kept
-    /// after a failed UNMAP, and the 1:1 mappings of `Direct` reserved regions (strict modes),
+    /// UNMAPs everything this space mapped — after a [flush](Self::flush) of the UNMAPs the
+    /// lazy policy deferred — every live buffer mapping, including those kept after a failed
+    /// UNMAP, and the 1:1 mappings of `Direct` reserved regions (strict modes),
     /// or every identity mapping (identity-mapped) — but not the manual MAPs in ranges from
     /// [`Self::reserve_iova`] (the embedder's) — in
     /// batches ([`IommuMapper::submit_batch`]), e.g. before DETACH or when the device is gone.
