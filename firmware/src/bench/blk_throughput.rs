@@ -104,9 +104,12 @@ impl DmaContext for BenchDma {
 
 type Blk = VirtIOBlk<IommuHal<BenchDma>, AccessPlatform<PciTransport>>;
 
-/// Size bound of the lazy flush queue (ranges); capped at half the request queue so that a
-/// flush is one notification.
-pub const LAZY_MAX_PENDING: usize = 64;
+/// Size bound of the lazy flush queue (ranges), unless `lazy-max-pending=N` is on the kernel
+/// command line; capped at half the request queue so that a flush is one notification.
+pub const LAZY_MAX_PENDING: usize = 32;
+
+/// The lazy size bound in use (see [`LAZY_MAX_PENDING`]).
+static MAX_PENDING: AtomicU64 = AtomicU64::new(LAZY_MAX_PENDING as u64);
 /// Time bound of the lazy flush queue: 10 ms.
 pub const LAZY_MAX_AGE_NS: u64 = 10_000_000;
 /// Sequential request size in bytes.
@@ -209,6 +212,9 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
             }
         }
     };
+    if let Some(n) = super::bootarg(dtb, "lazy-max-pending").and_then(|v| v.parse().ok()) {
+        MAX_PENDING.store(n, Ordering::Relaxed);
+    }
     let prepared = prepare(dtb, pci);
     let (ram, ep, mut domain, last_domain) = match prepared {
         Ok(p) => p,
@@ -315,7 +321,8 @@ fn measure(
         }
         .map_err(|e| format!("set-up: {e}"))?;
         if mode == Bench::Lazy {
-            let max_pending = LAZY_MAX_PENDING.min(iommu.requestq_size() / 2).max(1);
+            let want = MAX_PENDING.load(Ordering::Relaxed) as usize;
+            let max_pending = want.min(iommu.requestq_size() / 2).max(1);
             space
                 .set_unmap_policy(UnmapPolicy::Lazy {
                     max_pending,
@@ -459,7 +466,8 @@ fn rates(s: &Sums) -> (u64, u64) {
 fn report(sums: &[Sums; 3]) {
     let ios = |s: &Sums| (s.seq_ios + s.rand_ios).max(1);
     println!(
-        "# blk-bench: {ROUNDS} rounds x ({SEQ_PASSES} sequential passes of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, rates of each mode's fastest round; lazy: max_pending {LAZY_MAX_PENDING}, max_age {} ms",
+        "# blk-bench: {ROUNDS} rounds x ({SEQ_PASSES} sequential passes of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, rates of each mode's fastest round; lazy: max_pending {}, max_age {} ms",
+        MAX_PENDING.load(Ordering::Relaxed),
         LAZY_MAX_AGE_NS / 1_000_000
     );
     println!("# | mode | seq 64 KiB MiB/s | rand 4 KiB IOPS | MAP/IO | UNMAP/IO | IOMMU notifications/IO | flushes |");
