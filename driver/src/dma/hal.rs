@@ -116,7 +116,10 @@ macro_rules! dma_context {
 ///   reads as failure;
 /// - `unshare` always runs `C::Inner::unshare` (so a bounce buffer is copied back) once the
 ///   mapping is found, even when the UNMAP failed; the mapping's IOVAs (and bounce granules) are
-///   then kept, never reused ([`DmaSpace::leaked`]);
+///   then kept, never reused ([`DmaSpace::leaked`]). Under the lazy
+///   [`UnmapPolicy`](super::UnmapPolicy) the UNMAP is deferred to a flush (the device keeps
+///   access until then, see [`super::flush`]), whose failures are kept for
+///   [`DmaSpace::take_flush_error`];
 /// - a failed UNMAP in `dma_dealloc` leaks the memory (still mapped, so never reused) and
 ///   reports success: virtio-drivers 0.13's `Dma::drop` asserts that `dma_dealloc` returns 0.
 ///

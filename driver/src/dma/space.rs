@@ -1036,13 +1036,17 @@ impl DmaSpace {
     /// Takes back the device address `addr` of a buffer given by [`Self::map_buffer`] (any
     /// address inside it) and returns the physical address it stands for. No heap allocation.
     ///
-    /// Strict modes: UNMAPs the whole mapping containing `addr` and frees its IOVAs. Identity:
-    /// returns `addr`; no request is sent.
+    /// Strict modes: UNMAPs the whole mapping containing `addr` and frees its IOVAs — under
+    /// the lazy [`UnmapPolicy`] ([`Self::set_unmap_policy`]) the UNMAP is queued instead and
+    /// sent, and the IOVAs freed, by a later flush (this call then flushes when a bound is
+    /// reached; the device keeps access until then). Identity: returns `addr`; no request is
+    /// sent.
     ///
     /// # Errors
     ///
-    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict); the
-    /// UNMAP request's errors — the mapping is then kept (counted in [`Self::leaked`]), so
+    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict), or its
+    /// UNMAP is already pending (lazy); the UNMAP request's errors (strict policy; a deferred
+    /// UNMAP's are reported by the flush: [`Self::flush`], [`Self::take_flush_error`]) — the mapping is then kept (counted in [`Self::leaked`]), so
     /// its IOVAs are not reused while it may still be mapped; the buffer's memory is the
     /// caller's again and may still be reachable (see [`Self::leaked`]).
     pub fn unmap_buffer(
