@@ -1278,20 +1278,16 @@ impl DmaSpace {
         };
         let before = queue.stats.failed_unmaps;
         let (failures, leaked) = (&mut self.failures, &mut self.leaked);
-        let sent = queue.send(iommu, self.domain, trigger, |key, outcome| {
-            let Some(m) = live.get_mut(key) else {
-                return;
-            };
-            m.deferred = false;
-            match outcome {
-                Ok(()) => {
-                    if let Some(m) = live.remove(key) {
-                        Self::free_resources(iova, bounce, key, &m, failures);
-                    }
+        let sent = queue.send(iommu, self.domain, trigger, |key, outcome| match outcome {
+            Ok(()) => {
+                if let Some(m) = live.remove(key) {
+                    Self::free_resources(iova, bounce, key, &m, failures);
                 }
-                Err(_) => {
-                    // As after a failed strict UNMAP: kept, never reused, retried by
-                    // `unmap_all`.
+            }
+            Err(_) => {
+                // As after a failed strict UNMAP: kept, never reused, retried by `unmap_all`.
+                if let Some(m) = live.get_mut(key) {
+                    m.deferred = false;
                     m.stale = true;
                     *leaked += 1;
                     *failures += 1;
