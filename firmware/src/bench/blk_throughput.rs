@@ -129,18 +129,39 @@ const ROUNDS: usize = 16;
 /// (16 ns at QEMU's 62.5 MHz).
 struct GenericTimer;
 
+/// Nanoseconds per counter tick when whole (0: not known yet; `u64::MAX`: not whole).
+static NS_PER_TICK: AtomicU64 = AtomicU64::new(0);
+
 impl Clock for GenericTimer {
     fn now_ns(&self) -> u64 {
-        let hz = timer::ticks_per_second();
-        if 1_000_000_000 % hz == 0 {
-            timer::now_ticks().saturating_mul(1_000_000_000 / hz)
-        } else {
-            now_ns()
+        let mut per_tick = NS_PER_TICK.load(Ordering::Relaxed);
+        if per_tick == 0 {
+            let hz = timer::ticks_per_second();
+            per_tick = match 1_000_000_000 % hz {
+                0 => 1_000_000_000 / hz,
+                _ => u64::MAX,
+            };
+            NS_PER_TICK.store(per_tick, Ordering::Relaxed);
+        }
+        match per_tick {
+            u64::MAX => now_ns(),
+            n => timer::now_ticks().saturating_mul(n),
         }
     }
 }
 
 static TIMER: GenericTimer = GenericTimer;
+
+/// A clock that reads no counter (always 0): the profile's lazy run without clock reads.
+struct Frozen;
+
+impl Clock for Frozen {
+    fn now_ns(&self) -> u64 {
+        0
+    }
+}
+
+static FROZEN: Frozen = Frozen;
 
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 enum Bench {
@@ -266,6 +287,7 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     );
     if all_ok {
         report(&sums);
+        bookkeeping_profile();
     }
     println!("1..{n}");
     (n - failed, failed)
@@ -547,5 +569,107 @@ fn report(sums: &[Sums; 3]) {
             extra_us * 1000 / reqs,
             extra_us * 1000 / s.notifications.max(1)
         );
+    }
+}
+
+/// A mapper that accepts every request without sending it: what remains is the space's own
+/// bookkeeping.
+struct Accept(u64);
+
+impl IommuMapper for Accept {
+    fn granule(&self) -> u64 {
+        self.0
+    }
+    fn map(&mut self, _: u32, _: u64, _: u64, _: u64, _: MapFlags) -> Result<(), IommuError> {
+        Ok(())
+    }
+    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), IommuError> {
+        Ok(())
+    }
+}
+
+/// Map+unmap pairs per profile run.
+const PAIRS: u64 = 3000;
+/// Profile runs per variant, interleaved; the fastest counts (the host is shared).
+const PROFILE_RUNS: usize = 7;
+
+/// `PAIRS` alloc + free pairs of the IOVA allocator alone (sizes of a virtio-blk request's
+/// buffers); nanoseconds per pair.
+fn iova_pairs() -> Option<u64> {
+    let granule = 0x1000;
+    let mut iova = virtio_iommu_driver::dma::IovaAllocator::new(0, (1 << 48) - 1, granule).ok()?;
+    let sizes = [0x1000u64, 0x1_1000, 0x1000];
+    let start = timer::now_ticks();
+    for _ in 0..PAIRS / 3 {
+        let mut at = [0u64; 3];
+        for (slot, len) in at.iter_mut().zip(sizes) {
+            *slot = iova.alloc(len).ok()?;
+        }
+        for (a, len) in at.into_iter().zip(sizes) {
+            iova.free(a, len).ok()?;
+        }
+    }
+    Some(timer::ticks_to_us(timer::now_ticks().wrapping_sub(start)) * 1000 / PAIRS)
+}
+
+/// `PAIRS` `map_buffer` + `unmap_buffer` pairs of a strict space (lazy with `clock` when
+/// given) on a mapper that sends nothing, with the 3 buffers of a virtio-blk request (16
+/// bytes, 64 KiB, 1 byte); nanoseconds per pair.
+fn space_pairs(clock: Option<&'static dyn Clock>) -> Option<u64> {
+    let granule = 0x1000;
+    let iova = virtio_iommu_driver::dma::IovaAllocator::new(0, (1 << 48) - 1, granule).ok()?;
+    let mut space = DmaSpace::new(1, iova).ok()?;
+    if let Some(clock) = clock {
+        let policy = UnmapPolicy::Lazy {
+            max_pending: MAX_PENDING.load(Ordering::Relaxed) as usize,
+            max_age_ns: LAZY_MAX_AGE_NS,
+            clock,
+        };
+        space.set_unmap_policy(policy).ok()?;
+    }
+    let mut m = Accept(granule);
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    let start = timer::now_ticks();
+    for i in 0..PAIRS / 3 {
+        let base = 0x4100_0000 + (i % 64) * 0x20000;
+        let bufs = [(base, 16), (base + 0x1000, 0x1_0000), (base + 0x1_2000, 1)];
+        let mut at = [0u64; 3];
+        for (slot, &(p, len)) in at.iter_mut().zip(&bufs) {
+            *slot = space.map_buffer(&mut m, p, len, rw).ok()?;
+        }
+        for a in at {
+            space.unmap_buffer(&mut m, a).ok()?;
+        }
+    }
+    space.flush(&mut m).ok()?;
+    Some(timer::ticks_to_us(timer::now_ticks().wrapping_sub(start)) * 1000 / PAIRS)
+}
+
+/// The cost of the bookkeeping alone, without requests, locks or the `Hal`: the IOVA
+/// allocator, and a strict space's `map_buffer` + `unmap_buffer` (IOVA allocator and
+/// live-mapping tree) under the strict and the lazy policy (the latter also with a clock that
+/// reads no counter), each the fastest of [`PROFILE_RUNS`] interleaved runs.
+fn bookkeeping_profile() {
+    let variants: [(&str, Option<Option<&'static dyn Clock>>); 4] = [
+        ("IovaAllocator alloc + free", None),
+        ("strict map_buffer + unmap_buffer", Some(None)),
+        ("lazy map_buffer + unmap_buffer", Some(Some(&TIMER))),
+        (
+            "lazy map_buffer + unmap_buffer, clock not read",
+            Some(Some(&FROZEN)),
+        ),
+    ];
+    let mut best = [u64::MAX; 4];
+    for _ in 0..PROFILE_RUNS {
+        for (b, (_, v)) in best.iter_mut().zip(&variants) {
+            let ns = match v {
+                None => iova_pairs(),
+                Some(clock) => space_pairs(*clock),
+            };
+            *b = (*b).min(ns.unwrap_or(u64::MAX));
+        }
+    }
+    for (b, (name, _)) in best.iter().zip(&variants) {
+        println!("# blk-bench: bookkeeping alone, no requests: {name}: {b} ns per pair (fastest of {PROFILE_RUNS})");
     }
 }
