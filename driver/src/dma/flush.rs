@@ -71,8 +71,13 @@ pub enum UnmapPolicy {
     /// At once, one UNMAP request per `unshare`, waited for (the default): the device loses
     /// access to the buffer before `unshare` returns.
     Strict,
-    /// Deferred into a flush queue sent as one batch (see the [module documentation](self),
-    /// including its security trade-off).
+    /// Deferred into a flush queue sent as one batch (see the [module documentation](self)).
+    ///
+    /// **Security trade-off**: until the flush the device can still read and write every
+    /// buffer unshared since the last one, although that memory is the driver's again — as
+    /// Linux's `iommu.strict=0`. Use it only for devices trusted not to keep using addresses
+    /// they were given; the window is at most `max_pending` unshares and `max_age_ns` (while
+    /// there is activity or [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due) runs).
     Lazy {
         /// Size bound: the queue is flushed when it holds this many ranges, 1 ..=
         /// [`MAX_PENDING`].
