@@ -549,3 +549,280 @@ fn checker_off_reports_off_and_still_counts() {
     assert_eq!(r.to_string(), "checker: off");
     assert_eq!(r.saw.attach, 2);
 }
+
+mod our_driver {
+    //! The project's guest driver (`virtio_iommu_driver`) against the in-process device with
+    //! the checker on: a compliant session breaks nothing.
+    use super::*;
+    use virtio_iommu_device::inprocess::TestBed;
+    use virtio_iommu_driver::BatchOp;
+
+    fn bed() -> TestBed {
+        TestBed::new(
+            DeviceConfig::builder()
+                .endpoints([8, 16, 24])
+                .resv_region(16, ResvRegion::msi(MSI.0, MSI.1))
+                .driver_checker(true)
+                .build()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn attach_map_dma_unmap_probe_detach_bypass_events_break_nothing() {
+        let bed = bed();
+        let mut drv = bed.driver().unwrap();
+        let ep = bed.dma_endpoint(8).unwrap();
+        let buf = bed.alloc(0x4000).unwrap();
+        for e in [8, 16, 24] {
+            drv.probe_reserved_regions(e).unwrap();
+        }
+        drv.attach(1, 8).unwrap();
+        drv.map(1, 0x1_0000, 0x1_1fff, buf, RW).unwrap();
+        ep.write(0x1_0000, b"through the IOMMU").unwrap();
+        // A fault (unmapped IOVA), delivered on the eventq and read back by the driver.
+        assert!(ep.read(0x9_0000, &mut [0u8; 4]).is_err());
+        assert!(drv.poll_event().unwrap().is_some());
+        drv.unmap(1, 0x1_0000, 0x1_1fff).unwrap();
+        // A batch of MAPs and UNMAPs in one notification.
+        let mut b = drv.batch();
+        for i in 0..4u64 {
+            b.push(BatchOp::Map {
+                domain: 1,
+                virt_start: 0x10_0000 + (i << 12),
+                virt_end: 0x10_0fff + (i << 12),
+                phys_start: buf + (i << 12),
+                flags: RW,
+            })
+            .unwrap();
+        }
+        b.push(BatchOp::Unmap {
+            domain: 1,
+            virt_start: 0x10_0000,
+            virt_end: 0x10_3fff,
+        })
+        .unwrap();
+        assert_eq!(b.submit().unwrap().failures(), 0);
+        // Endpoint 16 shares domain 1; the mapping avoids its MSI region.
+        drv.attach(1, 16).unwrap();
+        drv.map(1, 0x2_0000, 0x2_0fff, buf, MapFlags::READ).unwrap();
+        drv.detach(1, 16).unwrap();
+        drv.detach(1, 8).unwrap();
+        // Bypass: the config field, and a bypass domain.
+        drv.set_bypass(true).unwrap();
+        drv.set_bypass(false).unwrap();
+        drv.attach_bypass(5, 24).unwrap();
+        drv.detach(5, 24).unwrap();
+        let dev = bed.device();
+        let r = dev.checker_report();
+        assert!(r.enabled && r.is_clean(), "{r}");
+        assert_eq!(r.to_string(), "checker: no violations");
+        let s = r.saw;
+        assert_eq!(
+            (s.attach, s.detach, s.map, s.unmap, s.probe, s.faults),
+            (3, 3, 6, 2, 3, 1),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn attach_without_probe_is_r5_and_a_new_driver_must_probe_again() {
+        let bed = bed();
+        let mut drv = bed.driver().unwrap();
+        drv.probe_reserved_regions(8).unwrap();
+        drv.attach(1, 8).unwrap();
+        assert!(bed.device().checker_report().is_clean());
+        drop(drv);
+        // A new driver resets the device: endpoint 8 must be probed again.
+        let mut drv = bed.driver().unwrap();
+        drv.attach(1, 8).unwrap();
+        let r = bed.device().checker_report();
+        assert_eq!(
+            r.violations.iter().map(|v| v.statement).collect::<Vec<_>>(),
+            vec![Statement::R(5)],
+            "{r}"
+        );
+        assert_eq!(r.violations[0].first.bytes, bytes(&attach(1, 8, 0)));
+    }
+}
+
+mod same_answers {
+    //! Arbitrary traffic: the checker never panics, and the device answers it identically with
+    //! the checker on and off.
+    use super::*;
+    use proptest::prelude::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A request: readable bytes (possibly cut), writable length.
+        Request(Vec<u8>, usize),
+        /// A config write at (offset, data).
+        Config(u8, Vec<u8>),
+        /// An eventq buffer of this many bytes, then an eventq notification.
+        Event(u32),
+        /// A DMA access by an endpoint (a fault when not mapped).
+        Dma(u32, u64),
+    }
+
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..16).prop_map(|p| p << 12),
+            (0u64..16).prop_map(|p| (p << 12) | 0xfff),
+            (0u64..32).prop_map(|p| p << 11),
+            Just(MSI.0),
+            Just(u64::MAX),
+            Just(1u64 << 40),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = Vec<u8>> {
+        let domain = prop_oneof![0u32..4, Just(101u32)];
+        let ep = prop_oneof![Just(8u32), Just(16u32), Just(99u32)];
+        let reserved = prop_oneof![4 => Just(0u8), 1 => any::<u8>()];
+        prop_oneof![
+            (domain.clone(), ep.clone(), 0u32..4, reserved.clone()).prop_map(|(d, e, f, r)| {
+                let mut a = attach(d, e, f);
+                a.reserved[3] = r;
+                bytes(&a)
+            }),
+            (domain.clone(), ep.clone(), reserved.clone()).prop_map(|(d, e, r)| {
+                let mut x = detach(d, e);
+                x.reserved[0] = r;
+                bytes(&x)
+            }),
+            (domain.clone(), addr(), addr(), addr(), 0u32..16).prop_map(|(d, s, e, p, f)| {
+                let mut m = map(d, s, e, p, RW);
+                m.flags = f.into();
+                bytes(&m)
+            }),
+            (domain, addr(), addr(), reserved.clone()).prop_map(|(d, s, e, r)| {
+                let mut u = unmap(d, s, e);
+                u.reserved[1] = r;
+                bytes(&u)
+            }),
+            (ep, reserved).prop_map(|(e, r)| {
+                let mut p = probe(e);
+                p.reserved[5] = r;
+                bytes(&p)
+            }),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (request(), prop_oneof![Just(4usize), Just(516), 0usize..12, Just(520)], 0usize..4, any::<u8>())
+                .prop_map(|(mut r, w, cut, head_res)| {
+                    if cut == 0 && r.len() > 4 {
+                        r.truncate(r.len() / 2);
+                    }
+                    if cut == 1 && r.len() > 1 {
+                        r[1] = head_res;
+                    }
+                    Op::Request(r, w)
+                }),
+            1 => (prop_oneof![Just(36u8), 0u8..44], proptest::collection::vec(prop_oneof![0u8..3, any::<u8>()], 0..3))
+                .prop_map(|(o, d)| Op::Config(o, d)),
+            1 => prop_oneof![Just(24u32), 0u32..32].prop_map(Op::Event),
+            1 => (prop_oneof![Just(8u32), Just(16u32)], addr()).prop_map(|(e, a)| Op::Dma(e, a)),
+        ]
+    }
+
+    /// What the driver can observe of one step: the requestq and eventq used rings and the
+    /// bytes of the writable buffers.
+    fn step(h: &mut Harness, op: &Op) -> Vec<u8> {
+        let mut seen = Vec::new();
+        match op {
+            Op::Request(r, w) => {
+                let mut descs = Vec::new();
+                if !r.is_empty() {
+                    let a = h.buffer(r.len(), 0);
+                    h.mem.write_slice(r, GuestAddress(a)).unwrap();
+                    descs.push(D {
+                        addr: a,
+                        len: r.len() as u32,
+                        flags: 0,
+                    });
+                }
+                let wa = h.buffer((*w).max(1), POISON);
+                if *w > 0 {
+                    descs.push(D {
+                        addr: wa,
+                        len: *w as u32,
+                        flags: F_WRITE,
+                    });
+                }
+                if descs.is_empty() {
+                    return seen;
+                }
+                let before = h.rq_used_idx();
+                h.post_request(&descs);
+                h.dev.notify(0);
+                let after = h.rq_used_idx();
+                seen.extend_from_slice(&after.to_le_bytes());
+                if after != before {
+                    let (id, len) = h.rq_used(before);
+                    seen.extend_from_slice(&id.to_le_bytes());
+                    seen.extend_from_slice(&len.to_le_bytes());
+                }
+                let mut b = vec![0; *w];
+                h.mem.read_slice(&mut b, GuestAddress(wa)).unwrap();
+                seen.extend_from_slice(&b);
+            }
+            Op::Config(o, d) => {
+                h.dev.write_config(u64::from(*o), d);
+                let mut b = [0u8; 40];
+                h.dev.read_config(0, &mut b);
+                seen.extend_from_slice(&b);
+            }
+            Op::Event(len) => {
+                if *len > 0 {
+                    h.post_event_buffer(*len);
+                }
+                h.dev.notify(1);
+            }
+            Op::Dma(e, a) => {
+                let r = h
+                    .dev
+                    .translate(*e, *a, 4, virtio_iommu_device::Access::READ);
+                seen.extend_from_slice(format!("{r:?}").as_bytes());
+            }
+        }
+        let eq = h.eq_used_idx();
+        seen.extend_from_slice(&eq.to_le_bytes());
+        if eq > 0 {
+            let (id, len) = h.eq_used(eq - 1);
+            seen.extend_from_slice(&id.to_le_bytes());
+            seen.extend_from_slice(&len.to_le_bytes());
+        }
+        seen.push(h.dev.status());
+        seen
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn checker_on_and_off_answer_alike(ops in proptest::collection::vec(op(), 1..48)) {
+            let (m_on, m_off) = (mem(), mem());
+            let mut on = Harness::new(&m_on, config());
+            let mut off = Harness::new(&m_off, builder().driver_checker(false).build().unwrap());
+            for (i, op) in ops.iter().enumerate() {
+                let a = step(&mut on, op);
+                let b = step(&mut off, op);
+                prop_assert_eq!(a, b, "step {} {:?}", i, op);
+                let report = on.dev.checker_report();
+                let _ = report.to_string();
+                prop_assert!(report.violations.len() <= 36 + 6);
+                prop_assert!(report.violations.iter().all(|v| v.first.bytes.len() <= 80 && v.count > 0));
+            }
+            let doms = |h: &Harness| h.dev.state().domains().map(|(id, d)| (id, d.clone())).collect::<Vec<_>>();
+            prop_assert_eq!(doms(&on), doms(&off));
+            prop_assert_eq!(on.dev.counters(), off.dev.counters());
+            prop_assert_eq!(on.dev.pending_faults(), off.dev.pending_faults());
+            prop_assert_eq!(on.dev.state().bypass(), off.dev.state().bypass());
+            prop_assert_eq!(on.dev.checker_report().saw, off.dev.checker_report().saw);
+            prop_assert!(!off.dev.checker_report().enabled);
+        }
+    }
+}
