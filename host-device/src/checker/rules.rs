@@ -405,7 +405,11 @@ pub(crate) fn check_config_write(
     }
     if !negotiated.contains(Features::BYPASS_CONFIG) {
         checker.record(R(2), data, || {
-            "bypass written without VIRTIO_IOMMU_F_BYPASS_CONFIG negotiated".into()
+            if negotiated.is_empty() {
+                "bypass written before FEATURES_OK (nothing negotiated yet)".into()
+            } else {
+                "bypass written without VIRTIO_IOMMU_F_BYPASS_CONFIG negotiated".into()
+            }
         });
     }
     if data[0] > 1 {
