@@ -499,6 +499,25 @@ fn short_event_buffers_i4() {
 }
 
 #[test]
+fn event_buffers_posted_before_driver_ok_are_checked_at_driver_ok_i4() {
+    let mem = mem();
+    let mut h = Harness::idle(&mem, config());
+    h.post_event_buffer(8);
+    let f = config().offered();
+    h.dev.write_status(status::ACKNOWLEDGE | status::DRIVER);
+    h.dev.write_driver_features(0, f.bits() as u32);
+    h.dev.write_driver_features(1, (f.bits() >> 32) as u32);
+    h.dev
+        .write_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+    assert!(report(&h).is_clean(), "{}", report(&h));
+    h.dev.write_status(
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    assert_eq!(broken(&h), vec![Statement::ShortEventBuffer]);
+    assert_eq!(h.eq_used_idx(), 0);
+}
+
+#[test]
 fn report_format_counts_and_bounded_first_offender() {
     let mem = mem();
     let mut h = Harness::new(&mem, config());
