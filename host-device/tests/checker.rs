@@ -845,3 +845,13 @@ mod same_answers {
         }
     }
 }
+
+#[test]
+fn every_checked_statement_has_a_summary_and_the_list_is_in_report_order() {
+    for s in Statement::CHECKED {
+        assert!(!s.summary().is_empty(), "{s}");
+    }
+    assert!(Statement::CHECKED.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(Statement::R(4).summary(), "", "R4 is not observable");
+    assert_eq!(Statement::CHECKED.len(), 27);
+}

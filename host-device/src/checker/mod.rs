@@ -97,6 +97,84 @@ pub enum Statement {
     ShortEventBuffer,
 }
 
+impl Statement {
+    /// Every statement the checker records, in report order.
+    pub const CHECKED: &'static [Statement] = &[
+        Self::R(1),
+        Self::R(2),
+        Self::R(3),
+        Self::R(5),
+        Self::R(6),
+        Self::R(8),
+        Self::R(9),
+        Self::R(10),
+        Self::R(12),
+        Self::R(13),
+        Self::R(14),
+        Self::R(15),
+        Self::R(16),
+        Self::R(19),
+        Self::R(20),
+        Self::R(21),
+        Self::R(22),
+        Self::R(23),
+        Self::R(24),
+        Self::R(25),
+        Self::R(30),
+        Self::NotifyBeforeDriverOk,
+        Self::MalformedChain,
+        Self::RequestShape,
+        Self::FeatureNotNegotiated,
+        Self::Unaligned,
+        Self::ShortEventBuffer,
+    ];
+
+    /// The statement in a few words (the spec checklist's wording, condensed); empty for an
+    /// R number the checker does not record.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Self::R(1) => "SHOULD accept INPUT_RANGE, DOMAIN_RANGE, PROBE if offered",
+            Self::R(2) => "MAY write bypass only with BYPASS_CONFIG; MUST NOT write other config fields",
+            Self::R(3) => "MUST NOT write a bypass value other than 0 or 1",
+            Self::R(5) => "SHOULD PROBE each endpoint before attaching it (PROBE negotiated)",
+            Self::R(6) => "SHOULD zero req_head.reserved",
+            Self::R(8) => "MUST NOT send virt_start/virt_end outside input_range (INPUT_RANGE negotiated)",
+            Self::R(9) => "MUST NOT send a domain outside domain_range (DOMAIN_RANGE negotiated)",
+            Self::R(10) => "ATTACH: SHOULD zero reserved",
+            Self::R(12) => "ATTACH: set ATTACH_F_BYPASS iff the existing domain is a bypass domain (needs BYPASS_CONFIG)",
+            Self::R(13) => "DETACH: SHOULD zero reserved",
+            Self::R(14) => "MAP: SHOULD zero undefined flags",
+            Self::R(15) => "SHOULD NOT MAP on a bypass domain",
+            Self::R(16) => "MAP: virt_end MUST be strictly greater than virt_start",
+            Self::R(19) => "MUST NOT use MAP_F_MMIO unless F_MMIO negotiated",
+            Self::R(20) => "UNMAP: SHOULD zero reserved",
+            Self::R(21) => "UNMAP: range SHOULD cover one or more contiguous mappings",
+            Self::R(22) => "UNMAP: first/last address MUST be a mapping's first/last address or outside any mapping",
+            Self::R(23) => "SHOULD NOT UNMAP on a bypass domain",
+            Self::R(24) => "PROBE: properties MUST be exactly probe_size bytes",
+            Self::R(25) => "PROBE: SHOULD zero reserved",
+            Self::R(30) => "SHOULD NOT map addresses in RESERVED or MSI regions",
+            Self::R(_) => "",
+            Self::NotifyBeforeDriverOk => {
+                "virtio 3.1.1: MUST NOT send buffer available notifications before DRIVER_OK"
+            }
+            Self::MalformedChain => {
+                "virtio 2.7: device-writable descriptors after device-readable ones, chains within the queue size, in memory"
+            }
+            Self::RequestShape => {
+                "5.13.6: a defined type, the request's readable size, a 4-byte writable tail, defined ATTACH flags, virt_start <= virt_end"
+            }
+            Self::FeatureNotNegotiated => {
+                "5.13.6: MAP/UNMAP need MAP_UNMAP, PROBE needs PROBE negotiated"
+            }
+            Self::Unaligned => "5.13.4: MAP/UNMAP addresses aligned to the page_size_mask granule (D22)",
+            Self::ShortEventBuffer => {
+                "5.13.6.9: eventq buffers device-writable and large enough for a 24-byte fault report"
+            }
+        }
+    }
+}
+
 impl fmt::Display for Statement {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
