@@ -123,12 +123,9 @@ impl Ctx<'_> {
             });
         }
         if t == RequestType::Probe {
-            let props = writable - TAIL_SIZE;
-            let probe_size = self.config.probe_size();
-            if u64::try_from(props).map_or(true, |p| p != u64::from(probe_size)) {
-                self.record(R(24), || {
-                    format!("PROBE properties are {props} bytes, probe_size is {probe_size}")
-                });
+            // Without PROBE negotiated `probe_size` means nothing; I2 records the request.
+            if self.negotiated.contains(Features::PROBE) {
+                self.probe_size(writable);
             }
         } else if writable != TAIL_SIZE {
             self.record(Statement::RequestShape, || {
@@ -165,6 +162,17 @@ impl Ctx<'_> {
                     self.probe(&r);
                 }
             }
+        }
+    }
+
+    /// R24: the writable part is `probe_size` bytes of properties and the 4-byte tail.
+    fn probe_size(&mut self, writable: usize) {
+        let props = writable.saturating_sub(TAIL_SIZE);
+        let probe_size = self.config.probe_size();
+        if u64::try_from(props).map_or(true, |p| p != u64::from(probe_size)) {
+            self.record(R(24), || {
+                format!("PROBE properties are {props} bytes, probe_size is {probe_size}")
+            });
         }
     }
 
