@@ -362,7 +362,8 @@ fn features_not_negotiated_i2() {
 
     let mut h = Harness::with_features(&mem, config(), offered - Features::PROBE);
     let p = bytes(&probe(8));
-    h.request(&p, 516);
+    // Any properties size: probe_size does not apply without PROBE negotiated (no R24).
+    h.request(&p, 524);
     assert_eq!(
         broken(&h),
         vec![Statement::R(1), Statement::FeatureNotNegotiated]
