@@ -273,6 +273,18 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         })
     }
 
+    /// The features the driver negotiated: its features once FEATURES_OK was accepted, else
+    /// none. Equal to [`Self::negotiated_features`] unless a fault plan changes what the device
+    /// acts on ([`crate::Misbehaviour::FeaturesChangeAfterFeaturesOk`]); the driver checker
+    /// holds the driver to these.
+    fn driver_negotiated(&self) -> Features {
+        if self.status & status::FEATURES_OK != 0 {
+            Features::from_bits_retain(self.driver_features)
+        } else {
+            Features::empty()
+        }
+    }
+
     /// Counts a misbehaviour applied by a transport model (fault injection,
     /// [`Counters::faults_injected`]).
     pub fn note_fault_injected(&mut self) {
@@ -628,6 +640,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         let max = config.caps().max_requests_per_notify;
         let mut done = 0;
         let mut reordered: Vec<(u16, u32)> = Vec::new();
+        let driver_negotiated = self.driver_negotiated();
         while done < max {
             let Self {
                 queues, mem, state, ..
@@ -642,7 +655,14 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             self.requestq_owed = self.requestq_owed.saturating_sub(1);
             let head = chain.head_index();
             let size = queues[idx].size();
-            checker::check_request(&mut self.checker, state, &*mem, &chain, usize::from(size));
+            checker::check_request(
+                &mut self.checker,
+                state,
+                driver_negotiated,
+                &*mem,
+                &chain,
+                usize::from(size),
+            );
             let fault = if plan.is_empty() {
                 None
             } else {
@@ -1020,7 +1040,8 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// negotiated) sets DEVICE_NEEDS_RESET and changes nothing. Writes wholly beyond the
     /// structure are ignored.
     pub fn write_config(&mut self, offset: u64, data: &[u8]) {
-        checker::check_config_write(&mut self.checker, self.state.negotiated(), offset, data);
+        let negotiated = self.driver_negotiated();
+        checker::check_config_write(&mut self.checker, negotiated, offset, data);
         let size = std::mem::size_of::<wire::Config>() as u64;
         if offset >= size || data.is_empty() {
             return;

@@ -856,3 +856,20 @@ fn every_checked_statement_has_a_summary_and_the_list_is_in_report_order() {
     assert_eq!(Statement::R(4).summary(), "", "R4 is not observable");
     assert_eq!(Statement::CHECKED.len(), 27);
 }
+
+#[test]
+fn the_driver_is_held_to_the_features_it_negotiated_not_to_a_faulty_device_s() {
+    // The device (fault injection) acts as if F_MMIO had not been negotiated: it refuses the
+    // MAP, but the driver did negotiate F_MMIO, so R19 is not the driver's.
+    let plan = virtio_iommu_device::FaultPlan::new().always(
+        virtio_iommu_device::Misbehaviour::FeaturesChangeAfterFeaturesOk {
+            offered: (config().offered() - Features::MMIO).bits(),
+        },
+    );
+    let mem = mem();
+    let mut h = Harness::new(&mem, builder().fault_injection(plan).build().unwrap());
+    probe_attach(&mut h, 1, 8);
+    let m = map(1, 0, 0xfff, 0, MapFlags::READ | MapFlags::MMIO);
+    assert_eq!(h.status(&bytes(&m)), Status::Inval as u8);
+    assert!(report(&h).is_clean(), "{}", report(&h));
+}

@@ -20,10 +20,13 @@ use crate::state::IommuState;
 
 const R: fn(u8) -> Statement = Statement::R;
 
-/// Checks one requestq chain against `state` as it is before the request runs.
+/// Checks one requestq chain against `state` as it is before the request runs; `negotiated`
+/// are the features the driver negotiated (which a fault plan may make differ from the ones
+/// the device acts on: the driver is held to its own).
 pub(crate) fn check_request<M: GuestMemory>(
     checker: &mut Checker,
     state: &IommuState,
+    negotiated: Features,
     mem: &M,
     chain: &DescriptorChain<&M>,
     max_descriptors: usize,
@@ -59,7 +62,7 @@ pub(crate) fn check_request<M: GuestMemory>(
         checker,
         state,
         config: state.config(),
-        negotiated: state.negotiated(),
+        negotiated,
         bytes,
         readable,
     };
