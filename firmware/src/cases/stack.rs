@@ -54,9 +54,9 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, iommu_index: usize, iommu_fn: &PciFu
     });
 }
 
-/// `new`, ATTACH to the last domain ID of `domain_range` (the cases' [`super::env::Domains`]
-/// hand IDs out from the first), MAP one granule at the first granule-aligned IOVA from 1 MiB
-/// to `phys`, PROBE, UNMAP, DETACH, drop. Returns the number of PROBE properties.
+/// `new`, PROBE, ATTACH to the last domain ID of `domain_range` (the cases'
+/// [`super::env::Domains`] hand IDs out from the first), MAP one granule at the first
+/// granule-aligned IOVA from 1 MiB to `phys`, UNMAP, DETACH, drop. Returns the number of PROBE properties.
 #[inline(never)]
 fn bring_up(
     transport: PciTransport,
@@ -69,10 +69,12 @@ fn bring_up(
     let domain = c.domain_range.1;
     let iova = c.input_range.0.max(0x10_0000).next_multiple_of(c.granule);
     let last = iova + (c.granule - 1);
-    iommu.attach(domain, endpoint)?;
-    iommu.map(domain, iova, last, phys, MapFlags::READ | MapFlags::WRITE)?;
+    // PROBE before ATTACH (R5: a driver that negotiated PROBE SHOULD probe each endpoint
+    // before attaching it; the device's driver checker flags the other order).
     let mut properties = 0;
     iommu.probe(endpoint, |_| properties += 1)?;
+    iommu.attach(domain, endpoint)?;
+    iommu.map(domain, iova, last, phys, MapFlags::READ | MapFlags::WRITE)?;
     iommu.unmap(domain, iova, last)?;
     iommu.detach(domain, endpoint)?;
     drop(iommu);
