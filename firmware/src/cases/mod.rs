@@ -46,11 +46,42 @@ impl Tap {
 
     /// Runs one case and prints `ok N - name` or `not ok N - name # reason`.
     pub fn case(&mut self, name: &str, f: impl FnOnce() -> CaseResult) -> bool {
+        let ok = self.case_quiet(name, f);
+        if ok {
+            println!("ok {} - {}", self.n, name);
+        }
+        ok
+    }
+
+    /// Runs one case that may not apply: `Ok(Some(reason))` prints `ok N - name # SKIP reason`
+    /// (TAP's directive for a case that does not apply here; it counts as passed), `Ok(None)`
+    /// and `Err` as [`Tap::case`].
+    pub fn case_or_skip(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> Result<Option<String>, String>,
+    ) -> bool {
+        let mut skipped = None;
+        let n = self.n + 1;
+        let ok = self.case_quiet(name, || {
+            skipped = f()?;
+            Ok(())
+        });
+        if ok {
+            match skipped {
+                Some(reason) => println!("ok {n} - {name} # SKIP {reason}"),
+                None => println!("ok {n} - {name}"),
+            }
+        }
+        ok
+    }
+
+    /// [`Tap::case`] that prints only a failure.
+    fn case_quiet(&mut self, name: &str, f: impl FnOnce() -> CaseResult) -> bool {
         self.n += 1;
         match f() {
             Ok(()) => {
                 self.passed += 1;
-                println!("ok {} - {}", self.n, name);
                 true
             }
             Err(why) => {
