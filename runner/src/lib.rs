@@ -6,7 +6,8 @@
 //! Modules (all re-exported here): `fetch` (finding, installing and fetching QEMU 10.0 and 7.2),
 //! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
-//! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target). This file keeps the
+//! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
+//! editable devicetree: QEMU's dumped tree, parsed, edited, written back). This file keeps the
 //! errors, the run configuration and building the firmware.
 //!
 //! Environment (read by [`RunConfig::from_env`]):
@@ -32,12 +33,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 mod boot;
+pub mod devicetree;
 mod disk;
 mod fetch;
 mod qemu_111;
 mod tap;
 mod toolchain;
 pub use boot::*;
+pub use devicetree::{DeviceTree, Node, Property};
 pub use disk::*;
 pub use fetch::*;
 pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
@@ -93,6 +96,11 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A devicetree could not be parsed, edited or written ([`devicetree`]).
+    Devicetree {
+        /// Why.
+        reason: String,
+    },
     /// QEMU ran longer than the timeout and was killed.
     Timeout {
         /// The timeout in seconds.
@@ -124,6 +132,7 @@ impl fmt::Display for Error {
                 write!(f, "disk image {}: {reason}", path.display())
             }
             Self::InvalidEnv { name, reason } => write!(f, "${name}: {reason}"),
+            Self::Devicetree { reason } => write!(f, "devicetree: {reason}"),
             Self::Timeout { seconds, .. } => write!(
                 f,
                 "QEMU did not finish within {seconds} s (VIOMMU_TIMEOUT_SECS) and was killed"
