@@ -40,7 +40,7 @@ pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
     .collect();
     args.push(elf.to_string_lossy().into_owned());
     args.push("-device".into());
-    args.push(with_addr("virtio-iommu-pci", config.iommu_addr.as_ref()));
+    args.push(config.iommu.qemu_device(config.iommu_addr.as_ref()));
     args.push("-drive".into());
     args.push(format!(
         "if=none,id=disk0,format=raw,snapshot=on,file={}",
@@ -132,7 +132,10 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         disk.size,
         disk.sha256
     );
-    let args = qemu_args(config, elf, &disk.path);
+    let mut args = qemu_args(config, elf, &disk.path);
+    if config.iommu == IommuKind::Mmio {
+        args = mmio_boot_args(&qemu, args)?;
+    }
     println!("runner: {}", display_command(&qemu, &args));
     let started = Instant::now();
     let mut child = io_context(
