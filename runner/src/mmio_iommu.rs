@@ -161,11 +161,15 @@ pub fn iommu_transport_base(qtree: &str) -> Option<u64> {
     None
 }
 
+/// How long the paused QEMU of [`query_qtree`] may take to answer and quit.
+pub const QTREE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Runs `qemu` with the boot's `args` paused (`-S`), the monitor on stdin/stdout and no
-/// console, and returns what `info qtree` printed.
+/// console, and returns what `info qtree` printed. QEMU is killed if it has not quit within
+/// [`QTREE_TIMEOUT`].
 ///
 /// # Errors
-/// [`Error::Io`] when QEMU cannot run; [`Error::CommandFailed`] when it fails.
+/// [`Error::Io`] when QEMU cannot run; [`Error::CommandFailed`] when it fails or times out.
 pub fn query_qtree(qemu: &Path, args: &[String]) -> Result<String> {
     let mut command = Command::new(qemu);
     command
@@ -182,17 +186,45 @@ pub fn query_qtree(qemu: &Path, args: &[String]) -> Result<String> {
         // QEMU reads the commands one after the other; `quit` ends it.
         let _ = stdin.write_all(b"info qtree\nquit\n");
     }
-    let output = io_context(child.wait_with_output(), || {
-        format!("waiting for `{display}`")
-    })?;
-    if !output.status.success() {
-        return Err(Error::CommandFailed {
+    // Read both pipes on threads so a full pipe cannot stall QEMU while we wait.
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let deadline = Instant::now() + QTREE_TIMEOUT;
+    let status = loop {
+        match io_context(child.try_wait(), || format!("waiting for `{display}`"))? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) if status.success() => Ok(stdout),
+        status => Err(Error::CommandFailed {
             command: display,
-            status: output.status.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        });
+            status: status.map_or_else(
+                || format!("killed after {} s", QTREE_TIMEOUT.as_secs()),
+                |s| s.to_string(),
+            ),
+            stderr,
+        }),
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Reads `pipe` to its end on a thread (nothing when `None`); lossy UTF-8.
+fn read_all(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 /// The `(address, size)` of a node's first `reg` entry, with `address_cells`/`size_cells` of 1
