@@ -12,9 +12,9 @@
 use alloc::format;
 use alloc::string::String;
 use core::ptr::NonNull;
-use virtio_drivers::transport::mmio::{MmioError, MmioTransport, MmioVersion, VirtIOHeader};
+use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion, VirtIOHeader};
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_drivers::transport::{DeviceType, DeviceTypeError, SomeTransport, Transport};
+use virtio_drivers::transport::{DeviceType, SomeTransport, Transport};
 use virtio_iommu_driver::topology::IommuLocation;
 
 use crate::hal::IdentityHal;
@@ -27,6 +27,15 @@ pub type IommuTransport = SomeTransport<'static>;
 
 /// virtio DeviceID of the IOMMU device (virtio v1.3 §5).
 pub const IOMMU_DEVICE_ID: u32 = 23;
+
+/// `MagicValue`: "virt" read as a little-endian u32 (virtio v1.3 §4.2.2).
+const MMIO_MAGIC: u32 = 0x7472_6976;
+/// Byte offset of `MagicValue` (§4.2.2).
+const MAGIC_OFFSET: u64 = 0x0;
+/// Byte offset of `Version` (§4.2.2: 2 for the modern transport, 1 for legacy).
+const VERSION_OFFSET: u64 = 0x4;
+/// Byte offset of `DeviceID` (§4.2.2; 0 for an empty slot).
+const DEVICE_ID_OFFSET: u64 = 0x8;
 
 /// Smallest virtio-mmio window: the register header, 0x100 bytes (virtio v1.3 §4.2.2; the
 /// device-specific configuration starts at 0x100).
@@ -99,7 +108,8 @@ pub fn find(pci: &mut PciBus) -> Result<FoundIommu, String> {
             }
             IommuLocation::Mmio { base, size } => {
                 let device = IommuDevice::Mmio { base, size };
-                // Opening reads magic, version and DeviceID; dropping it touches nothing.
+                // Opening reads magic, DeviceID and version before anything is written;
+                // dropping the transport resets the IOMMU, which the driver does anyway.
                 let transport = device
                     .open(pci)
                     .map_err(|e| format!("{}: {e}", node.path))?;
@@ -201,31 +211,52 @@ fn open_mmio(base: u64, size: u64) -> Result<MmioTransport<'static>, String> {
             "virtio-mmio window {base:#x} is not 4-byte aligned"
         ));
     }
+    // Identify the device with reads only: a transport of a device that is not ours would reset
+    // it when dropped.
+    let [magic, version, device_id] = [MAGIC_OFFSET, VERSION_OFFSET, DEVICE_ID_OFFSET].map(|o| {
+        // SAFETY: `[base, base + size)` is device memory of the identity map for the whole run
+        // (checked above), at least 0x100 bytes, and `base` is 4-byte aligned, so each of
+        // these 32-bit registers (virtio v1.3 §4.2.2: offsets 0x0, 0x4, 0x8) is in bounds and
+        // aligned; reading them has no side effect.
+        unsafe { core::ptr::read_volatile((base + o) as usize as *const u32) }
+    });
+    if magic != MMIO_MAGIC {
+        return Err(format!(
+            "virtio-mmio at {base:#x}: magic {magic:#010x}, not \"virt\" ({MMIO_MAGIC:#010x})"
+        ));
+    }
+    if device_id != IOMMU_DEVICE_ID {
+        return Err(format!(
+            "virtio-mmio at {base:#x} holds DeviceID {device_id}, not {IOMMU_DEVICE_ID} \
+             (virtio-iommu){}",
+            if device_id == 0 {
+                ": an empty slot"
+            } else {
+                ""
+            }
+        ));
+    }
+    if version != 2 {
+        return Err(format!(
+            "virtio-mmio at {base:#x} is version {version}, not 2: a legacy transport cannot \
+             offer VERSION_1 (QEMU: -global virtio-mmio.force-legacy=false)"
+        ));
+    }
     let len = usize::try_from(size).map_err(|_| format!("window size {size:#x}"))?;
     let header = NonNull::new(base as usize as *mut VirtIOHeader)
         .ok_or_else(|| String::from("virtio-mmio window at address 0"))?;
     // SAFETY: `[base, base + size)` is mapped as device memory for the whole run (checked
-    // above), is aligned for the header's 32-bit registers, and the devicetree describes it as
-    // one virtio-mmio device's window. Callers keep at most one transport of it alive (see
+    // above), is aligned for the header's 32-bit registers, and holds a virtio-mmio IOMMU (its
+    // registers say so). Callers keep at most one transport of it alive (see
     // `IommuDevice::open`), so the pointer is unique while it lives.
-    let transport = unsafe { MmioTransport::new(header, len) }.map_err(|e| match e {
-        MmioError::InvalidDeviceID(DeviceTypeError::InvalidDeviceType(id)) => format!(
-            "virtio-mmio at {base:#x} holds DeviceID {id}, not {IOMMU_DEVICE_ID} (virtio-iommu){}",
-            if id == 0 { ": an empty slot" } else { "" }
-        ),
-        e => format!("virtio-mmio at {base:#x}: {e}"),
-    })?;
-    if transport.device_type() != DeviceType::IOMMU {
+    let transport = unsafe { MmioTransport::new(header, len) }
+        .map_err(|e| format!("virtio-mmio at {base:#x}: {e}"))?;
+    if transport.device_type() != DeviceType::IOMMU || transport.version() != MmioVersion::Modern {
+        // Not reachable after the checks above; kept so a change there cannot slip through.
         return Err(format!(
-            "virtio-mmio at {base:#x} holds DeviceID {} ({:?}), not {IOMMU_DEVICE_ID} (virtio-iommu)",
-            transport.device_type() as u32,
-            transport.device_type()
-        ));
-    }
-    if transport.version() != MmioVersion::Modern {
-        return Err(format!(
-            "virtio-mmio at {base:#x} is legacy (version 1), which cannot offer VERSION_1 \
-             (QEMU: -global virtio-mmio.force-legacy=false)"
+            "virtio-mmio at {base:#x}: {:?} version {:?}",
+            transport.device_type(),
+            transport.version()
         ));
     }
     Ok(transport)

@@ -1,7 +1,8 @@
 //! QEMU 11.1's own virtio-iommu on virtio-mmio (`virtio-iommu-device,primary-bus=pcie.0`),
 //! described by the runner's `-dtb` tree and driven by the firmware through virtio-drivers'
 //! `MmioTransport`: every case passes (the ACPI VIOT case as a TAP `SKIP`: QEMU builds no VIOT
-//! for it), the disk's SHA-256 matches; a tree naming the wrong transport fails case 1 with the
+//! for it), the disk's SHA-256 matches; a tree naming the wrong transport (empty, or holding
+//! virtio-rng) fails case 1 with the
 //! DeviceID found; an older QEMU is refused before booting.
 
 use std::path::{Path, PathBuf};
@@ -104,40 +105,66 @@ fn qemu_11_1_virtio_mmio_iommu_passes_every_case() {
     );
 }
 
-/// A tree whose `#iommu-cells` sits on an empty transport: the firmware must refuse it in the
-/// discovery case, naming the DeviceID it read there.
-#[test]
-fn iommu_node_on_an_empty_transport_fails_discovery() {
-    let config = mmio_config();
+/// Boots with a tree whose `#iommu-cells` sits on the transport at 0x0a003c00 (the one below
+/// the IOMMU's) and `extra` QEMU arguments; returns the console.
+fn boot_with_iommu_node_at_0xa003c00(extra: &[&str]) -> String {
+    let config = RunConfig {
+        extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        ..mmio_config()
+    };
     let qemu = resolve_qemu(&config.qemu).expect("QEMU 11.1");
     let disk = prepare_disk(None).expect("disk image");
     let mut args = qemu_args(&config, firmware(), &disk.path);
     args.extend(FORCE_MODERN.iter().map(|s| s.to_string()));
     let mut tree =
         DeviceTree::parse(&devicetree::dump(&qemu, &args).expect("dumpdtb")).expect("QEMU's tree");
-    // 0x0a003c00: the transport below the IOMMU's, empty with one virtio-mmio device.
     let node = describe_mmio_iommu(&mut tree, 0x0a00_3c00).expect("describe");
-    let file = std::env::temp_dir().join(format!("viommu-wrong-slot-{}.dtb", std::process::id()));
+    assert_eq!(node.path, "/virtio_mmio@a003c00");
+    let file = std::env::temp_dir().join(format!(
+        "viommu-wrong-slot-{}-{}.dtb",
+        std::process::id(),
+        extra.len()
+    ));
     std::fs::write(&file, tree.to_dtb().expect("serialize")).expect("write the tree");
-    let outcome = run(
-        &RunConfig {
-            extra_args: vec!["-dtb".into(), file.to_string_lossy().into_owned()],
-            ..config
-        },
-        firmware(),
-    );
+    let mut config = config;
+    config
+        .extra_args
+        .extend(["-dtb".into(), file.to_string_lossy().into_owned()]);
+    let outcome = run(&config, firmware());
     let _ = std::fs::remove_file(&file);
     let outcome = outcome.unwrap_or_else(|e| panic!("running QEMU: {e}"));
     assert_eq!(outcome.exit_code, 1, "{}", outcome.output);
-    let expected = format!(
-        "not ok 1 - virtio-iommu found through the devicetree # {}: virtio-mmio at 0xa003c00 holds \
-         DeviceID 0, not 23 (virtio-iommu): an empty slot",
-        node.path
-    );
+    outcome.output
+}
+
+/// The discovery case's failure line for a node at 0x0a003c00 holding `found`.
+fn wrong_device_line(found: &str) -> String {
+    format!(
+        "not ok 1 - virtio-iommu found through the devicetree # /virtio_mmio@a003c00: \
+         virtio-mmio at 0xa003c00 holds DeviceID {found}"
+    )
+}
+
+/// An empty transport: the firmware refuses it in the discovery case, naming DeviceID 0.
+#[test]
+fn iommu_node_on_an_empty_transport_fails_discovery() {
+    let out = boot_with_iommu_node_at_0xa003c00(&[]);
+    let expected = wrong_device_line("0, not 23 (virtio-iommu): an empty slot");
     assert!(
-        outcome.output.lines().any(|l| l == expected),
-        "expected `{expected}` in\n{}",
-        outcome.output
+        out.lines().any(|l| l == expected),
+        "expected `{expected}` in\n{out}"
+    );
+}
+
+/// A transport holding another device (virtio-rng, DeviceID 4, which takes the next free
+/// transport after the IOMMU): refused the same way.
+#[test]
+fn iommu_node_on_another_device_fails_discovery() {
+    let out = boot_with_iommu_node_at_0xa003c00(&["-device", "virtio-rng-device"]);
+    let expected = wrong_device_line("4, not 23 (virtio-iommu)");
+    assert!(
+        out.lines().any(|l| l == expected),
+        "expected `{expected}` in\n{out}"
     );
 }
 
