@@ -2,8 +2,7 @@
 //! described by the runner's `-dtb` tree and driven by the firmware through virtio-drivers'
 //! `MmioTransport`: every case passes (the ACPI VIOT case as a TAP `SKIP`: QEMU builds no VIOT
 //! for it), the disk's SHA-256 matches; a tree naming the wrong transport (empty, or holding
-//! virtio-rng) fails case 1 with the
-//! DeviceID found; an older QEMU is refused before booting.
+//! virtio-rng) fails case 1 with the DeviceID found; an older QEMU is refused before booting.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
