@@ -2,7 +2,10 @@
 //! virtio-blk device and an `edu` DMA engine behind it. Each case prints one TAP line.
 //!
 //! Everything is found at run time: the IOMMU and endpoint IDs from the devicetree, devices and
-//! BARs from PCI enumeration, granule / input range / domain range from the device config.
+//! BARs from PCI enumeration, granule / input range / domain range from the device config. The
+//! IOMMU may be a PCI function or a virtio-mmio device ([`crate::iommu_dev`]): the cases are the
+//! same; only the ACPI one reports `SKIP` for a virtio-mmio IOMMU, which QEMU's ACPI tables do
+//! not describe.
 //! Domain IDs are never reused (QEMU 10.0 keeps domains across a virtio reset).
 
 mod blk;
