@@ -935,15 +935,15 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
 }
 
 /// The virtio-iommu (device ID 23, virtio v1.3 §5.13) behind any transport. PCI class
-/// 0x088000 (base class 0x08 system peripheral, subclass 0x80 other), QEMU's `class_id`
-/// 0x0880 for virtio-iommu-pci.
+/// 0x00ff00 (base class 0x00, subclass 0xff, prog-if 0): QEMU's virtio-iommu-pci sets the 16-bit
+/// `class_id = PCI_CLASS_OTHERS` (0x00ff); QEMU 11.1 reports config dword 8 = 0x00ff0001.
 impl<M: GuestMemoryBackend + Send> VirtioCore for IommuDevice<M> {
     type Memory = M;
     fn device_id(&self) -> u32 {
         23
     }
     fn pci_class(&self) -> u32 {
-        0x08_80_00
+        0x00_ff_00
     }
     fn set_memory(&mut self, mem: M) {
         IommuDevice::set_memory(self, mem);

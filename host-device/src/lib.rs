@@ -12,12 +12,14 @@
 //!   drivers.
 //! - [`mmio`]: [`MmioDevice`], the virtio-mmio (version 2) register model.
 //! - [`transport`]: [`transport::VirtioCore`], the interface every virtio transport drives a
-//!   device core through (implemented by [`IommuDevice`]); the virtio-pci transport is to come.
+//!   device core through (implemented by [`IommuDevice`]), and [`transport::pci::VirtioPciFunction`],
+//!   the modern virtio-pci transport (a [`function::PciFunction`]).
 //! - [`function`]: [`function::PciFunction`], a PCI function at register level (configuration
 //!   space, BARs, interrupts), as a vfio-user server serves it.
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
-//! - [`endpoints`]: PCI endpoint models (QEMU's `edu`) whose DMA goes through the IOMMU.
+//! - [`endpoints`]: endpoint models whose DMA goes through the IOMMU: QEMU's `edu`, and a
+//!   virtio-blk device core ([`endpoints::blk::BlkCore`], a [`transport::VirtioCore`]).
 //! - [`embedding`]: embedding the device in a VMM, and testing against it (doctested).
 //! - `inprocess` (feature `test-utils`): a virtio-drivers `Transport` and `Hal` running the
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
@@ -53,4 +55,5 @@ pub use fault::{Fault, FaultPlan, Misbehaviour, When};
 pub use mmio::MmioDevice;
 pub use state::{Access, Domain, FaultRecord, IommuState, Mapping, Piece, TranslateError};
 pub use translate::{EndpointIommu, TranslationFailure};
+pub use transport::pci::VirtioPciFunction;
 pub use virtio_iommu_driver::wire;

@@ -26,7 +26,7 @@ fn ids_and_queues_through_a_shared_core() {
     let shared = Arc::new(Mutex::new(IommuDevice::new(config, mem()).unwrap()));
     let mut core = shared.clone();
     assert_eq!(VirtioCore::device_id(&core), 23);
-    assert_eq!(VirtioCore::pci_class(&core), 0x08_80_00);
+    assert_eq!(VirtioCore::pci_class(&core), 0x00_ff_00);
     assert_eq!(VirtioCore::num_queues(&core), 2);
     assert_eq!(VirtioCore::queue_max_size(&core, 0), size);
     assert_eq!(VirtioCore::queue_max_size(&core, 1), size);

@@ -6,7 +6,10 @@
 //! [`crate::device`], the virtio-blk endpoint in `crate::endpoints`) implements the trait once.
 //!
 //! - [`crate::mmio`]: virtio-mmio version 2 (§4.2).
-//! - `pci` (to come): modern virtio-pci (§4.1), a [`crate::function::PciFunction`].
+//! - [`pci`]: modern virtio-pci (§4.1), [`pci::VirtioPciFunction`], a
+//!   [`crate::function::PciFunction`] laid out as QEMU's virtio-pci devices.
+
+pub mod pci;
 
 use crate::device::{QueueError, QueueSetup};
 
