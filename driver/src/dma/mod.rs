@@ -8,7 +8,8 @@
 //!   comes from the inner `Hal`, and the addresses handed to the device are device addresses in
 //!   the device's domain, per the endpoint's [`DmaSpace`] mode ([`DmaMode`]).
 //!
-//! The mode is chosen per endpoint: each device has its own `DmaSpace`.
+//! The mode is chosen per domain: each device has its own `DmaSpace`, or several endpoints
+//! share one domain and one `DmaSpace` (see "Shared domains" below).
 //!
 //! # Modes, and what each exposes to the device
 //!
@@ -42,6 +43,23 @@
 //!   a bypass range and `VIRTIO_IOMMU_F_BYPASS_CONFIG`): the endpoint is attached to a bypass
 //!   domain (ATTACH_F_BYPASS, §5.13.6.1); no request at all. Exposes **the whole physical
 //!   address space** — RAM, MMIO, everything — as if there were no IOMMU.
+//!
+//! # Shared domains
+//!
+//! A domain may serve several endpoints (§5.13.6.1), and must when the host cannot isolate
+//! them ([`Topology::alias_groups`](crate::topology::Topology::alias_groups)). Attach each
+//! further endpoint through the domain's space ([`DmaSpace::attach_endpoint`], with its
+//! reserved regions: the allocator keeps out the union over all endpoints, since the device
+//! refuses a MAP over any endpoint's region); every buffer is then reachable by all of them at
+//! the same IOVA. [`DmaSpace::detach_endpoint`] removes one and leaves the others working. The
+//! space must be the only one in its domain: MAPs made by hand take their IOVAs from it first
+//! ([`DmaSpace::reserve_iova`], [`DmaSpace::release_iova`]); a second space or an unannounced
+//! MAP would overlap the space's own MAPs, which the device refuses with `S_INVAL`.
+//!
+//! Reserved regions of kind [`ResvMemKind::Direct`](crate::ResvMemKind::Direct) (devicetree
+//! `iommu-addresses`, [`crate::topology::reserved`]) are MAPped 1:1 by every mode that maps,
+//! and kept out of the allocator; [`ResvMemKind::SoftwareMsi`](crate::ResvMemKind::SoftwareMsi)
+//! only kept out.
 //!
 //! # Failed buffers
 //!
@@ -124,7 +142,7 @@
 mod bounce;
 mod hal;
 mod mapper;
-mod ranges;
+pub(crate) mod ranges;
 mod space;
 mod transport;
 

@@ -9,12 +9,14 @@ use super::ranges::{inside_one, largest_gap, overlaps_any, sorted_union, subtrac
 use crate::device::{BatchOp, VirtIOIommu};
 use crate::error::IommuError;
 use crate::iova::{AvlPool, IovaAllocator, Weight};
-use crate::parse::ReservedRegion;
+use crate::parse::{ReservedRegion, ResvMemKind};
 use crate::wire::{Features, MapFlags};
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::Hal;
+
+mod shared;
 
 /// How a [`DmaSpace`] gives device addresses, and so what the device can reach (see the
 /// [module documentation](super) for the exact exposure of each).
@@ -120,11 +122,22 @@ pub(super) struct Taken {
 /// [fault window](Self::fault_window): device addresses that reach nothing, given to buffers
 /// that could not be mapped.
 ///
-/// The space assumes it owns the domain: nothing else maps IOVAs in it.
+/// A domain may serve several endpoints (devices the host cannot isolate from each other, or
+/// that the embedder chooses to group): the space is then the one IOVA space of all of them
+/// ([`Self::attach_endpoint`], [`Self::detach_endpoint`]), and its IOVA allocator keeps out
+/// the union of their reserved regions. MAPs made in the domain by hand must use IOVAs taken
+/// from the space first ([`Self::reserve_iova`]); nothing else may map IOVAs in the domain.
 #[derive(Debug)]
 pub struct DmaSpace {
     domain: u32,
     mode: Mode,
+    /// Endpoints attached through this space, in attach order.
+    endpoints: Vec<u32>,
+    /// IOVA ranges taken for manual MAPs ([`Self::reserve_iova`]), inclusive, whole granules.
+    claims: Vec<PhysRange>,
+    /// Strict modes: the 1:1 mappings of `Direct` reserved regions (inclusive, whole
+    /// granules), sorted, disjoint.
+    direct: Vec<PhysRange>,
     /// Device addresses that reach no memory (inclusive ends).
     fault: PhysRange,
     /// Number of MAP requests sent for buffers (identity setup and [`Self::unmap_all`]
@@ -244,10 +257,15 @@ impl DmaSpace {
         reserved: &[ReservedRegion],
         unbacked: PhysRange,
     ) -> Result<Self, IommuError> {
-        let ranges = sorted_union(reserved.iter().map(|r| PhysRange {
-            start: r.start,
-            end: r.end,
-        }));
+        let ranges = sorted_union(
+            reserved
+                .iter()
+                .filter(|r| r.kind != ResvMemKind::Direct)
+                .map(|r| PhysRange {
+                    start: r.start,
+                    end: r.end,
+                }),
+        );
         let ram = sorted_union(ram.iter().copied());
         if unbacked.start == 0
             || unbacked.start > unbacked.end
@@ -271,7 +289,9 @@ impl DmaSpace {
     /// address with READ|WRITE, in batches ([`IommuMapper::submit_batch`]), after clipping each
     /// to `input_range`, shrinking it to whole granules, leaving out the first granule (device
     /// address 0 is never handed out) and the granule of [`NO_CONTEXT_ADDRESS`], and cutting out
-    /// every `reserved` region (widened to whole granules; R30). Overlapping RAM ranges are merged first. The fault window is the largest
+    /// every `reserved` region (widened to whole granules; R30) except
+    /// [`ResvMemKind::Direct`] ones, which are mapped 1:1 like RAM (widened outward to whole
+    /// granules). Overlapping RAM ranges are merged first. The fault window is the largest
     /// granule-aligned range of IOVAs that is neither mapped nor reserved (accesses there fault).
     ///
     /// # Errors
@@ -295,12 +315,22 @@ impl DmaSpace {
             start: start & !(g - 1),
             end: end | (g - 1),
         };
-        let reserved_holes = sorted_union(reserved.iter().map(|r| widen(r.start, r.end)));
+        let reserved_holes = sorted_union(
+            reserved
+                .iter()
+                .filter(|r| r.kind != ResvMemKind::Direct)
+                .map(|r| widen(r.start, r.end)),
+        );
+        // `Direct` regions are mapped 1:1 like RAM (widened outward to whole granules).
+        let direct = reserved
+            .iter()
+            .filter(|r| r.kind == ResvMemKind::Direct)
+            .map(|r| widen(r.start, r.end));
         // Not mapped either: the granule of `NO_CONTEXT_ADDRESS` (it may be in the window).
         let no_context = widen(NO_CONTEXT_ADDRESS, NO_CONTEXT_ADDRESS);
         let holes = sorted_union(reserved_holes.iter().copied().chain([no_context]));
         let mut ranges = Vec::new();
-        for r in sorted_union(ram.iter().copied()) {
+        for r in sorted_union(ram.iter().copied().chain(direct)) {
             let Some(start) = r.start.max(lo).max(g).checked_next_multiple_of(g) else {
                 continue;
             };
@@ -377,13 +407,15 @@ impl DmaSpace {
     }
 
     /// Strict mode, set up on the driver: an IOVA allocator over `input_range` minus
-    /// `reserved` ([`IovaAllocator::for_endpoint`]), the space ([`Self::new`]), then ATTACH of
-    /// `endpoint` to `domain` (§5.13.6.1).
+    /// `reserved` ([`IovaAllocator::for_endpoint`]; PROBE's regions or the merged list of
+    /// [`crate::topology::reserved::merge`]), the space ([`Self::new`]), then ATTACH of
+    /// `endpoint` to `domain` (§5.13.6.1) and 1:1 MAPs of its [`ResvMemKind::Direct`] regions
+    /// ([`Self::attach_endpoint`]). Further endpoints join with [`Self::attach_endpoint`].
     ///
     /// # Errors
     ///
     /// Those of [`IovaAllocator::for_endpoint`], [`Self::new`] and
-    /// [`VirtIOIommu::attach`].
+    /// [`Self::attach_endpoint`].
     pub fn attach_strict<H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
         domain: u32,
@@ -392,8 +424,8 @@ impl DmaSpace {
     ) -> Result<Self, IommuError> {
         let c = *iommu.config();
         let iova = IovaAllocator::for_endpoint(c.input_range, c.granule, reserved)?;
-        let space = Self::new(domain, iova)?;
-        iommu.attach(domain, endpoint)?;
+        let mut space = Self::new(domain, iova)?;
+        space.attach_endpoint(iommu, endpoint, reserved)?;
         Ok(space)
     }
 
@@ -404,7 +436,7 @@ impl DmaSpace {
     /// # Errors
     ///
     /// Those of [`IovaAllocator::for_endpoint`], [`Self::isolated`] and
-    /// [`VirtIOIommu::attach`].
+    /// [`Self::attach_endpoint`].
     pub fn attach_isolated<B: Hal, H: Hal, T: Transport>(
         iommu: &mut VirtIOIommu<H, T>,
         domain: u32,
@@ -414,8 +446,8 @@ impl DmaSpace {
     ) -> Result<Self, IommuError> {
         let c = *iommu.config();
         let iova = IovaAllocator::for_endpoint(c.input_range, c.granule, reserved)?;
-        let space = Self::isolated::<B>(domain, iova, DEFAULT_MAX_MAPPINGS, bounce_granules)?;
-        iommu.attach(domain, endpoint)?;
+        let mut space = Self::isolated::<B>(domain, iova, DEFAULT_MAX_MAPPINGS, bounce_granules)?;
+        space.attach_endpoint(iommu, endpoint, reserved)?;
         Ok(space)
     }
 
@@ -441,21 +473,27 @@ impl DmaSpace {
     ) -> Result<Self, IommuError> {
         if let Some(unbacked) = bypass_unbacked {
             if iommu.features().contains(Features::BYPASS_CONFIG) {
-                let space = Self::identity_bypass(domain, ram, reserved, unbacked)?;
+                let mut space = Self::identity_bypass(domain, ram, reserved, unbacked)?;
                 iommu.attach_bypass(domain, endpoint)?;
+                space.endpoints.push(endpoint);
                 return Ok(space);
             }
         }
         iommu.attach(domain, endpoint)?;
-        Self::identity_mapped(iommu, domain, ram, reserved).inspect_err(|_| {
+        let mut space = Self::identity_mapped(iommu, domain, ram, reserved).inspect_err(|_| {
             let _ = iommu.detach(domain, endpoint);
-        })
+        })?;
+        space.endpoints.push(endpoint);
+        Ok(space)
     }
 
     fn with_mode(domain: u32, mode: Mode, fault: PhysRange) -> Self {
         Self {
             domain,
             mode,
+            endpoints: Vec::new(),
+            claims: Vec::new(),
+            direct: Vec::new(),
             fault,
             maps: 0,
             unmaps: 0,
@@ -972,7 +1010,9 @@ impl DmaSpace {
     }
 
     /// UNMAPs everything this space mapped — every live buffer mapping, including those kept
-    /// after a failed UNMAP (strict modes), or every identity mapping (identity-mapped) — in
+    /// after a failed UNMAP, and the 1:1 mappings of `Direct` reserved regions (strict modes),
+    /// or every identity mapping (identity-mapped) — but not the manual MAPs in ranges from
+    /// [`Self::reserve_iova`] (the embedder's) — in
     /// batches ([`IommuMapper::submit_batch`]), e.g. before DETACH or when the device is gone.
     /// Mappings whose UNMAP fails are kept. Returns the number of mappings removed. Allocates
     /// one small batch buffer.
@@ -1012,6 +1052,18 @@ impl DmaSpace {
                 self.failures += ranges.len() as u64;
             }
             Mode::Strict { iova, live, bounce } => {
+                if !self.direct.is_empty() {
+                    let ops: Vec<BatchOp> =
+                        self.direct.iter().map(|r| unmap(r.start, r.end)).collect();
+                    let mut results = alloc::vec![Ok(()); ops.len()];
+                    iommu.submit_batch(&ops, &mut results)?;
+                    self.unmaps += ops.len() as u64;
+                    let before = self.direct.len();
+                    let mut keep = results.iter().map(Result::is_err);
+                    self.direct.retain(|_| keep.next().unwrap_or(true));
+                    removed += before - self.direct.len();
+                    self.failures += self.direct.len() as u64;
+                }
                 let mut cursor = Some(0u64);
                 while let Some(from) = cursor {
                     let mut ops = [unmap(0, 0); CHUNK];

@@ -14,6 +14,7 @@ mod edu;
 mod env;
 mod errors;
 mod isolation;
+mod shared;
 mod stack;
 mod viot;
 
@@ -168,6 +169,7 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
         isolation::run(&mut tap, pci, &mut env);
         errors::run(&mut tap, &mut env);
         conformance::run(&mut tap, pci, &mut env);
+        shared::run(&mut tap, dtb, pci, &mut env);
     }
     // Ends with every fault reported on the way accounted for.
     if let Ok(stats) = with_iommu(|i| Ok(i.event_stats())) {
