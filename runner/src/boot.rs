@@ -134,7 +134,7 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     );
     let mut args = qemu_args(config, elf, &disk.path);
     if config.iommu == IommuKind::Mmio {
-        args = mmio_boot_args(&qemu, args)?;
+        args = mmio_boot_args(config, &qemu, args)?;
     }
     println!("runner: {}", display_command(&qemu, &args));
     let started = Instant::now();

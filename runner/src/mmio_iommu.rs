@@ -82,7 +82,8 @@ impl IommuKind {
         }
     }
 
-    /// The `-device` value of the IOMMU; `addr` (a PCI slot) applies to the PCI one only.
+    /// The `-device` value of the IOMMU; `addr` (a PCI slot) applies to the PCI one only
+    /// ([`mmio_boot_args`] refuses one for the mmio IOMMU).
     pub fn qemu_device(self, addr: Option<&String>) -> String {
         match self {
             Self::Pci => boot::with_addr("virtio-iommu-pci", addr),
@@ -302,8 +303,9 @@ pub fn describe_mmio_iommu(tree: &mut DeviceTree, base: u64) -> Result<MmioIommu
     })
 }
 
-/// Finishes a boot's command line for [`IommuKind::Mmio`] (`args` from [`qemu_args`], which
-/// already name [`MMIO_IOMMU_DEVICE`]): checks the QEMU version, adds [`FORCE_MODERN`], finds
+/// Finishes a boot's command line for [`IommuKind::Mmio`] (`args` from [`qemu_args`] for
+/// `config`, which already name [`MMIO_IOMMU_DEVICE`]): refuses a PCI slot for the IOMMU
+/// (`config.iommu_addr`), checks the QEMU version, adds [`FORCE_MODERN`], finds
 /// the transport the IOMMU took ([`query_qtree`]), dumps QEMU's tree for the same command line,
 /// describes the IOMMU in it ([`describe_mmio_iommu`]), writes it to
 /// `target/dtb/mmio-iommu-<sha256>.dtb` and appends `-dtb` with that file. Prints one
@@ -311,9 +313,20 @@ pub fn describe_mmio_iommu(tree: &mut DeviceTree, base: u64) -> Result<MmioIommu
 /// kept as the only tree: the runner then adds nothing but [`FORCE_MODERN`].
 ///
 /// # Errors
-/// Those of the steps; [`Error::Devicetree`] when QEMU's `info qtree` shows no
-/// `virtio-iommu-device` on a virtio-mmio transport.
-pub fn mmio_boot_args(qemu: &Path, mut args: Vec<String>) -> Result<Vec<String>> {
+/// [`Error::InvalidEnv`] (`VIOMMU_IOMMU_ADDR`) when `config.iommu_addr` is set; those of the
+/// steps; [`Error::Devicetree`] when QEMU's `info qtree` shows no `virtio-iommu-device` on a
+/// virtio-mmio transport.
+pub fn mmio_boot_args(
+    config: &RunConfig,
+    qemu: &Path,
+    mut args: Vec<String>,
+) -> Result<Vec<String>> {
+    if let Some(addr) = &config.iommu_addr {
+        return Err(Error::InvalidEnv {
+            name: "VIOMMU_IOMMU_ADDR",
+            reason: format!("`{addr}`: the virtio-mmio IOMMU ({IOMMU_ENV}=mmio) has no PCI slot"),
+        });
+    }
     check_qemu_version(qemu)?;
     args.extend(FORCE_MODERN.iter().map(|s| s.to_string()));
     if args.iter().any(|a| a == "-dtb") {
@@ -408,6 +421,24 @@ mod tests {
         );
         let orphan = "  dev: pl061, id \"\"\n    mmio 0000000009030000/0000000000001000\n  dev: virtio-iommu-device, id \"\"\n";
         assert_eq!(iommu_transport_base(orphan), None);
+    }
+
+    #[test]
+    fn a_pci_slot_for_the_mmio_iommu_is_refused_before_qemu_runs() {
+        let config = RunConfig {
+            iommu: IommuKind::Mmio,
+            iommu_addr: Some("0x5".into()),
+            ..RunConfig::default()
+        };
+        let args = vec!["-M".to_string(), "virt".to_string()];
+        // No QEMU at this path: the refusal comes first.
+        match mmio_boot_args(&config, Path::new("/nonexistent/qemu"), args) {
+            Err(Error::InvalidEnv { name, reason }) => {
+                assert_eq!(name, "VIOMMU_IOMMU_ADDR");
+                assert!(reason.contains("0x5"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
