@@ -303,6 +303,23 @@ pub fn describe_mmio_iommu(tree: &mut DeviceTree, base: u64) -> Result<MmioIommu
     })
 }
 
+/// Refuses combinations the mmio IOMMU cannot serve: [`IommuKind::Mmio`] is QEMU's own device,
+/// so not with `VIOMMU_DEVICE=ours` (our device is a virtio-pci function).
+///
+/// # Errors
+/// [`Error::InvalidEnv`] (`VIOMMU_IOMMU`) for `mmio` with [`DeviceChoice::Ours`].
+pub fn check_iommu_kind(config: &RunConfig) -> Result<()> {
+    if config.iommu == IommuKind::Mmio && config.device == DeviceChoice::Ours {
+        return Err(Error::InvalidEnv {
+            name: IOMMU_ENV,
+            reason: "`mmio` is QEMU's own virtio-iommu-device; VIOMMU_DEVICE=ours serves our \
+                     device as a virtio-pci function"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// Finishes a boot's command line for [`IommuKind::Mmio`] (`args` from [`qemu_args`] for
 /// `config`, which already name [`MMIO_IOMMU_DEVICE`]): refuses a PCI slot for the IOMMU
 /// (`config.iommu_addr`), checks the QEMU version, adds [`FORCE_MODERN`], finds
@@ -439,6 +456,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn mmio_is_refused_with_our_device() {
+        let mut config = RunConfig {
+            iommu: IommuKind::Mmio,
+            device: DeviceChoice::Ours,
+            ..RunConfig::default()
+        };
+        assert!(matches!(
+            check_iommu_kind(&config),
+            Err(Error::InvalidEnv {
+                name: IOMMU_ENV,
+                ..
+            })
+        ));
+        config.device = DeviceChoice::Qemu;
+        assert!(check_iommu_kind(&config).is_ok());
+        config.iommu = IommuKind::Pci;
+        config.device = DeviceChoice::Ours;
+        assert!(check_iommu_kind(&config).is_ok());
     }
 
     #[test]
