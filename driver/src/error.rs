@@ -88,6 +88,19 @@ pub enum IommuError {
         /// Last IOVA of the request (inclusive).
         end: u64,
     },
+    /// IOVAs that are not free in the IOVA space: allocated to a buffer, claimed for manual
+    /// MAPs, reserved (a reserved region, the fault window) or outside the allocator's range
+    /// (`IovaAllocator::claim`, `DmaSpace::reserve_iova` and `DmaSpace::attach_endpoint`, with
+    /// feature `alloc`). Inclusive ends, widened to whole granules.
+    IovaInUse {
+        /// First IOVA of the range asked for.
+        start: u64,
+        /// Last IOVA of the range asked for (inclusive).
+        end: u64,
+    },
+    /// The operation does not apply here; the text says why (for example a MAP by hand in a
+    /// bypass domain, or detaching the last endpoint of a `DmaSpace`'s domain).
+    NotSupported(&'static str),
     /// `virt_end` is not strictly greater than `virt_start` (§5.13.6.3 driver requirement), or a
     /// size is zero or overflows the 64-bit IOVA space.
     InvalidRange,
@@ -154,6 +167,10 @@ impl fmt::Display for IommuError {
             Self::IovaOutOfRange { start, end } => {
                 write!(f, "IOVA range {start:#x}..={end:#x} outside input_range")
             }
+            Self::IovaInUse { start, end } => {
+                write!(f, "IOVA range {start:#x}..={end:#x} is not free")
+            }
+            Self::NotSupported(why) => write!(f, "not supported: {why}"),
             Self::InvalidRange => write!(f, "empty, inverted or overflowing range"),
             Self::Unaligned { value, granule } => {
                 write!(f, "{value:#x} not aligned to the {granule:#x}-byte granule")

@@ -472,8 +472,9 @@ impl IovaAllocator {
     }
 
     /// An allocator for one endpoint's domain: `input_range` (inclusive IOVAs, as in
-    /// [`crate::IommuConfig::input_range`]) minus every region in `reserved` (PROBE's RESV_MEM,
-    /// §5.13.6.6.1: the driver SHOULD NOT map them, R30), with the default capacity.
+    /// [`crate::IommuConfig::input_range`]) minus every region in `reserved`, whatever its kind
+    /// (PROBE's RESV_MEM, §5.13.6.6.1: the driver SHOULD NOT map them, R30; or the merged list
+    /// of [`crate::topology::reserved::merge`]), with the default capacity.
     ///
     /// # Errors
     ///
@@ -595,6 +596,48 @@ impl IovaAllocator {
                 .and_then(|next| self.tree.ceil(next))
                 .map(|(ns, ne)| (ns, ne.0));
         }
+        Ok(())
+    }
+
+    /// Takes the IOVAs `start..=end` (inclusive, widened outward to whole granules) for the
+    /// caller, e.g. for MAPs made by hand in a domain whose other IOVAs this allocator hands
+    /// out ([`crate::dma::DmaSpace::reserve_iova`]). Unlike [`Self::reserve`], every one of
+    /// them must be free: the claim counts as one live allocation, which
+    /// [`Self::free`]`(start, size)` of the widened range gives back. O(log n), no heap
+    /// allocation.
+    ///
+    /// # Errors
+    ///
+    /// Nothing is changed on error. [`IommuError::InvalidRange`] when `start > end`;
+    /// [`IommuError::IovaInUse`] (with the widened range) when some of the IOVAs are not free:
+    /// outside the managed range, IOVA 0, reserved (a reserved region, a fault window, an
+    /// earlier claim) or allocated; [`IommuError::DmaAlloc`] when the node pool cannot hold the
+    /// split.
+    pub fn claim(&mut self, start: u64, end: u64) -> Result<(), IommuError> {
+        if start > end {
+            return Err(IommuError::InvalidRange);
+        }
+        let (s, e) = self.widen(start, end);
+        // Free ranges are disjoint and never adjacent (`free` merges, the rest only shrinks),
+        // so the range is free exactly when one free range holds all of it.
+        let Some((fs, fe)) = self.tree.floor(s).filter(|(_, fe)| fe.0 >= e) else {
+            return Err(IommuError::IovaInUse { start: s, end: e });
+        };
+        let fe = fe.0;
+        let left = (fs < s).then(|| (fs, s - 1));
+        let right = (fe > e).then(|| (e + 1, fe));
+        // Nodes after the claim: this free range becomes up to two, and the claim is live.
+        let pieces = usize::from(left.is_some()) + usize::from(right.is_some());
+        if self.tree.len() - 1 + pieces + self.live + 1 > self.tree.capacity() {
+            return Err(IommuError::DmaAlloc);
+        }
+        self.tree.remove(fs);
+        for (ps, pe) in [left, right].into_iter().flatten() {
+            // Cannot fail: room was checked above.
+            self.tree.insert(ps, FreeEnd(pe))?;
+        }
+        self.free_bytes -= e - s + 1;
+        self.live += 1;
         Ok(())
     }
 
@@ -824,5 +867,37 @@ mod tests {
         assert_eq!(b.free_bytes(), 0xff_f000, "unchanged");
         b.reserve(0x5000, 0x5fff); // keeps the larger piece
         assert_eq!(b.iter_free().collect::<Vec<_>>(), [(0x6000, 0xff_ffff)]);
+    }
+
+    #[test]
+    fn claim_takes_only_free_iovas_and_free_gives_them_back() {
+        let mut a = IovaAllocator::with_capacity(0, 0xf_ffff, 0x1000, 5).unwrap();
+        let x = a.alloc(0x2000).unwrap();
+        assert_eq!(x, 0x1000);
+        a.reserve(0x8000, 0x8fff);
+        let busy = |start, end| Err(IommuError::IovaInUse { start, end });
+        // Over the allocation, the reserved granule, IOVA 0, outside the range: refused.
+        assert_eq!(a.claim(0x2000, 0x3fff), busy(0x2000, 0x3fff));
+        assert_eq!(a.claim(0x7000, 0x8000), busy(0x7000, 0x8fff));
+        assert_eq!(a.claim(0, 0xfff), busy(0, 0xfff));
+        assert_eq!(a.claim(0xf_f000, 0x10_0000), busy(0xf_f000, 0x10_0fff));
+        assert_eq!(a.claim(2, 1), Err(IommuError::InvalidRange));
+        let free = a.free_bytes();
+        // Widened outward; splits a free range in two.
+        a.claim(0x4800, 0x5001).unwrap();
+        assert_eq!(a.free_bytes(), free - 0x2000);
+        assert_eq!(a.live_allocations(), 2);
+        assert!(a.iter_free().all(|(s, e)| e < 0x4000 || s > 0x5fff));
+        // Node pool: 3 free ranges + 2 live = 5; a claim that leaves a piece needs a 6th.
+        assert_eq!(a.free_ranges(), 3);
+        assert_eq!(a.claim(0x6000, 0x6fff), Err(IommuError::DmaAlloc));
+        assert_eq!(a.free_bytes(), free - 0x2000, "unchanged");
+        // Taking a whole free range needs no new node.
+        a.claim(0x3000, 0x3fff).unwrap();
+        a.free(0x3000, 0x1000).unwrap();
+        a.free(0x4000, 0x2000).unwrap();
+        assert_eq!(a.free_bytes(), free);
+        assert_eq!(a.live_allocations(), 1);
+        assert_eq!(a.alloc(0x5000).unwrap(), 0x3000, "merged back");
     }
 }

@@ -9,7 +9,10 @@ use crate::wire::{
 };
 use zerocopy::FromBytes;
 
-/// Kind of a reserved memory region (`subtype` of RESV_MEM, §5.13.6.6.1).
+/// Kind of a reserved memory region: the `subtype` of a PROBE RESV_MEM property (§5.13.6.6.1),
+/// or one of the kinds the driver adds when it merges other sources
+/// (`topology::reserved::merge`, feature `alloc`): [`ResvMemKind::SoftwareMsi`],
+/// [`ResvMemKind::Direct`].
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub enum ResvMemKind {
     /// `RESV_MEM_T_RESERVED`: the endpoint must not access the region; never map it.
@@ -19,10 +22,19 @@ pub enum ResvMemKind {
     /// A subtype the spec does not define; treated as [`ResvMemKind::Reserved`] (driver
     /// requirement "SHOULD treat unknown subtypes as RESERVED"). Holds the raw value.
     Unknown(u8),
+    /// Not from PROBE: the software MSI window the driver adds when PROBE reports no
+    /// `RESV_MEM_T_MSI` region (as Linux's `IOMMU_RESV_SW_MSI`): IOVAs kept out of the
+    /// allocator so that buffers never land where the embedder maps MSI doorbells by hand.
+    SoftwareMsi,
+    /// Not from PROBE: a devicetree `/reserved-memory` region whose `iommu-addresses` give the
+    /// endpoint the same IOVA range as the region's `reg` (Linux's `IOMMU_RESV_DIRECT`): the
+    /// range is kept out of the allocator and mapped 1:1 (IOVA = physical address, READ|WRITE).
+    Direct,
 }
 
-/// A reserved region from a RESV_MEM property: `start..=end` (inclusive) in the endpoint's IOVA
-/// space, which equals guest-physical addresses for these regions.
+/// A reserved region: `start..=end` (inclusive) in the endpoint's IOVA space, from a RESV_MEM
+/// property (where IOVA equals guest-physical address) or from a merged list
+/// (`topology::reserved::merge`, feature `alloc`).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub struct ReservedRegion {
     /// Region kind.

@@ -52,7 +52,11 @@ use core::fmt;
 use fdt::node::FdtNode;
 use fdt::Fdt;
 
+pub use alias::{AliasGroup, RequesterIds};
+
 pub mod acpi;
+pub mod alias;
+pub mod reserved;
 pub mod viot;
 
 /// Why the devicetree could not be read as a topology, or a lookup in it failed.
@@ -83,6 +87,9 @@ pub enum TopologyError {
     /// [`Topology::pci_endpoint`]: the host bridge index is not below
     /// `host_bridges.len()`; the value is the index given.
     NoSuchHostBridge(usize),
+    /// A `memory-region` or `iommu-addresses` phandle names no node
+    /// ([`reserved::devicetree_regions`]).
+    UnknownMemoryRegion(u32),
 }
 
 impl fmt::Display for TopologyError {
@@ -107,6 +114,9 @@ impl fmt::Display for TopologyError {
             Self::NoSuchNode => write!(f, "no devicetree node has that path"),
             Self::NoSuchHostBridge(index) => {
                 write!(f, "no ECAM PCI host bridge with index {index}")
+            }
+            Self::UnknownMemoryRegion(phandle) => {
+                write!(f, "reserved-memory phandle {phandle:#x} names no node")
             }
         }
     }

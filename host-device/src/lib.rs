@@ -1,6 +1,8 @@
 //! `virtio-iommu-device`: a virtio-iommu device model (virtio v1.3 §5.13) for VMMs built on the
 //! rust-vmm crates (`virtio-queue`, `vm-memory`).
 //!
+//! - [`checker`]: the driver checker, a strict mode recording every driver requirement
+//!   (R1..R36) a driver breaks ([`IommuDevice::checker_report`]).
 //! - [`config`]: [`DeviceConfig`] and its builder: offered features, config-space values,
 //!   endpoints and their reserved regions, resource [`Caps`].
 //! - [`state`]: [`IommuState`], the pure request semantics (ATTACH, DETACH, MAP, UNMAP,
@@ -18,7 +20,10 @@
 //!   space, BARs, interrupts), as a vfio-user server serves it.
 //! - [`translate`]: [`EndpointIommu`], vm-memory's `Iommu` for one endpoint.
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
-//! - [`endpoints`]: PCI endpoint models (QEMU's `edu`) whose DMA goes through the IOMMU.
+//! - [`endpoints`]: endpoint models whose DMA goes through the IOMMU: QEMU's `edu`, and a
+//!   virtio-blk device core ([`endpoints::blk::BlkCore`], a [`transport::VirtioCore`]).
+//! - `server` (feature `vfio-user`): a vfio-user server for any [`function::PciFunction`],
+//!   for QEMU's `vfio-user-pci`; the binary `virtio-iommu-vfio-user` serves the device with it.
 //! - [`embedding`]: embedding the device in a VMM, and testing against it (doctested).
 //! - `inprocess` (feature `test-utils`): a virtio-drivers `Transport` and `Hal` running the
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
@@ -30,6 +35,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod checker;
 pub mod config;
 pub mod device;
 #[doc = include_str!("embedding.md")]
@@ -40,6 +46,8 @@ pub mod fault;
 pub mod function;
 pub mod mmio;
 pub mod request;
+#[cfg(feature = "vfio-user")]
+pub mod server;
 pub mod state;
 pub mod translate;
 pub mod transport;
@@ -47,6 +55,7 @@ pub mod transport;
 #[cfg(feature = "test-utils")]
 pub mod inprocess;
 
+pub use checker::{CheckerReport, Saw, Statement, Violation};
 pub use config::{Caps, ConfigError, DeviceConfig, DeviceConfigBuilder, ResvKind, ResvRegion};
 pub use device::{Counters, IommuDevice, QueueError, QueueSetup, SharedDevice};
 pub use endpoint::{DmaEndpoint, DmaError};

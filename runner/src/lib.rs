@@ -7,7 +7,8 @@
 //! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
 //! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
-//! editable devicetree: QEMU's dumped tree, parsed, edited, written back). This file keeps the
+//! editable devicetree: QEMU's dumped tree, parsed, edited, written back), `acpi` (MCFG, VIOT
+//! and XSDT for `-fw_cfg`), `ours` (booting against our device). This file keeps the
 //! errors, the run configuration and building the firmware.
 //!
 //! Environment (read by [`RunConfig::from_env`]):
@@ -17,8 +18,12 @@
 //! | `VIOMMU_QEMU` | path of a `qemu-system-aarch64`, or `7.2` for Debian bookworm's QEMU 7.2 fetched into `target/qemu-7.2`, or `11.1` for Debian trixie-backports' QEMU 11.1 fetched into `target/qemu-11.1` ([`QemuChoice`]); default: `qemu-system-aarch64` from `PATH` (installed from bookworm-backports when missing and running as root) |
 //! | `VIOMMU_DISK` | raw disk image for virtio-blk (multiple of 512 bytes, ≥ 1 MiB); default: `target/viommu-disk.img`, 8 MiB of random bytes, generated once |
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
+//! | `VIOMMU_IOMMU` | `pci` (default): QEMU's `virtio-iommu-pci`; `mmio`: its virtio-mmio `virtio-iommu-device` described in a `-dtb` tree ([`IommuKind`], needs QEMU 11.1: an unset `VIOMMU_QEMU` becomes `11.1`) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
-//! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it |
+//! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it (with `ours`: devicetree dump, server and QEMU together, both killed) |
+//! | `VIOMMU_DEVICE` | `qemu` (default): QEMU's virtio-iommu-pci, virtio-blk-pci and edu; `ours`: our device through our vfio-user server and QEMU 11.1's `vfio-user-pci` ([`DeviceChoice`], [`ours`]) |
+//! | `VIOMMU_SERVER` | (`ours`) a prebuilt `virtio-iommu-vfio-user` instead of building it |
+//! | `VIOMMU_SERVER_LOG` | (`ours`) the server's `--log-level` |
 //! | `VIOMMU_FIRMWARE_ELF` | (tests, [`firmware_elf`]) use this prebuilt firmware instead of building it |
 
 use sha2::{Digest, Sha256};
@@ -27,15 +32,18 @@ use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod acpi;
 mod boot;
 pub mod devicetree;
 mod disk;
 mod fetch;
+mod mmio_iommu;
+pub mod ours;
 mod qemu_111;
 mod tap;
 mod toolchain;
@@ -43,6 +51,8 @@ pub use boot::*;
 pub use devicetree::{DeviceTree, Node, Property};
 pub use disk::*;
 pub use fetch::*;
+pub use mmio_iommu::*;
+pub use ours::{run_ours, DeviceChoice, ServerCounts, ServerReport};
 pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
 pub use tap::*;
 pub use toolchain::ensure_target;
@@ -51,6 +61,8 @@ pub use toolchain::ensure_target;
 pub const QEMU_72_DEB_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
 /// Size of the generated default disk image.
 pub const DEFAULT_DISK_SIZE: u64 = 8 << 20;
+/// Guest RAM (`-m`) unless the extra arguments say otherwise.
+pub const DEFAULT_MEMORY: &str = "512M";
 /// Default wall-clock limit for one QEMU run.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The Rust target the firmware is built for.
@@ -101,6 +113,13 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Our vfio-user server failed to start listening ([`ours`]).
+    Server {
+        /// What happened.
+        reason: String,
+        /// Its stderr up to then.
+        stderr: String,
+    },
     /// QEMU ran longer than the timeout and was killed.
     Timeout {
         /// The timeout in seconds.
@@ -133,6 +152,13 @@ impl fmt::Display for Error {
             }
             Self::InvalidEnv { name, reason } => write!(f, "${name}: {reason}"),
             Self::Devicetree { reason } => write!(f, "devicetree: {reason}"),
+            Self::Server { reason, stderr } => {
+                write!(f, "vfio-user server: {reason}")?;
+                if !stderr.trim().is_empty() {
+                    write!(f, "; its stderr:\n{}", stderr.trim_end())?;
+                }
+                Ok(())
+            }
             Self::Timeout { seconds, .. } => write!(
                 f,
                 "QEMU did not finish within {seconds} s (VIOMMU_TIMEOUT_SECS) and was killed"
@@ -203,14 +229,25 @@ pub struct RunConfig {
     pub disk: Option<PathBuf>,
     /// Extra QEMU arguments, appended after the runner's own.
     pub extra_args: Vec<String>,
+    /// The IOMMU's transport (`VIOMMU_IOMMU`): QEMU's `virtio-iommu-pci` or its virtio-mmio
+    /// `virtio-iommu-device` described in a `-dtb` tree ([`mmio_boot_args`]).
+    pub iommu: IommuKind,
     /// PCI `addr=` of the virtio-iommu (e.g. `0x5`), `None` ⇒ QEMU's choice.
     pub iommu_addr: Option<String>,
     /// PCI `addr=` of the virtio-blk device.
     pub blk_addr: Option<String>,
     /// PCI `addr=` of the edu device.
     pub edu_addr: Option<String>,
-    /// Wall-clock limit for the QEMU run.
+    /// Wall-clock limit for the QEMU run (with [`DeviceChoice::Ours`]: for devicetree,
+    /// server and QEMU together).
     pub timeout: Duration,
+    /// QEMU's devices or ours (`VIOMMU_DEVICE`).
+    pub device: DeviceChoice,
+    /// A prebuilt `virtio-iommu-vfio-user` (`VIOMMU_SERVER`); `None` ⇒ built
+    /// ([`ours::build_server`]). Only with [`DeviceChoice::Ours`].
+    pub server: Option<PathBuf>,
+    /// The server's `--log-level` (`VIOMMU_SERVER_LOG`); `None` ⇒ the server's default.
+    pub server_log_level: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -219,10 +256,14 @@ impl Default for RunConfig {
             qemu: QemuChoice::System,
             disk: None,
             extra_args: Vec::new(),
+            iommu: IommuKind::Pci,
             iommu_addr: None,
             blk_addr: None,
             edu_addr: None,
             timeout: DEFAULT_TIMEOUT,
+            device: DeviceChoice::Qemu,
+            server: None,
+            server_log_level: None,
         }
     }
 }
@@ -243,18 +284,25 @@ impl RunConfig {
                 reason: format!("`{v}` is not a whole number of seconds"),
             })?),
         };
+        let iommu = IommuKind::from_env()?;
         Ok(Self {
-            qemu: QemuChoice::from_env(),
+            qemu: iommu.qemu_choice(QemuChoice::from_env()),
             disk: std::env::var_os("VIOMMU_DISK")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
             extra_args: env_string("VIOMMU_QEMU_ARGS")
                 .map(|v| v.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
+            iommu,
             iommu_addr: env_string("VIOMMU_IOMMU_ADDR"),
             blk_addr: env_string("VIOMMU_BLK_ADDR"),
             edu_addr: env_string("VIOMMU_EDU_ADDR"),
             timeout,
+            device: DeviceChoice::from_env()?,
+            server: std::env::var_os("VIOMMU_SERVER")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            server_log_level: env_string("VIOMMU_SERVER_LOG"),
         })
     }
 }
@@ -276,8 +324,11 @@ pub struct RunOutcome {
     pub qemu: PathBuf,
     /// QEMU's arguments.
     pub args: Vec<String>,
-    /// Wall time from spawning QEMU to its exit.
+    /// Wall time from spawning QEMU to its exit (with [`DeviceChoice::Ours`]: from the
+    /// devicetree dump to the server's exit).
     pub duration: Duration,
+    /// How our vfio-user server ended ([`DeviceChoice::Ours`]); `None` with QEMU's devices.
+    pub server: Option<ServerReport>,
 }
 
 /// The workspace root (parent of this crate's directory).
@@ -309,6 +360,28 @@ pub(crate) fn run_captured(command: &mut Command) -> Result<std::process::Output
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
     }
+}
+
+/// Runs a build command with its output going where `output` says; fails on a non-zero status
+/// (with the captured stderr when [`BuildOutput::Captured`]).
+pub(crate) fn run_build(command: &mut Command, output: BuildOutput) -> Result<()> {
+    match output {
+        BuildOutput::Captured => {
+            run_captured(command)?;
+        }
+        BuildOutput::Inherited => {
+            let display = format!("{command:?}");
+            let status = io_context(command.status(), || format!("cannot run `{display}`"))?;
+            if !status.success() {
+                return Err(Error::CommandFailed {
+                    command: display,
+                    status: status.to_string(),
+                    stderr: String::new(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the firmware build's own output (cargo's progress and diagnostics) goes.
@@ -357,22 +430,7 @@ pub fn build_firmware_with(output: BuildOutput) -> Result<PathBuf> {
         ])
         .env("CARGO_TARGET_DIR", &target_dir)
         .stdin(Stdio::null());
-    match output {
-        BuildOutput::Captured => {
-            run_captured(&mut command)?;
-        }
-        BuildOutput::Inherited => {
-            let display = format!("{command:?}");
-            let status = io_context(command.status(), || format!("cannot run `{display}`"))?;
-            if !status.success() {
-                return Err(Error::CommandFailed {
-                    command: display,
-                    status: status.to_string(),
-                    stderr: String::new(),
-                });
-            }
-        }
-    }
+    run_build(&mut command, output)?;
     let elf = target_dir
         .join(FIRMWARE_TARGET)
         .join("release")
@@ -470,6 +528,7 @@ mod tests {
             qemu: PathBuf::new(),
             args: Vec::new(),
             duration: Duration::ZERO,
+            server: None,
         };
         let p = problems(&outcome, true);
         assert_eq!(p.len(), 4, "{p:#?}");

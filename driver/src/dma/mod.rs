@@ -8,7 +8,8 @@
 //!   comes from the inner `Hal`, and the addresses handed to the device are device addresses in
 //!   the device's domain, per the endpoint's [`DmaSpace`] mode ([`DmaMode`]).
 //!
-//! The mode is chosen per endpoint: each device has its own `DmaSpace`.
+//! The mode is chosen per domain: each device has its own `DmaSpace`, or several endpoints
+//! share one domain and one `DmaSpace` (see "Shared domains" below).
 //!
 //! # Modes, and what each exposes to the device
 //!
@@ -32,6 +33,16 @@
 //!   bounce granules** (zeroed when taken, so nothing of an earlier buffer), as long as the
 //!   IOMMU carries out the UNMAPs (see [`DmaSpace::leaked`]). Costs a copy of up to two
 //!   granules per buffer and up to three MAPs.
+//! - **Lazy unmapping** (a policy of the two strict modes, opt-in:
+//!   [`DmaSpace::set_unmap_policy`]`(`[`UnmapPolicy::Lazy`]`{ max_pending, max_age_ns, clock })`;
+//!   see [`flush`]): `share` MAPs as in strict mode, but `unshare` defers the UNMAP into a
+//!   bounded flush queue sent as one batch (one notification) when it holds `max_pending`
+//!   ranges, when its oldest entry is `max_age_ns` old (checked at every `share`/`unshare` and
+//!   [`DmaSpace::flush_if_due`]), or on [`DmaSpace::flush`]. The IOVAs stay allocated until
+//!   their UNMAP returned S_OK, so none is handed out twice. Exposes, **on top of strict, every
+//!   buffer unshared since the last flush** — memory that is the driver's again and may hold
+//!   other data by then — as Linux's `iommu.strict=0`: a device that keeps using addresses it
+//!   was given can corrupt or read reused memory until the flush. `dma_dealloc` stays strict.
 //! - **Identity-mapped** ([`DmaSpace::identity_mapped`], or [`DmaSpace::attach_identity`]
 //!   without a bypass range): device address = physical address; the RAM ranges the embedder
 //!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions, the
@@ -42,6 +53,23 @@
 //!   a bypass range and `VIRTIO_IOMMU_F_BYPASS_CONFIG`): the endpoint is attached to a bypass
 //!   domain (ATTACH_F_BYPASS, §5.13.6.1); no request at all. Exposes **the whole physical
 //!   address space** — RAM, MMIO, everything — as if there were no IOMMU.
+//!
+//! # Shared domains
+//!
+//! A domain may serve several endpoints (§5.13.6.1), and must when the host cannot isolate
+//! them ([`Topology::alias_groups`](crate::topology::Topology::alias_groups)). Attach each
+//! further endpoint through the domain's space ([`DmaSpace::attach_endpoint`], with its
+//! reserved regions: the allocator keeps out the union over all endpoints, since the device
+//! refuses a MAP over any endpoint's region); every buffer is then reachable by all of them at
+//! the same IOVA. [`DmaSpace::detach_endpoint`] removes one and leaves the others working. The
+//! space must be the only one in its domain: MAPs made by hand take their IOVAs from it first
+//! ([`DmaSpace::reserve_iova`], [`DmaSpace::release_iova`]); a second space or an unannounced
+//! MAP would overlap the space's own MAPs, which the device refuses with `S_INVAL`.
+//!
+//! Reserved regions of kind [`ResvMemKind::Direct`](crate::ResvMemKind::Direct) (devicetree
+//! `iommu-addresses`, [`crate::topology::reserved`]) are MAPped 1:1 by every mode that maps,
+//! and kept out of the allocator; [`ResvMemKind::SoftwareMsi`](crate::ResvMemKind::SoftwareMsi)
+//! only kept out.
 //!
 //! # Failed buffers
 //!
@@ -122,9 +150,10 @@
 //! DMA buffers it allocated once.
 
 mod bounce;
+pub mod flush;
 mod hal;
 mod mapper;
-mod ranges;
+pub(crate) mod ranges;
 mod space;
 mod transport;
 
@@ -133,6 +162,7 @@ mod fake;
 
 pub use crate::iova::{IovaAllocator, DEFAULT_IOVA_CAPACITY};
 pub use bounce::DEFAULT_BOUNCE_GRANULES;
+pub use flush::{Clock, FlushError, FlushStats, FnClock, UnmapPolicy, MAX_PENDING};
 pub use hal::{with_locked, with_locked_irq, DmaContext, IommuHal};
 pub use mapper::IommuMapper;
 pub use ranges::PhysRange;

@@ -22,7 +22,7 @@ impl PhysRange {
 }
 
 /// The union of `ranges` (inclusive ends), sorted and merged (adjacent ranges too).
-pub(super) fn sorted_union(ranges: impl Iterator<Item = PhysRange>) -> Vec<PhysRange> {
+pub(crate) fn sorted_union(ranges: impl Iterator<Item = PhysRange>) -> Vec<PhysRange> {
     let mut v: Vec<PhysRange> = ranges.filter(|r| r.start <= r.end).collect();
     v.sort_unstable_by_key(|r| r.start);
     let mut out: Vec<PhysRange> = Vec::with_capacity(v.len());
@@ -36,7 +36,7 @@ pub(super) fn sorted_union(ranges: impl Iterator<Item = PhysRange>) -> Vec<PhysR
 }
 
 /// Appends `r` minus every range of `holes` (sorted, disjoint) to `out`.
-pub(super) fn subtract(r: PhysRange, holes: &[PhysRange], out: &mut Vec<PhysRange>) {
+pub(crate) fn subtract(r: PhysRange, holes: &[PhysRange], out: &mut Vec<PhysRange>) {
     let mut start = r.start;
     for h in holes {
         if h.end < start || h.start > r.end {
@@ -57,13 +57,13 @@ pub(super) fn subtract(r: PhysRange, holes: &[PhysRange], out: &mut Vec<PhysRang
 }
 
 /// Whether `start..=end` lies inside one range of `ranges` (sorted, disjoint). O(log n).
-pub(super) fn inside_one(ranges: &[PhysRange], start: u64, end: u64) -> bool {
+pub(crate) fn inside_one(ranges: &[PhysRange], start: u64, end: u64) -> bool {
     let i = ranges.partition_point(|r| r.start <= start);
     i > 0 && ranges[i - 1].end >= end
 }
 
 /// Whether `start..=end` intersects a range of `ranges` (sorted, disjoint). O(log n).
-pub(super) fn overlaps_any(ranges: &[PhysRange], start: u64, end: u64) -> bool {
+pub(crate) fn overlaps_any(ranges: &[PhysRange], start: u64, end: u64) -> bool {
     let i = ranges.partition_point(|r| r.start <= end);
     i > 0 && ranges[i - 1].end >= start
 }
@@ -71,7 +71,7 @@ pub(super) fn overlaps_any(ranges: &[PhysRange], start: u64, end: u64) -> bool {
 /// The largest granule-aligned range of `[g, 2^64)` (`g` a power of two, in bytes) that
 /// intersects no range of `taken` (sorted, disjoint), shrunk inward to whole granules; `None`
 /// when no whole granule is free. Address 0 (the first granule) is never part of it.
-pub(super) fn largest_gap(taken: &[PhysRange], g: u64) -> Option<PhysRange> {
+pub(crate) fn largest_gap(taken: &[PhysRange], g: u64) -> Option<PhysRange> {
     let mut best: Option<PhysRange> = None;
     let mut consider = |start: u64, end: u64| {
         // Inward to whole granules, without overflow: `end` may be u64::MAX.
