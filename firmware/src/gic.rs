@@ -105,6 +105,9 @@ pub fn init(dtb: &[u8]) -> Result<GicInfo, &'static str> {
         Gic::V3(v3) => {
             v3.setup(0);
             v3.enable_all_interrupts(false);
+            // ICC_PMR_EL1 resets to 0, which masks every priority: let all through (as
+            // `GicV2::setup` does with GICC_PMR).
+            GicCpuInterface::set_priority_mask(0xff);
         }
     }
     *gic = Some(g);

@@ -293,6 +293,20 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
         },
     );
 
+    tap.case(
+        "irq: a wait for an interrupt that never comes ends by the virtual timer",
+        || {
+            let t0 = crate::timer::now_ticks();
+            let (ok, wfis) = gic::wait_for(20, || false);
+            let us = crate::timer::ticks_to_us(crate::timer::now_ticks().wrapping_sub(t0));
+            println!("# ended after {us} us and {wfis} wfi(s)");
+            if ok || wfis == 0 || !(15_000..1_000_000).contains(&us) {
+                return Err(format!("done {ok}, {wfis} wfi(s), {us} us"));
+            }
+            Ok(())
+        },
+    );
+
     // Back to polling: the line off in the GIC, requestq's interrupts off as after `new`.
     if let Some(intid) = line {
         let _ = gic::set_handler(intid, None);
