@@ -4,7 +4,8 @@
 //! the host tests in `tests/boot.rs`.
 //!
 //! Modules (all re-exported here): `fetch` (finding, installing and fetching QEMU 10.0 and 7.2),
-//! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state), `disk` (the virtio-blk
+//! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state, `apt`), `linux` (the
+//! Linux guest of `cargo qemu-linux`), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
 //! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
 //! editable devicetree: QEMU's dumped tree, parsed, edited, written back). This file keeps the
@@ -32,10 +33,12 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod apt;
 mod boot;
 pub mod devicetree;
 mod disk;
 mod fetch;
+pub mod linux;
 mod qemu_111;
 mod tap;
 mod toolchain;
@@ -43,6 +46,7 @@ pub use boot::*;
 pub use devicetree::{DeviceTree, Node, Property};
 pub use disk::*;
 pub use fetch::*;
+pub use linux::{run_linux, LinuxConfig, LinuxOutcome};
 pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
 pub use tap::*;
 pub use toolchain::ensure_target;
@@ -101,6 +105,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A package or file the run needs could not be fetched or unpacked ([`linux`]).
+    Fetch {
+        /// What was being fetched (e.g. the package).
+        what: String,
+        /// Why it failed (e.g. apt's error).
+        reason: String,
+    },
+    /// The Linux guest's initramfs could not be built (a module, busybox or kernel option
+    /// missing, a module not decompressible; [`linux`]).
+    Initramfs(String),
     /// QEMU ran longer than the timeout and was killed.
     Timeout {
         /// The timeout in seconds.
@@ -133,6 +147,8 @@ impl fmt::Display for Error {
             }
             Self::InvalidEnv { name, reason } => write!(f, "${name}: {reason}"),
             Self::Devicetree { reason } => write!(f, "devicetree: {reason}"),
+            Self::Fetch { what, reason } => write!(f, "cannot fetch {what}: {reason}"),
+            Self::Initramfs(reason) => write!(f, "initramfs: {reason}"),
             Self::Timeout { seconds, .. } => write!(
                 f,
                 "QEMU did not finish within {seconds} s (VIOMMU_TIMEOUT_SECS) and was killed"

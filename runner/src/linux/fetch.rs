@@ -1,0 +1,218 @@
+//! The guest's packages: Debian's arm64 kernel (`linux-image-arm64`'s versioned dependency,
+//! e.g. `linux-image-6.12.117+deb13-arm64`) and `busybox-static`, downloaded through a private
+//! arm64 apt ([`crate::apt`]; nothing is installed, the system's apt and dpkg state stay as
+//! they are) and unpacked with `dpkg-deb -x`.
+//!
+//! Cache under `target/linux/`:
+//!
+//! - `<suite>/apt/`: the private apt state; `<suite>/debs/`: the downloaded packages;
+//!   `<suite>/complete`: written last, naming the kernel and busybox packages (a completed
+//!   fetch is reused; delete `target/linux` to fetch anew).
+//! - `kernels/<package file stem>/`: one unpacked kernel package (`root/`), with its own
+//!   `complete` marker holding the package's size and modification time (a changed file given
+//!   by `VIOMMU_LINUX_DEB` is unpacked again), and the initramfs built for it.
+//! - `busybox/<package file stem>/`: unpacked busybox-static.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::apt::{control_field, debs_in, unpack_deb, PrivateApt};
+use crate::{io_context, Error, Result};
+
+/// The suite the default kernel and busybox come from.
+pub const DEFAULT_SUITE: &str = "trixie";
+
+/// Serialises fetching and unpacking within this process (tests run in parallel).
+static LINUX_SETUP: Mutex<()> = Mutex::new(());
+
+/// `<workspace>/target/linux`.
+pub fn linux_dir() -> PathBuf {
+    crate::workspace_root().join("target").join("linux")
+}
+
+/// The versioned kernel package a `linux-image-arm64` stanza depends on (the first
+/// `linux-image-*-arm64` among its `Depends`, version constraint dropped).
+pub fn kernel_package_of(stanza: &str) -> Option<String> {
+    control_field(stanza, "Depends")?
+        .split([',', '|'])
+        .map(|alternative| alternative.split_whitespace().next().unwrap_or(""))
+        .find(|name| name.starts_with("linux-image-") && name.ends_with("-arm64"))
+        .map(String::from)
+}
+
+/// A [`Error::Fetch`] for `what`.
+fn fetch_error(what: &str, error: Error) -> Error {
+    Error::Fetch {
+        what: what.to_string(),
+        reason: error.to_string(),
+    }
+}
+
+/// The downloaded packages of one suite.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct SuitePackages {
+    /// The kernel package (`linux-image-<release>_<version>_arm64.deb`).
+    pub kernel_deb: PathBuf,
+    /// The `busybox-static` package.
+    pub busybox_deb: PathBuf,
+}
+
+/// The `.deb` in `debs` whose file name starts with `<package>_`.
+fn deb_of(debs: &Path, package: &str) -> Result<Option<PathBuf>> {
+    let prefix = format!("{package}_");
+    Ok(debs_in(debs)?.into_iter().find(|deb| {
+        deb.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&prefix))
+    }))
+}
+
+/// Downloads `suite`'s arm64 kernel (`linux-image-arm64`'s dependency) and `busybox-static`
+/// into `target/linux/<suite>/debs/` unless a completed download is there.
+///
+/// # Errors
+/// [`Error::Fetch`] naming the step and package that failed (apt's stderr included).
+pub fn fetch_suite_packages(suite: &str) -> Result<SuitePackages> {
+    let dir = linux_dir().join(suite);
+    let debs = dir.join("debs");
+    let marker = dir.join("complete");
+    let _guard = LINUX_SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    if let Ok(text) = fs::read_to_string(&marker) {
+        let named = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|file| debs.join(file.trim()))
+                .filter(|p| p.is_file())
+        };
+        if let (Some(kernel_deb), Some(busybox_deb)) = (named("kernel "), named("busybox ")) {
+            return Ok(SuitePackages {
+                kernel_deb,
+                busybox_deb,
+            });
+        }
+    }
+    eprintln!(
+        "runner: fetching {suite}'s arm64 kernel and busybox-static into {}",
+        dir.display()
+    );
+    let _ = fs::remove_dir_all(&dir);
+    io_context(fs::create_dir_all(&debs), || {
+        format!("cannot create {}", debs.display())
+    })?;
+    let apt = PrivateApt::create(
+        &dir.join("apt"),
+        &[suite, &format!("{suite}-security")],
+        Some("arm64"),
+    )
+    .map_err(|e| fetch_error(&format!("{suite} package lists"), e))?;
+    apt.update()
+        .map_err(|e| fetch_error(&format!("{suite} arm64 package lists (apt-get update)"), e))?;
+    let stanza = apt
+        .show("linux-image-arm64")
+        .map_err(|e| fetch_error(&format!("{suite}'s linux-image-arm64"), e))?;
+    let kernel = kernel_package_of(&stanza).ok_or_else(|| Error::Fetch {
+        what: format!("{suite}'s linux-image-arm64"),
+        reason: "its Depends names no linux-image-*-arm64 package".into(),
+    })?;
+    for package in [kernel.as_str(), "busybox-static"] {
+        apt.download(&debs, &[package.to_string()])
+            .map_err(|e| fetch_error(&format!("{package} (arm64, {suite})"), e))?;
+    }
+    let missing = |package: &str| Error::Fetch {
+        what: format!("{package} (arm64, {suite})"),
+        reason: format!(
+            "apt-get download left no {package}_*.deb in {}",
+            debs.display()
+        ),
+    };
+    let kernel_deb = deb_of(&debs, &kernel)?.ok_or_else(|| missing(&kernel))?;
+    let busybox_deb = deb_of(&debs, "busybox-static")?.ok_or_else(|| missing("busybox-static"))?;
+    let file = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    io_context(
+        fs::write(
+            &marker,
+            format!(
+                "kernel {}\nbusybox {}\n",
+                file(&kernel_deb),
+                file(&busybox_deb)
+            ),
+        ),
+        || format!("cannot write {}", marker.display()),
+    )?;
+    eprintln!(
+        "runner: fetched {} and {}",
+        file(&kernel_deb),
+        file(&busybox_deb)
+    );
+    Ok(SuitePackages {
+        kernel_deb,
+        busybox_deb,
+    })
+}
+
+/// `deb` unpacked under `target/linux/<kind>/<file stem>/root` (reused while the package's
+/// size and modification time are those recorded in the `complete` marker). Returns the
+/// directory holding `root/`.
+///
+/// # Errors
+/// [`Error::Io`] when `deb` cannot be read or a file cannot be written;
+/// [`Error::Fetch`] naming the package when `dpkg-deb -x` fails.
+pub fn unpacked(kind: &str, deb: &Path) -> Result<PathBuf> {
+    let metadata = io_context(fs::metadata(deb), || format!("package {}", deb.display()))?;
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let stamp = format!("{} {} {modified}\n", deb.display(), metadata.len());
+    let stem = deb
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "package".into());
+    let dir = linux_dir().join(kind).join(&stem);
+    let marker = dir.join("complete");
+    let _guard = LINUX_SETUP.lock().unwrap_or_else(|e| e.into_inner());
+    if fs::read_to_string(&marker).is_ok_and(|t| t == stamp) {
+        return Ok(dir);
+    }
+    eprintln!("runner: unpacking {} into {}", deb.display(), dir.display());
+    let _ = fs::remove_dir_all(&dir);
+    let root = dir.join("root");
+    io_context(fs::create_dir_all(&root), || {
+        format!("cannot create {}", root.display())
+    })?;
+    unpack_deb(deb, &root)
+        .map_err(|e| fetch_error(&format!("{} (dpkg-deb -x)", deb.display()), e))?;
+    io_context(fs::write(&marker, stamp), || {
+        format!("cannot write {}", marker.display())
+    })?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_dependency() {
+        let trixie = "Package: linux-image-arm64\nSource: linux-signed-arm64 (6.12.117+1)\n\
+                      Version: 6.12.117-1\nDepends: linux-image-6.12.117+deb13-arm64 (= 6.12.117-1)\n";
+        assert_eq!(
+            kernel_package_of(trixie).as_deref(),
+            Some("linux-image-6.12.117+deb13-arm64")
+        );
+        let odd = "Depends: kmod, linux-image-6.1.0-41-arm64 (= 6.1.158-1) | linux-image-6.1.0-41-arm64-unsigned\n";
+        assert_eq!(
+            kernel_package_of(odd).as_deref(),
+            Some("linux-image-6.1.0-41-arm64")
+        );
+        assert_eq!(kernel_package_of("Depends: kmod\n"), None);
+        assert_eq!(kernel_package_of("Package: x\n"), None);
+    }
+}
