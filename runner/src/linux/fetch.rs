@@ -7,7 +7,8 @@
 //!
 //! - `<suite>/apt/`: the private apt state; `<suite>/debs/`: the downloaded packages;
 //!   `<suite>/complete`: written last, naming the kernel and busybox packages (a completed
-//!   fetch is reused; delete `target/linux` to fetch anew).
+//!   fetch is reused; delete `target/linux` to fetch anew). [`fetch_kernel_deb`] of other
+//!   suites (e.g. `bookworm-backports`) caches the same way under their names.
 //! - `kernels/<package file stem>/`: one unpacked kernel package (`root/`), with its own
 //!   `complete` marker holding the package's size and modification time (a changed file given
 //!   by `VIOMMU_LINUX_DEB` is unpacked again), and the initramfs built for it.
@@ -69,90 +70,100 @@ fn deb_of(debs: &Path, package: &str) -> Result<Option<PathBuf>> {
 }
 
 /// Downloads `suite`'s arm64 kernel (`linux-image-arm64`'s dependency) and `busybox-static`
-/// into `target/linux/<suite>/debs/` unless a completed download is there.
+/// from `suite` and `<suite>-security` into `target/linux/<suite>/debs/` unless a completed
+/// download is there.
 ///
 /// # Errors
 /// [`Error::Fetch`] naming the step and package that failed (apt's stderr included).
 pub fn fetch_suite_packages(suite: &str) -> Result<SuitePackages> {
-    let dir = linux_dir().join(suite);
+    let security = format!("{suite}-security");
+    let mut found = fetch_packages(suite, &[suite, &security], true)?;
+    let busybox_deb = found.pop().unwrap_or_default();
+    let kernel_deb = found.pop().unwrap_or_default();
+    Ok(SuitePackages {
+        kernel_deb,
+        busybox_deb,
+    })
+}
+
+/// Downloads the arm64 kernel `linux-image-arm64` depends on in `suites` (e.g.
+/// `["bookworm-backports"]`) into `target/linux/<suites joined by +>/debs/` unless a completed
+/// download is there, and returns the package (for `VIOMMU_LINUX_DEB`).
+///
+/// # Errors
+/// As [`fetch_suite_packages`].
+pub fn fetch_kernel_deb(suites: &[&str]) -> Result<PathBuf> {
+    let mut found = fetch_packages(&suites.join("+"), suites, false)?;
+    Ok(found.pop().unwrap_or_default())
+}
+
+/// The kernel package and, with `busybox`, busybox-static, downloaded from `suites` into
+/// `target/linux/<name>/debs/` (reused when `<name>/complete` names them), in that order.
+fn fetch_packages(name: &str, suites: &[&str], busybox: bool) -> Result<Vec<PathBuf>> {
+    let dir = linux_dir().join(name);
     let debs = dir.join("debs");
     let marker = dir.join("complete");
+    let what = suites.join(", ");
     let _guard = LINUX_SETUP.lock().unwrap_or_else(|e| e.into_inner());
     if let Ok(text) = fs::read_to_string(&marker) {
-        let named = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .map(|file| debs.join(file.trim()))
-                .filter(|p| p.is_file())
-        };
-        if let (Some(kernel_deb), Some(busybox_deb)) = (named("kernel "), named("busybox ")) {
-            return Ok(SuitePackages {
-                kernel_deb,
-                busybox_deb,
-            });
+        let named: Vec<PathBuf> = text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(_, file)| debs.join(file.trim()))
+            .filter(|p| p.is_file())
+            .collect();
+        if named.len() == 1 + usize::from(busybox) {
+            return Ok(named);
         }
     }
     eprintln!(
-        "runner: fetching {suite}'s arm64 kernel and busybox-static into {}",
+        "runner: fetching the arm64 kernel{} of {what} into {}",
+        if busybox { " and busybox-static" } else { "" },
         dir.display()
     );
     let _ = fs::remove_dir_all(&dir);
     io_context(fs::create_dir_all(&debs), || {
         format!("cannot create {}", debs.display())
     })?;
-    let apt = PrivateApt::create(
-        &dir.join("apt"),
-        &[suite, &format!("{suite}-security")],
-        Some("arm64"),
-    )
-    .map_err(|e| fetch_error(&format!("{suite} package lists"), e))?;
+    let apt = PrivateApt::create(&dir.join("apt"), suites, Some("arm64"))
+        .map_err(|e| fetch_error(&format!("{what} package lists"), e))?;
     apt.update()
-        .map_err(|e| fetch_error(&format!("{suite} arm64 package lists (apt-get update)"), e))?;
+        .map_err(|e| fetch_error(&format!("{what} arm64 package lists (apt-get update)"), e))?;
     let stanza = apt
         .show("linux-image-arm64")
-        .map_err(|e| fetch_error(&format!("{suite}'s linux-image-arm64"), e))?;
+        .map_err(|e| fetch_error(&format!("linux-image-arm64 of {what}"), e))?;
     let kernel = kernel_package_of(&stanza).ok_or_else(|| Error::Fetch {
-        what: format!("{suite}'s linux-image-arm64"),
+        what: format!("linux-image-arm64 of {what}"),
         reason: "its Depends names no linux-image-*-arm64 package".into(),
     })?;
-    for package in [kernel.as_str(), "busybox-static"] {
-        apt.download(&debs, &[package.to_string()])
-            .map_err(|e| fetch_error(&format!("{package} (arm64, {suite})"), e))?;
+    let mut packages = vec![("kernel", kernel)];
+    if busybox {
+        packages.push(("busybox", "busybox-static".to_string()));
     }
-    let missing = |package: &str| Error::Fetch {
-        what: format!("{package} (arm64, {suite})"),
-        reason: format!(
-            "apt-get download left no {package}_*.deb in {}",
-            debs.display()
-        ),
-    };
-    let kernel_deb = deb_of(&debs, &kernel)?.ok_or_else(|| missing(&kernel))?;
-    let busybox_deb = deb_of(&debs, "busybox-static")?.ok_or_else(|| missing("busybox-static"))?;
-    let file = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    io_context(
-        fs::write(
-            &marker,
-            format!(
-                "kernel {}\nbusybox {}\n",
-                file(&kernel_deb),
-                file(&busybox_deb)
+    let mut found = Vec::new();
+    let mut record = String::new();
+    for (key, package) in &packages {
+        apt.download(&debs, std::slice::from_ref(package))
+            .map_err(|e| fetch_error(&format!("{package} (arm64, {what})"), e))?;
+        let deb = deb_of(&debs, package)?.ok_or_else(|| Error::Fetch {
+            what: format!("{package} (arm64, {what})"),
+            reason: format!(
+                "apt-get download left no {package}_*.deb in {}",
+                debs.display()
             ),
-        ),
-        || format!("cannot write {}", marker.display()),
-    )?;
-    eprintln!(
-        "runner: fetched {} and {}",
-        file(&kernel_deb),
-        file(&busybox_deb)
-    );
-    Ok(SuitePackages {
-        kernel_deb,
-        busybox_deb,
-    })
+        })?;
+        let file = deb
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        eprintln!("runner: fetched {file}");
+        record.push_str(&format!("{key} {file}\n"));
+        found.push(deb);
+    }
+    io_context(fs::write(&marker, record), || {
+        format!("cannot write {}", marker.display())
+    })?;
+    Ok(found)
 }
 
 /// `deb` unpacked under `target/linux/<kind>/<file stem>/root` (reused while the package's

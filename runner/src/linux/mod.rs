@@ -21,7 +21,8 @@ mod initramfs;
 mod modules;
 
 pub use fetch::{
-    fetch_suite_packages, kernel_package_of, linux_dir, unpacked, SuitePackages, DEFAULT_SUITE,
+    fetch_kernel_deb, fetch_suite_packages, kernel_package_of, linux_dir, unpacked, SuitePackages,
+    DEFAULT_SUITE,
 };
 pub use initramfs::{build_cpio, build_initramfs, module_file_name, InitramfsModule};
 pub use modules::{
