@@ -66,6 +66,11 @@ pub trait PciFunction: Send {
     fn set_msix_table_in_client(&mut self, in_client: bool) {
         let _ = in_client;
     }
+    /// Queue notifications received so far (virtio-pci notify-region writes), for the server's
+    /// summary. Default: 0 (functions without virtqueues).
+    fn notifications(&self) -> u64 {
+        0
+    }
     /// Runs pending work that a register write deferred (owed rounds of queue processing),
     /// returning whether more remains. The server calls it between messages.
     fn poll(&mut self) -> bool {

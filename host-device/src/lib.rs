@@ -20,6 +20,8 @@
 //! - [`endpoint`]: [`DmaEndpoint`], an endpoint whose DMA goes through the IOMMU.
 //! - [`endpoints`]: endpoint models whose DMA goes through the IOMMU: QEMU's `edu`, and a
 //!   virtio-blk device core ([`endpoints::blk::BlkCore`], a [`transport::VirtioCore`]).
+//! - `server` (feature `vfio-user`): a vfio-user server for any [`function::PciFunction`],
+//!   for QEMU's `vfio-user-pci`; the binary `virtio-iommu-vfio-user` serves the device with it.
 //! - [`embedding`]: embedding the device in a VMM, and testing against it (doctested).
 //! - `inprocess` (feature `test-utils`): a virtio-drivers `Transport` and `Hal` running the
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
@@ -41,6 +43,8 @@ pub mod fault;
 pub mod function;
 pub mod mmio;
 pub mod request;
+#[cfg(feature = "vfio-user")]
+pub mod server;
 pub mod state;
 pub mod translate;
 pub mod transport;
