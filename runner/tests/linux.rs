@@ -145,6 +145,10 @@ fn a_kernel_without_virtio_iommu_is_refused() {
 
 /// `cargo qemu-linux` as a user runs it, with `env`; returns (status, stderr).
 fn command(env: &[(&str, &str)]) -> (i32, String) {
+    // Fetched and unpacked in this process first (serialised with the other tests), so the
+    // binary finds them cached rather than downloading them a second time in parallel.
+    let packages = fetch_suite_packages(DEFAULT_SUITE).unwrap_or_else(|e| panic!("{e}"));
+    prepare_guest(&packages.kernel_deb, &packages.busybox_deb).unwrap_or_else(|e| panic!("{e}"));
     let output = Command::new(env!("CARGO_BIN_EXE_virtio-iommu-runner"))
         .arg("qemu-linux")
         .env_remove("VIOMMU_QEMU")

@@ -50,6 +50,63 @@ fn fetch_error(what: &str, error: Error) -> Error {
     }
 }
 
+/// A fresh staging directory next to `dir` (private to this process and thread), for work that
+/// [`publish`] then renames to `dir`: other processes never see a half-done `dir`.
+fn staging_for(dir: &Path) -> Result<PathBuf> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = parent.join(format!(
+        ".{name}.partial-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = fs::remove_dir_all(&staging);
+    io_context(fs::create_dir_all(&staging), || {
+        format!("cannot create {}", staging.display())
+    })?;
+    Ok(staging)
+}
+
+/// Renames the finished `staging` to `dir`. When `dir` exists: kept if `complete(dir)` (another
+/// process finished first; `staging` is dropped), else replaced.
+///
+/// # Errors
+/// [`Error::Io`] when `staging` cannot be moved.
+fn publish(staging: &Path, dir: &Path, complete: impl Fn(&Path) -> bool) -> Result<()> {
+    if fs::rename(staging, dir).is_ok() {
+        return Ok(());
+    }
+    if complete(dir) {
+        let _ = fs::remove_dir_all(staging);
+        return Ok(());
+    }
+    let _ = fs::remove_dir_all(dir);
+    let moved = fs::rename(staging, dir);
+    if moved.is_err() && complete(dir) {
+        let _ = fs::remove_dir_all(staging);
+        return Ok(());
+    }
+    io_context(moved, || {
+        format!("cannot move {} to {}", staging.display(), dir.display())
+    })
+}
+
+/// The packages a `complete` marker in `dir` names (`<key> <file>` lines, files under
+/// `dir/debs`), if there are `count` of them and all exist.
+fn completed_packages(dir: &Path, count: usize) -> Option<Vec<PathBuf>> {
+    let text = fs::read_to_string(dir.join("complete")).ok()?;
+    let named: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(_, file)| dir.join("debs").join(file.trim()))
+        .filter(|p| p.is_file())
+        .collect();
+    (named.len() == count).then_some(named)
+}
+
 /// The downloaded packages of one suite.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct SuitePackages {
@@ -101,27 +158,35 @@ pub fn fetch_kernel_deb(suites: &[&str]) -> Result<PathBuf> {
 /// `target/linux/<name>/debs/` (reused when `<name>/complete` names them), in that order.
 fn fetch_packages(name: &str, suites: &[&str], busybox: bool) -> Result<Vec<PathBuf>> {
     let dir = linux_dir().join(name);
-    let debs = dir.join("debs");
-    let marker = dir.join("complete");
+    let count = 1 + usize::from(busybox);
     let what = suites.join(", ");
     let _guard = LINUX_SETUP.lock().unwrap_or_else(|e| e.into_inner());
-    if let Ok(text) = fs::read_to_string(&marker) {
-        let named: Vec<PathBuf> = text
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .map(|(_, file)| debs.join(file.trim()))
-            .filter(|p| p.is_file())
-            .collect();
-        if named.len() == 1 + usize::from(busybox) {
-            return Ok(named);
-        }
+    if let Some(found) = completed_packages(&dir, count) {
+        return Ok(found);
     }
     eprintln!(
         "runner: fetching the arm64 kernel{} of {what} into {}",
         if busybox { " and busybox-static" } else { "" },
         dir.display()
     );
-    let _ = fs::remove_dir_all(&dir);
+    let staging = staging_for(&dir)?;
+    let result = download_packages(&staging, suites, busybox);
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    publish(&staging, &dir, |d| completed_packages(d, count).is_some())?;
+    completed_packages(&dir, count).ok_or_else(|| Error::Fetch {
+        what: what.clone(),
+        reason: format!("{} incomplete after the download", dir.display()),
+    })
+}
+
+/// [`fetch_packages`]' work in `dir` (a staging directory): the private apt, the download and
+/// the `complete` marker.
+fn download_packages(dir: &Path, suites: &[&str], busybox: bool) -> Result<()> {
+    let debs = dir.join("debs");
+    let what = suites.join(", ");
     io_context(fs::create_dir_all(&debs), || {
         format!("cannot create {}", debs.display())
     })?;
@@ -140,7 +205,6 @@ fn fetch_packages(name: &str, suites: &[&str], busybox: bool) -> Result<Vec<Path
     if busybox {
         packages.push(("busybox", "busybox-static".to_string()));
     }
-    let mut found = Vec::new();
     let mut record = String::new();
     for (key, package) in &packages {
         apt.download(&debs, std::slice::from_ref(package))
@@ -158,12 +222,11 @@ fn fetch_packages(name: &str, suites: &[&str], busybox: bool) -> Result<Vec<Path
             .unwrap_or_default();
         eprintln!("runner: fetched {file}");
         record.push_str(&format!("{key} {file}\n"));
-        found.push(deb);
     }
+    let marker = dir.join("complete");
     io_context(fs::write(&marker, record), || {
         format!("cannot write {}", marker.display())
-    })?;
-    Ok(found)
+    })
 }
 
 /// `deb` unpacked under `target/linux/<kind>/<file stem>/root` (reused while the package's
@@ -187,22 +250,26 @@ pub fn unpacked(kind: &str, deb: &Path) -> Result<PathBuf> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "package".into());
     let dir = linux_dir().join(kind).join(&stem);
-    let marker = dir.join("complete");
+    let done = |d: &Path| fs::read_to_string(d.join("complete")).is_ok_and(|t| t == stamp);
     let _guard = LINUX_SETUP.lock().unwrap_or_else(|e| e.into_inner());
-    if fs::read_to_string(&marker).is_ok_and(|t| t == stamp) {
+    if done(&dir) {
         return Ok(dir);
     }
     eprintln!("runner: unpacking {} into {}", deb.display(), dir.display());
-    let _ = fs::remove_dir_all(&dir);
-    let root = dir.join("root");
-    io_context(fs::create_dir_all(&root), || {
-        format!("cannot create {}", root.display())
-    })?;
-    unpack_deb(deb, &root)
-        .map_err(|e| fetch_error(&format!("{} (dpkg-deb -x)", deb.display()), e))?;
-    io_context(fs::write(&marker, stamp), || {
-        format!("cannot write {}", marker.display())
-    })?;
+    let staging = staging_for(&dir)?;
+    let unpacked = unpack_deb(deb, &staging.join("root"))
+        .map_err(|e| fetch_error(&format!("{} (dpkg-deb -x)", deb.display()), e))
+        .and_then(|()| {
+            let marker = staging.join("complete");
+            io_context(fs::write(&marker, &stamp), || {
+                format!("cannot write {}", marker.display())
+            })
+        });
+    if let Err(e) = unpacked {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
+    }
+    publish(&staging, &dir, done)?;
     Ok(dir)
 }
 
