@@ -251,6 +251,104 @@ mod tests {
         assert!(e.to_string().contains("virtio_blk.ko.zst"), "{e}");
         assert_eq!(decompress(Path::new("a.ko"), b"abc").unwrap(), b"abc");
         assert!(decompress(Path::new("a.ko.xz"), b"not xz").is_err());
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut &b"\x7fELF module"[..], &mut xz).unwrap();
+        assert_eq!(
+            decompress(Path::new("/m/virtio-iommu.ko.xz"), &xz).unwrap(),
+            b"\x7fELF module"
+        );
+    }
+
+    /// An ELF relocatable object with a `.modinfo` section of `info` (`key=value` strings).
+    fn module(info: &[&str]) -> Vec<u8> {
+        use object::write::Object as Writer;
+        use object::{Architecture, BinaryFormat, Endianness, SectionKind};
+        let mut elf = Writer::new(BinaryFormat::Elf, Architecture::Aarch64, Endianness::Little);
+        let section = elf.add_section(
+            Vec::new(),
+            b".modinfo".to_vec(),
+            SectionKind::ReadOnlyString,
+        );
+        let mut data = Vec::new();
+        for entry in info {
+            data.extend_from_slice(entry.as_bytes());
+            data.push(0);
+        }
+        elf.append_section_data(section, &data, 1);
+        elf.write().expect("ELF")
+    }
+
+    /// A module tree in a fresh directory: (file name under kernel/, modinfo entries).
+    fn tree(name: &str, modules: &[(&str, &[&str])]) -> (PathBuf, ModuleTree) {
+        let dir =
+            std::env::temp_dir().join(format!("viommu-modules-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let release = dir.join("6.0-test");
+        for (file, info) in modules {
+            let path = release.join("kernel/drivers").join(file);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let object = module(info);
+            if file.ends_with(".gz") {
+                use std::io::Write;
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(&object).unwrap();
+                fs::write(&path, gz.finish().unwrap()).unwrap();
+            } else {
+                fs::write(&path, object).unwrap();
+            }
+        }
+        let tree = ModuleTree::open(&release).expect("open");
+        (dir, tree)
+    }
+
+    #[test]
+    fn dependencies_come_first_once() {
+        let (dir, tree) = tree(
+            "order",
+            &[
+                (
+                    "iommu/virtio-iommu.ko",
+                    &["license=GPL", "depends=virtio_ring,virtio"],
+                ),
+                ("virtio/virtio_ring.ko.gz", &["depends=virtio"]),
+                ("virtio/virtio.ko", &["depends="]),
+                ("block/virtio_blk.ko", &["depends=virtio-ring,virtio"]),
+            ],
+        );
+        assert_eq!(tree.release, "6.0-test");
+        assert_eq!(tree.len(), 4);
+        let order = tree
+            .load_order(&["virtio_iommu", "virtio-blk"])
+            .expect("order");
+        let names: Vec<&str> = order.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["virtio", "virtio_ring", "virtio_iommu", "virtio_blk"]
+        );
+        // The objects are the decompressed ELF files.
+        assert!(order.iter().all(|m| m.object.starts_with(b"\x7fELF")));
+        assert_eq!(
+            dependencies(&order[2].object).unwrap(),
+            ["virtio_ring", "virtio"]
+        );
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn missing_dependency_and_cycle_are_errors() {
+        let (dir, tree) = tree(
+            "broken",
+            &[
+                ("a.ko", &["depends=b"]),
+                ("b.ko", &["depends=a"]),
+                ("c.ko", &["depends=nowhere"]),
+            ],
+        );
+        let cycle = tree.load_order(&["a"]).unwrap_err().to_string();
+        assert!(cycle.contains("cycle: a -> b -> a"), "{cycle}");
+        let missing = tree.load_order(&["c"]).unwrap_err().to_string();
+        assert!(missing.contains("no module nowhere"), "{missing}");
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
