@@ -65,13 +65,21 @@ impl LinuxConfig {
     /// documentation).
     ///
     /// # Errors
-    /// Those of [`RunConfig::from_env`].
+    /// Those of [`RunConfig::from_env`]; [`Error::InvalidEnv`] when `VIOMMU_LINUX_DEB` names no
+    /// file.
     pub fn from_env() -> Result<Self> {
+        let kernel_deb = std::env::var_os("VIOMMU_LINUX_DEB")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        if let Some(deb) = kernel_deb.as_ref().filter(|d| !d.is_file()) {
+            return Err(Error::InvalidEnv {
+                name: "VIOMMU_LINUX_DEB",
+                reason: format!("{} is not a file", deb.display()),
+            });
+        }
         Ok(Self {
             run: RunConfig::from_env()?,
-            kernel_deb: std::env::var_os("VIOMMU_LINUX_DEB")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
+            kernel_deb,
             kernel_args: std::env::var("VIOMMU_LINUX_ARGS")
                 .map(|v| v.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
@@ -653,6 +661,39 @@ mod tests {
         );
         assert_eq!(kernel_config_value(config, "CONFIG_VIRTIO_BLK"), None);
         assert_eq!(kernel_config_value(config, "CONFIG_VIRTIO"), None);
+    }
+
+    #[test]
+    fn which_modules_to_load() {
+        let dir = std::env::temp_dir().join(format!("viommu-linux-tree-{}", std::process::id()));
+        let release = dir.join("6.0-empty");
+        fs::create_dir_all(release.join("kernel")).unwrap();
+        let tree = ModuleTree::open(&release).unwrap();
+        let trixie = "CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_IOMMU=m\nCONFIG_VIRTIO_BLK=m\n";
+        assert_eq!(
+            modules_to_load(Some(trixie), &tree).unwrap(),
+            ["virtio_iommu", "virtio_blk"]
+        );
+        let all_modules = "CONFIG_VIRTIO_PCI=m\nCONFIG_VIRTIO_IOMMU=m\nCONFIG_VIRTIO_BLK=m\n";
+        assert_eq!(
+            modules_to_load(Some(all_modules), &tree).unwrap(),
+            ["virtio_pci", "virtio_iommu", "virtio_blk"]
+        );
+        let built_in = "CONFIG_VIRTIO_PCI=y\nCONFIG_VIRTIO_IOMMU=y\nCONFIG_VIRTIO_BLK=y\n";
+        assert!(modules_to_load(Some(built_in), &tree).unwrap().is_empty());
+        // bookworm's 6.1: no virtio-iommu at all.
+        let bookworm =
+            "CONFIG_VIRTIO_PCI=m\n# CONFIG_VIRTIO_IOMMU is not set\nCONFIG_VIRTIO_BLK=m\n";
+        let e = modules_to_load(Some(bookworm), &tree)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("has CONFIG_VIRTIO_IOMMU=<unset> (needs y or m)"),
+            "{e}"
+        );
+        // Without a .config, the tree decides: no virtio_iommu module ⇒ refused.
+        assert!(modules_to_load(None, &tree).is_err());
+        let _ = fs::remove_dir_all(dir);
     }
 
     #[test]
