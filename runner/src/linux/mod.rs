@@ -245,31 +245,40 @@ pub fn device_args(config: &RunConfig, disk: &Path) -> Vec<String> {
     ]
 }
 
-/// QEMU's arguments for booting `guest` with `disk`: `-M virt`, a Cortex-A57, [`LINUX_MEMORY`],
-/// no graphics or network, `-no-reboot` (a panic ends QEMU), `-kernel`, `-initrd`, `-append`
-/// [`kernel_command_line`], the [`device_args`], then `VIOMMU_QEMU_ARGS`.
+/// What makes a boot a Linux boot, whatever the devices: [`LINUX_MEMORY`] (`-m`),
+/// `-no-reboot` (a panic ends QEMU: `panic=-1`), `-initrd` and `-append`
+/// [`kernel_command_line`]. Given after the machine arguments, so a later `-m` wins.
+pub fn guest_args(config: &LinuxConfig, guest: &LinuxGuest) -> Vec<String> {
+    vec![
+        "-m".into(),
+        LINUX_MEMORY.into(),
+        "-no-reboot".into(),
+        "-initrd".into(),
+        guest.initrd.to_string_lossy().into_owned(),
+        "-append".into(),
+        kernel_command_line(&config.kernel_args),
+    ]
+}
+
+/// QEMU's arguments for booting `guest` with `disk` against QEMU's devices: `-M virt`, a
+/// Cortex-A57, no graphics or network, `-kernel`, the [`guest_args`], the [`device_args`], then
+/// `VIOMMU_QEMU_ARGS`.
 pub fn linux_qemu_args(config: &LinuxConfig, guest: &LinuxGuest, disk: &Path) -> Vec<String> {
     let mut args: Vec<String> = [
         "-M",
         "virt",
         "-cpu",
         "cortex-a57",
-        "-m",
-        LINUX_MEMORY,
         "-nographic",
         "-nic",
         "none",
-        "-no-reboot",
+        "-kernel",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.push("-kernel".into());
     args.push(guest.vmlinuz.to_string_lossy().into_owned());
-    args.push("-initrd".into());
-    args.push(guest.initrd.to_string_lossy().into_owned());
-    args.push("-append".into());
-    args.push(kernel_command_line(&config.kernel_args));
+    args.extend(guest_args(config, guest));
     args.extend(device_args(&config.run, disk));
     args.extend(config.run.extra_args.iter().cloned());
     args
@@ -569,7 +578,7 @@ mod tests {
         };
         let a = linux_qemu_args(&config, &guest, Path::new("/d,1.img"));
         let joined = a.join(" ");
-        assert!(joined.starts_with("-M virt -cpu cortex-a57 -m 1G -nographic -nic none -no-reboot -kernel /k/vmlinuz-r -initrd /k/initrd.gz -append"));
+        assert!(joined.starts_with("-M virt -cpu cortex-a57 -nographic -nic none -kernel /k/vmlinuz-r -m 1G -no-reboot -initrd /k/initrd.gz -append"));
         let append = a.iter().position(|x| x == "-append").unwrap();
         assert_eq!(
             a[append + 1],
