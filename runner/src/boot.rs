@@ -17,18 +17,17 @@ pub(crate) fn with_addr(device: &str, addr: Option<&String>) -> String {
     }
 }
 
-/// QEMU's arguments for booting `elf` with `disk`.
-///
-/// The drive is opened with `snapshot=on`: the firmware's writes go to a temporary overlay, so
-/// the image (shared by runs in parallel) stays exactly what the host hashed.
-pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
+/// The machine part of QEMU's command line, shared by every device choice: `-M virt`, the CPU,
+/// 512 MiB of RAM, no graphics or network, semihosting (the firmware's exit status) and
+/// `-kernel elf`. Devices and extra arguments come after.
+pub fn machine_args(elf: &Path) -> Vec<String> {
     let mut args: Vec<String> = [
         "-M",
         "virt",
         "-cpu",
         "cortex-a57",
         "-m",
-        "512M",
+        DEFAULT_MEMORY,
         "-nographic",
         "-semihosting",
         "-nic",
@@ -39,6 +38,17 @@ pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     args.push(elf.to_string_lossy().into_owned());
+    args
+}
+
+/// QEMU's arguments for booting `elf` with `disk` against QEMU's own devices
+/// ([`DeviceChoice::Qemu`]): [`machine_args`], `virtio-iommu-pci`, `virtio-blk-pci` on `disk`,
+/// `edu`, then `config.extra_args`.
+///
+/// The drive is opened with `snapshot=on`: the firmware's writes go to a temporary overlay, so
+/// the image (shared by runs in parallel) stays exactly what the host hashed.
+pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
+    let mut args = machine_args(elf);
     args.push("-device".into());
     args.push(with_addr("virtio-iommu-pci", config.iommu_addr.as_ref()));
     args.push("-drive".into());
@@ -60,12 +70,14 @@ pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
     args
 }
 
-/// A command line for display (arguments with spaces quoted).
+/// A command line for display, pasteable into a POSIX shell (arguments with characters the
+/// shell treats specially, such as the JSON of `vfio-user-pci`, in single quotes).
 pub(crate) fn display_command(program: &Path, args: &[String]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_/.,=:@%+-".contains(c);
     std::iter::once(program.to_string_lossy().into_owned())
         .chain(args.iter().map(|a| {
-            if a.contains(char::is_whitespace) || a.is_empty() {
-                format!("'{a}'")
+            if a.is_empty() || !a.chars().all(plain) {
+                format!("'{}'", a.replace('\'', "'\\''"))
             } else {
                 a.clone()
             }
@@ -113,16 +125,140 @@ pub(crate) fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
+/// A child process that is killed (and reaped) when the guard is dropped, so that no error path
+/// leaves it running.
+pub(crate) struct ChildGuard(pub(crate) Option<Child>);
+
+impl ChildGuard {
+    /// The child, still owned by the guard.
+    pub(crate) fn child(&mut self) -> Option<&mut Child> {
+        self.0.as_mut()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What one QEMU process did.
+pub(crate) struct QemuRun {
+    /// Its exit status; `None` when it was killed at the deadline.
+    pub(crate) status: Option<ExitStatus>,
+    /// Its stdout (the firmware's console).
+    pub(crate) output: String,
+    /// Its stderr.
+    pub(crate) stderr: String,
+    /// From spawning it to its exit (or kill).
+    pub(crate) duration: Duration,
+    /// Whether it was killed because the watcher said so (not because of the deadline).
+    pub(crate) cut_short: bool,
+}
+
+/// How long QEMU may run on once the watcher of [`run_qemu_watched`] reported trouble.
+pub(crate) const WATCH_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs `qemu args`, streaming its stdout and stderr while keeping them, until it exits or
+/// `deadline` passes (then it is killed and `status` is `None`). QEMU is killed on every error
+/// path too.
+pub(crate) fn run_qemu(qemu: &Path, args: &[String], deadline: Instant) -> Result<QemuRun> {
+    run_qemu_watched(qemu, args, deadline, &mut || false)
+}
+
+/// [`run_qemu`], calling `trouble` every 10 ms while QEMU runs: once it returns true (e.g. a
+/// process QEMU depends on died), QEMU gets [`WATCH_GRACE`] to exit by itself, then it is
+/// killed and [`QemuRun::cut_short`] is set.
+pub(crate) fn run_qemu_watched(
+    qemu: &Path,
+    args: &[String],
+    mut deadline: Instant,
+    trouble: &mut dyn FnMut() -> bool,
+) -> Result<QemuRun> {
+    let started = Instant::now();
+    let mut watching = true;
+    let mut cut_short = false;
+    let mut guard = ChildGuard(Some(io_context(
+        Command::new(qemu)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn(),
+        || format!("cannot start {}", qemu.display()),
+    )?));
+    let (stdout, stderr) = match guard.child() {
+        Some(child) => (
+            child.stdout.take().map(|pipe| pump(pipe, false)),
+            child.stderr.take().map(|pipe| pump(pipe, true)),
+        ),
+        None => (None, None),
+    };
+    let status = loop {
+        let Some(child) = guard.child() else {
+            break None;
+        };
+        match io_context(child.try_wait(), || "waiting for QEMU".into())? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            None => {
+                if watching && trouble() {
+                    watching = false;
+                    let cut = Instant::now() + WATCH_GRACE;
+                    if cut < deadline {
+                        deadline = cut;
+                        cut_short = true;
+                    }
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    let duration = started.elapsed();
+    drop(guard);
+    let output = stdout
+        .map(|t| t.join().unwrap_or_default())
+        .unwrap_or_default();
+    let stderr = stderr
+        .map(|t| t.join().unwrap_or_default())
+        .unwrap_or_default();
+    Ok(QemuRun {
+        status,
+        output,
+        stderr,
+        duration,
+        cut_short: cut_short && status.is_none(),
+    })
+}
+
 /// Boots `elf` in QEMU as `config` says, streaming the console to stdout while keeping it.
 ///
 /// Prints `runner: disk <path> <size> bytes sha256 <hex>` and the QEMU command line first.
 /// Returns the outcome whatever the exit status; [`Error::Timeout`] if QEMU had to be killed.
+/// With [`DeviceChoice::Ours`] this is [`run_ours`].
+///
+/// # Errors
+///
+/// [`Error::Timeout`] after `config.timeout`; those of [`resolve_qemu`] and [`prepare_disk`];
+/// [`Error::Io`] when the ELF is missing or QEMU cannot start.
 pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     if !elf.is_file() {
         return Err(Error::Io {
             context: format!("firmware ELF {}", elf.display()),
             source: io::ErrorKind::NotFound.into(),
         });
+    }
+    if config.device == DeviceChoice::Ours {
+        return run_ours(config, elf);
     }
     let qemu = resolve_qemu(&config.qemu)?;
     let disk = prepare_disk(config.disk.as_deref())?;
@@ -134,55 +270,51 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     );
     let args = qemu_args(config, elf, &disk.path);
     println!("runner: {}", display_command(&qemu, &args));
-    let started = Instant::now();
-    let mut child = io_context(
-        Command::new(&qemu)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn(),
-        || format!("cannot start {}", qemu.display()),
-    )?;
-    let stdout = child.stdout.take().map(|pipe| pump(pipe, false));
-    let stderr = child.stderr.take().map(|pipe| pump(pipe, true));
-    let deadline = started + config.timeout;
-    let status = loop {
-        match io_context(child.try_wait(), || "waiting for QEMU".into())? {
-            Some(status) => break Some(status),
-            None if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            None => thread::sleep(Duration::from_millis(10)),
-        }
-    };
-    let duration = started.elapsed();
-    let output = stdout
-        .map(|t| t.join().unwrap_or_default())
-        .unwrap_or_default();
-    let stderr = stderr
-        .map(|t| t.join().unwrap_or_default())
-        .unwrap_or_default();
-    let Some(status) = status else {
+    let deadline = Instant::now() + config.timeout;
+    let ran = run_qemu(&qemu, &args, deadline)?;
+    let Some(status) = ran.status else {
         eprintln!(
             "runner: TIMEOUT: QEMU still running after {} s; killed it",
             config.timeout.as_secs()
         );
         return Err(Error::Timeout {
             seconds: config.timeout.as_secs(),
-            output,
+            output: ran.output,
         });
     };
     Ok(RunOutcome {
         exit_code: exit_code(status),
-        output,
-        stderr,
+        output: ran.output,
+        stderr: ran.stderr,
         disk_sha256: disk.sha256,
         disk: disk.path,
         qemu,
         args,
-        duration,
+        duration: ran.duration,
+        server: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn displayed_commands_paste_into_a_shell() {
+        let args: Vec<String> = [
+            "-M",
+            "virt,highmem=off",
+            r#"{"driver":"vfio-user-pci"}"#,
+            "it's",
+            "",
+            "a b",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            display_command(Path::new("/q"), &args),
+            r#"/q -M virt,highmem=off '{"driver":"vfio-user-pci"}' 'it'\''s' '' 'a b'"#
+        );
+    }
 }

@@ -361,6 +361,9 @@ impl DeviceTree {
     }
 }
 
+/// How long [`dump`] waits for QEMU.
+pub const DUMP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// QEMU's own devicetree for the machine `args` describe: runs `qemu` with `args` plus
 /// `-machine dumpdtb=FILE` (QEMU writes the tree and exits without running the guest) and
 /// returns the blob.
@@ -370,8 +373,9 @@ impl DeviceTree {
 ///
 /// # Errors
 ///
-/// [`Error::CommandFailed`] with QEMU's stderr when it fails; [`Error::Io`] when the file cannot
-/// be read or QEMU cannot run.
+/// [`Error::CommandFailed`] with QEMU's stderr when it fails or runs longer than
+/// [`DUMP_TIMEOUT`] (it is killed then); [`Error::Io`] when the file cannot be read or QEMU
+/// cannot run.
 pub fn dump(qemu: &Path, args: &[String]) -> Result<Vec<u8>> {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let file = std::env::temp_dir().join(format!(
@@ -380,23 +384,69 @@ pub fn dump(qemu: &Path, args: &[String]) -> Result<Vec<u8>> {
         COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = fs::remove_file(&file);
-    let result = run_captured(
-        Command::new(qemu)
-            .args(args)
-            .arg("-machine")
-            .arg(format!(
-                "dumpdtb={}",
-                boot::qemu_option_value(&file.to_string_lossy())
-            ))
-            .stdin(Stdio::null()),
-    )
-    .and_then(|_| {
-        io_context(fs::read(&file), || {
-            format!("cannot read {}", file.display())
+    let mut command = Command::new(qemu);
+    command
+        .args(args)
+        .arg("-machine")
+        .arg(format!(
+            "dumpdtb={}",
+            boot::qemu_option_value(&file.to_string_lossy())
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let display = format!("{command:?}");
+    let result = run_bounded(&mut command, DUMP_TIMEOUT)
+        .and_then(|(status, stderr)| match status {
+            Some(status) if status.success() => Ok(()),
+            status => Err(Error::CommandFailed {
+                command: display,
+                status: status.map_or_else(
+                    || format!("killed after {} s", DUMP_TIMEOUT.as_secs()),
+                    |s| s.to_string(),
+                ),
+                stderr,
+            }),
         })
-    });
+        .and_then(|()| {
+            io_context(fs::read(&file), || {
+                format!("cannot read {}", file.display())
+            })
+        });
     let _ = fs::remove_file(&file);
     result
+}
+
+/// Runs `command` (stderr piped) for at most `timeout`; returns its status (`None` when it was
+/// killed at the timeout) and stderr.
+fn run_bounded(command: &mut Command, timeout: Duration) -> Result<(Option<ExitStatus>, String)> {
+    let display = format!("{command:?}");
+    let mut guard = boot::ChildGuard(Some(io_context(command.spawn(), || {
+        format!("cannot run `{display}`")
+    })?));
+    let reader = guard.child().and_then(|c| c.stderr.take()).map(|mut pipe| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        let Some(child) = guard.child() else {
+            break None;
+        };
+        match io_context(child.try_wait(), || format!("waiting for `{display}`"))? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => break None,
+            None => thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    drop(guard);
+    let stderr = reader
+        .map(|t| t.join().unwrap_or_default())
+        .unwrap_or_default();
+    Ok((status, stderr))
 }
 
 #[cfg(test)]

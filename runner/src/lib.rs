@@ -8,7 +8,8 @@
 //! Linux guest of `cargo qemu-linux`), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
 //! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
-//! editable devicetree: QEMU's dumped tree, parsed, edited, written back). This file keeps the
+//! editable devicetree: QEMU's dumped tree, parsed, edited, written back), `acpi` (MCFG, VIOT
+//! and XSDT for `-fw_cfg`), `ours` (booting against our device). This file keeps the
 //! errors, the run configuration and building the firmware.
 //!
 //! Environment (read by [`RunConfig::from_env`]):
@@ -19,7 +20,10 @@
 //! | `VIOMMU_DISK` | raw disk image for virtio-blk (multiple of 512 bytes, ≥ 1 MiB); default: `target/viommu-disk.img`, 8 MiB of random bytes, generated once |
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
-//! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it |
+//! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it (with `ours`: devicetree dump, server and QEMU together, both killed) |
+//! | `VIOMMU_DEVICE` | `qemu` (default): QEMU's virtio-iommu-pci, virtio-blk-pci and edu; `ours`: our device through our vfio-user server and QEMU 11.1's `vfio-user-pci` ([`DeviceChoice`], [`ours`]) |
+//! | `VIOMMU_SERVER` | (`ours`) a prebuilt `virtio-iommu-vfio-user` instead of building it |
+//! | `VIOMMU_SERVER_LOG` | (`ours`) the server's `--log-level` |
 //! | `VIOMMU_FIRMWARE_ELF` | (tests, [`firmware_elf`]) use this prebuilt firmware instead of building it |
 
 use sha2::{Digest, Sha256};
@@ -28,17 +32,19 @@ use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod acpi;
 mod apt;
 mod boot;
 pub mod devicetree;
 mod disk;
 mod fetch;
 pub mod linux;
+pub mod ours;
 mod qemu_111;
 mod tap;
 mod toolchain;
@@ -47,6 +53,7 @@ pub use devicetree::{DeviceTree, Node, Property};
 pub use disk::*;
 pub use fetch::*;
 pub use linux::{run_linux, LinuxConfig, LinuxOutcome};
+pub use ours::{run_ours, DeviceChoice, ServerCounts, ServerReport};
 pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
 pub use tap::*;
 pub use toolchain::ensure_target;
@@ -55,6 +62,8 @@ pub use toolchain::ensure_target;
 pub const QEMU_72_DEB_VERSION: &str = "1:7.2+dfsg-7+deb12u18+b3";
 /// Size of the generated default disk image.
 pub const DEFAULT_DISK_SIZE: u64 = 8 << 20;
+/// Guest RAM (`-m`) unless the extra arguments say otherwise.
+pub const DEFAULT_MEMORY: &str = "512M";
 /// Default wall-clock limit for one QEMU run.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The Rust target the firmware is built for.
@@ -115,6 +124,13 @@ pub enum Error {
     /// The Linux guest's initramfs could not be built (a module, busybox or kernel option
     /// missing, a module not decompressible; [`linux`]).
     Initramfs(String),
+    /// Our vfio-user server failed to start listening ([`ours`]).
+    Server {
+        /// What happened.
+        reason: String,
+        /// Its stderr up to then.
+        stderr: String,
+    },
     /// QEMU ran longer than the timeout and was killed.
     Timeout {
         /// The timeout in seconds.
@@ -149,6 +165,13 @@ impl fmt::Display for Error {
             Self::Devicetree { reason } => write!(f, "devicetree: {reason}"),
             Self::Fetch { what, reason } => write!(f, "cannot fetch {what}: {reason}"),
             Self::Initramfs(reason) => write!(f, "initramfs: {reason}"),
+            Self::Server { reason, stderr } => {
+                write!(f, "vfio-user server: {reason}")?;
+                if !stderr.trim().is_empty() {
+                    write!(f, "; its stderr:\n{}", stderr.trim_end())?;
+                }
+                Ok(())
+            }
             Self::Timeout { seconds, .. } => write!(
                 f,
                 "QEMU did not finish within {seconds} s (VIOMMU_TIMEOUT_SECS) and was killed"
@@ -225,8 +248,16 @@ pub struct RunConfig {
     pub blk_addr: Option<String>,
     /// PCI `addr=` of the edu device.
     pub edu_addr: Option<String>,
-    /// Wall-clock limit for the QEMU run.
+    /// Wall-clock limit for the QEMU run (with [`DeviceChoice::Ours`]: for devicetree,
+    /// server and QEMU together).
     pub timeout: Duration,
+    /// QEMU's devices or ours (`VIOMMU_DEVICE`).
+    pub device: DeviceChoice,
+    /// A prebuilt `virtio-iommu-vfio-user` (`VIOMMU_SERVER`); `None` ⇒ built
+    /// ([`ours::build_server`]). Only with [`DeviceChoice::Ours`].
+    pub server: Option<PathBuf>,
+    /// The server's `--log-level` (`VIOMMU_SERVER_LOG`); `None` ⇒ the server's default.
+    pub server_log_level: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -239,6 +270,9 @@ impl Default for RunConfig {
             blk_addr: None,
             edu_addr: None,
             timeout: DEFAULT_TIMEOUT,
+            device: DeviceChoice::Qemu,
+            server: None,
+            server_log_level: None,
         }
     }
 }
@@ -271,6 +305,11 @@ impl RunConfig {
             blk_addr: env_string("VIOMMU_BLK_ADDR"),
             edu_addr: env_string("VIOMMU_EDU_ADDR"),
             timeout,
+            device: DeviceChoice::from_env()?,
+            server: std::env::var_os("VIOMMU_SERVER")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            server_log_level: env_string("VIOMMU_SERVER_LOG"),
         })
     }
 }
@@ -292,8 +331,11 @@ pub struct RunOutcome {
     pub qemu: PathBuf,
     /// QEMU's arguments.
     pub args: Vec<String>,
-    /// Wall time from spawning QEMU to its exit.
+    /// Wall time from spawning QEMU to its exit (with [`DeviceChoice::Ours`]: from the
+    /// devicetree dump to the server's exit).
     pub duration: Duration,
+    /// How our vfio-user server ended ([`DeviceChoice::Ours`]); `None` with QEMU's devices.
+    pub server: Option<ServerReport>,
 }
 
 /// The workspace root (parent of this crate's directory).
@@ -325,6 +367,28 @@ pub(crate) fn run_captured(command: &mut Command) -> Result<std::process::Output
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
     }
+}
+
+/// Runs a build command with its output going where `output` says; fails on a non-zero status
+/// (with the captured stderr when [`BuildOutput::Captured`]).
+pub(crate) fn run_build(command: &mut Command, output: BuildOutput) -> Result<()> {
+    match output {
+        BuildOutput::Captured => {
+            run_captured(command)?;
+        }
+        BuildOutput::Inherited => {
+            let display = format!("{command:?}");
+            let status = io_context(command.status(), || format!("cannot run `{display}`"))?;
+            if !status.success() {
+                return Err(Error::CommandFailed {
+                    command: display,
+                    status: status.to_string(),
+                    stderr: String::new(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the firmware build's own output (cargo's progress and diagnostics) goes.
@@ -373,22 +437,7 @@ pub fn build_firmware_with(output: BuildOutput) -> Result<PathBuf> {
         ])
         .env("CARGO_TARGET_DIR", &target_dir)
         .stdin(Stdio::null());
-    match output {
-        BuildOutput::Captured => {
-            run_captured(&mut command)?;
-        }
-        BuildOutput::Inherited => {
-            let display = format!("{command:?}");
-            let status = io_context(command.status(), || format!("cannot run `{display}`"))?;
-            if !status.success() {
-                return Err(Error::CommandFailed {
-                    command: display,
-                    status: status.to_string(),
-                    stderr: String::new(),
-                });
-            }
-        }
-    }
+    run_build(&mut command, output)?;
     let elf = target_dir
         .join(FIRMWARE_TARGET)
         .join("release")
@@ -486,6 +535,7 @@ mod tests {
             qemu: PathBuf::new(),
             args: Vec::new(),
             duration: Duration::ZERO,
+            server: None,
         };
         let p = problems(&outcome, true);
         assert_eq!(p.len(), 4, "{p:#?}");

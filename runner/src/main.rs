@@ -1,4 +1,4 @@
-//! `virtio-iommu-runner qemu [extra QEMU arguments...]`
+//! `virtio-iommu-runner qemu [--device qemu|ours] [extra QEMU arguments...]`
 //! `virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]`
 //! `virtio-iommu-runner install-qemu`
 //! `virtio-iommu-runner qemu-linux [extra QEMU arguments...]`
@@ -12,18 +12,23 @@
 //!   the output and exits with QEMU's exit status (the firmware's, via semihosting).
 //! - `qemu-linux` (behind `cargo qemu-linux`): boots Debian's arm64 Linux with a busybox
 //!   initramfs against the same devices and checks what it reports (library module `linux`).
+//! - `--device ours` (behind `cargo qemu-ours`) is `VIOMMU_DEVICE=ours`: the firmware runs
+//!   against our device through our vfio-user server under QEMU 11.1 (the server is built
+//!   first, release, into `target/vfio-user/`, unless `VIOMMU_SERVER` names one). The exit
+//!   status is then QEMU's, or 1 when QEMU's is 0 but the server did not end cleanly.
 //! - `install-qemu`: installs or fetches the three QEMUs the tests use (10.0, 7.2, 11.1).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use virtio_iommu_runner::{BuildOutput, QemuChoice};
+use virtio_iommu_runner::{BuildOutput, DeviceChoice, QemuChoice};
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
     let Some(first) = args.next() else {
-        eprintln!("usage: virtio-iommu-runner qemu [extra QEMU arguments...]");
+        eprintln!("usage: virtio-iommu-runner qemu [--device qemu|ours] [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner install-qemu");
+        eprintln!("       virtio-iommu-runner qemu-linux [extra QEMU arguments...]");
         return ExitCode::from(2);
     };
     if first == "qemu-linux" {
@@ -50,7 +55,26 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let mut device = None;
     let elf = if first == "qemu" {
+        if args.peek().is_some_and(|a| a == "--device") {
+            args.next();
+            let value = args.next().map(|v| v.to_string_lossy().into_owned());
+            match DeviceChoice::parse(value.as_deref()) {
+                Ok(choice) if value.is_some() => device = Some(choice),
+                Ok(_) => {
+                    eprintln!("runner: --device needs a value: qemu or ours");
+                    return ExitCode::from(2);
+                }
+                Err(_) => {
+                    eprintln!(
+                        "runner: --device {}: neither `qemu` nor `ours`",
+                        value.unwrap_or_default()
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        }
         // `cargo qemu -- -smp 2` reaches us as `qemu -- -smp 2`: the separator is cargo's.
         if args.peek().is_some_and(|a| a == "--") {
             args.next();
@@ -72,9 +96,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(device) = device {
+        config.device = device;
+    }
     config
         .extra_args
         .extend(args.map(|a| a.to_string_lossy().into_owned()));
+    if config.device == DeviceChoice::Ours && config.server.is_none() {
+        // Built here with cargo's output on our stderr, as the firmware.
+        match virtio_iommu_runner::ours::build_server(BuildOutput::Inherited) {
+            Ok(server) => config.server = Some(server),
+            Err(e) => {
+                eprintln!("runner: building the vfio-user server: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match virtio_iommu_runner::run(&config, &elf) {
         Ok(outcome) => {
             eprintln!(
@@ -82,6 +119,17 @@ fn main() -> ExitCode {
                 outcome.exit_code,
                 outcome.duration.as_secs_f64()
             );
+            let server_problems = outcome
+                .server
+                .as_ref()
+                .map(|s| s.problems())
+                .unwrap_or_default();
+            for problem in &server_problems {
+                eprintln!("runner: {problem}");
+            }
+            if outcome.exit_code == 0 && !server_problems.is_empty() {
+                return ExitCode::from(1);
+            }
             ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1))
         }
         Err(e) => {

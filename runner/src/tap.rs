@@ -89,7 +89,8 @@ pub fn reported_disk_sha256(output: &str) -> Option<String> {
 /// Everything wrong with a run, by the project's pass criteria: exit status 0; a summary line
 /// with N > 0 passed and 0 failed; no `not ok`; every TAP number 1..=plan present (plan from
 /// the `1..N` line, else passed + failed); and, if `check_disk_sha256`, the firmware's
-/// `disk-sha256` equal to the host's. Empty when the run passed.
+/// `disk-sha256` equal to the host's; against our device, a server that exited by itself with
+/// status 0 and printed its counts ([`ServerReport::problems`]). Empty when the run passed.
 pub fn problems(outcome: &RunOutcome, check_disk_sha256: bool) -> Vec<String> {
     let mut problems = Vec::new();
     if outcome.exit_code != 0 {
@@ -132,6 +133,9 @@ pub fn problems(outcome: &RunOutcome, check_disk_sha256: bool) -> Vec<String> {
             )),
             Some(_) => {}
         }
+    }
+    if let Some(server) = &outcome.server {
+        problems.extend(server.problems());
     }
     problems
 }

@@ -111,3 +111,118 @@ fn qemu_11_1_own_iommu_with_rewritten_dtb() {
         "the IOMMU was found through our devicetree"
     );
 }
+
+#[test]
+fn our_iommu_node_matches_qemus_own() {
+    // QEMU's tree with its virtio-iommu-pci at 00:01.0 versus QEMU's tree without it plus
+    // add_pci_iommu(devfn 0x08): the same host bridge node, up to the phandle's value.
+    use virtio_iommu_runner::ours::{add_pci_iommu, pci_host_bridge, Coverage};
+    let qemu = qemu_111();
+    let theirs = DeviceTree::parse(
+        &dump(&qemu, &machine(&["-device", "virtio-iommu-pci,addr=01.0"])).unwrap(),
+    )
+    .unwrap();
+    let mut ours = DeviceTree::parse(&dump(&qemu, &machine(&[])).unwrap()).unwrap();
+    let bridge = pci_host_bridge(&ours).unwrap();
+    assert!(ours.node(&bridge).unwrap().property("iommu-map").is_none());
+    let phandle = add_pci_iommu(&mut ours, 0x08, &Coverage::AllExcept(vec![])).unwrap();
+    let theirs_bridge = theirs.node(&bridge).expect("same bridge path");
+    let theirs_phandle = theirs_bridge
+        .children
+        .last()
+        .unwrap()
+        .u32_cells("phandle")
+        .unwrap()[0];
+    // Our phandle in QEMU's place, then the whole bridge node must be equal (the bridge's
+    // property order aside: ours appends iommu-map at the end; the child's is QEMU's).
+    let normalize = |node: &virtio_iommu_runner::Node, from: u32| {
+        let mut node = node.clone();
+        let fix = |value: &mut Vec<u8>| {
+            for chunk in value.chunks_exact_mut(4) {
+                if chunk == from.to_be_bytes() {
+                    chunk.copy_from_slice(&0xabcd_u32.to_be_bytes());
+                }
+            }
+        };
+        for p in node.properties.iter_mut().filter(|p| p.name == "iommu-map") {
+            fix(&mut p.value);
+        }
+        for c in node.children.iter_mut() {
+            for p in c.properties.iter_mut().filter(|p| p.name == "phandle") {
+                fix(&mut p.value);
+            }
+        }
+        node.properties.sort_by(|a, b| a.name.cmp(&b.name));
+        node
+    };
+    assert_eq!(
+        normalize(ours.node(&bridge).unwrap(), phandle),
+        normalize(theirs_bridge, theirs_phandle)
+    );
+    ours.to_dtb().expect("serializable");
+}
+
+#[test]
+fn qemu_11_1_own_iommu_with_our_acpi_tables() {
+    // QEMU's own virtio-iommu-pci at 00:01.0 with QEMU's ACPI off and our MCFG + VIOT given
+    // through fw_cfg (what `VIOMMU_DEVICE=ours` does): the firmware's VIOT case must pass.
+    use virtio_iommu_runner::ours::{pci_iommu_acpi, Coverage};
+    let qemu = qemu_111();
+    let config = RunConfig {
+        qemu: QemuChoice::Debian111,
+        iommu_addr: Some("01.0".into()),
+        extra_args: vec!["-machine".into(), "acpi=off".into()],
+        ..RunConfig::default()
+    };
+    let disk = prepare_disk(None).expect("disk");
+    let blob = dump(&qemu, &qemu_args(&config, firmware(), &disk.path)).expect("dumpdtb");
+    let tree = DeviceTree::parse(&blob).expect("parse");
+    let acpi = pci_iommu_acpi(&tree, 0x08, &Coverage::AllExcept(vec![])).expect("ACPI tables");
+    let dir = std::env::temp_dir().join(format!("viommu-acpi-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (tables, loader) = (dir.join("tables"), dir.join("loader"));
+    std::fs::write(&tables, &acpi.tables).unwrap();
+    std::fs::write(&loader, &acpi.loader).unwrap();
+    let mut extra = config.extra_args.clone();
+    for (name, path) in [("etc/acpi/tables", &tables), ("etc/table-loader", &loader)] {
+        extra.push("-fw_cfg".into());
+        extra.push(format!("name={name},file={}", path.display()));
+    }
+    let outcome = run(
+        &RunConfig {
+            extra_args: extra,
+            ..config
+        },
+        firmware(),
+    )
+    .expect("boot");
+    let _ = std::fs::remove_dir_all(&dir);
+    let found = problems(&outcome, true);
+    assert!(
+        found.is_empty(),
+        "our ACPI tables: {found:#?}\n--- stderr ---\n{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.output.lines().any(|l| l.starts_with("ok ")
+            && l.contains("IOMMU and endpoints found through ACPI VIOT agree with the devicetree")),
+        "the VIOT case ran and passed"
+    );
+    assert!(
+        outcome
+            .output
+            .contains("MCFG@0x0+0x3c VIOT@0x3c+0x58 XSDT@0x94"),
+        "the firmware read our blob, not QEMU's"
+    );
+}
+
+#[test]
+fn failed_dump_names_qemus_complaint() {
+    let qemu = qemu_111();
+    match dump(&qemu, &machine(&["-device", "no-such-device"])) {
+        Err(virtio_iommu_runner::Error::CommandFailed { stderr, .. }) => {
+            assert!(stderr.contains("no-such-device"), "{stderr}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

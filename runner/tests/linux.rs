@@ -6,7 +6,8 @@
 //! Runs (the cheapest set covering each case once): QEMU 10.0 strict (the default); QEMU 11.1
 //! with `iommu.strict=0` (flush queues); QEMU 10.0 with `iommu.passthrough=1` (identity
 //! domain); bookworm-backports' older 6.12 build through `VIOMMU_LINUX_DEB` (bookworm's 6.1 is
-//! refused: it has no virtio-iommu). Then two runs of the binary for
+//! refused: it has no virtio-iommu); against our device (`VIOMMU_DEVICE=ours`, QEMU 11.1 and our
+//! vfio-user server): strict, `iommu.strict=0` and `iommu.passthrough=1`. Then two runs of the binary for
 //! its exit status: a guest without its IOMMU (status 1) and one that never finishes (status
 //! 124 at `VIOMMU_TIMEOUT_SECS`). Each prints its wall time.
 
@@ -17,7 +18,7 @@ use virtio_iommu_runner::linux::{
     fetch_kernel_deb, fetch_suite_packages, linux_problems, prepare_guest, reported_group_type,
     LinuxConfig, DEFAULT_SUITE,
 };
-use virtio_iommu_runner::{run_linux, LinuxOutcome, QemuChoice, RunConfig};
+use virtio_iommu_runner::{run_linux, DeviceChoice, LinuxOutcome, QemuChoice, RunConfig};
 
 /// A generous limit for one boot on a loaded 2-core machine (a boot takes about 5 s alone).
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -143,6 +144,65 @@ fn a_kernel_without_virtio_iommu_is_refused() {
     );
 }
 
+/// `VIOMMU_DEVICE=ours`: the configuration of [`config`] against our device.
+fn ours(kernel_args: &[&str]) -> LinuxConfig {
+    let mut config = config(QemuChoice::System, None, kernel_args);
+    config.run.device = DeviceChoice::Ours;
+    config
+}
+
+/// Asserts that our server served the run and saw no fault; returns its request count.
+fn served(name: &str, outcome: &LinuxOutcome) -> u64 {
+    let server = outcome.run.server.as_ref().expect("a server report");
+    let counts = server.counts.expect("the server's counts");
+    assert_eq!(counts.faults, 0, "{name}: faults");
+    assert!(
+        outcome.run.qemu.to_string_lossy().contains("qemu-11.1"),
+        "{name}: vfio-user needs QEMU 11.1"
+    );
+    assert!(
+        outcome.run.args.iter().any(|a| a.contains("vfio-user-pci")),
+        "{name}"
+    );
+    assert!(
+        !outcome
+            .run
+            .args
+            .iter()
+            .any(|a| a.starts_with("virtio-iommu-pci")),
+        "{name}: QEMU's IOMMU must not be there"
+    );
+    eprintln!(
+        "{name}: server requests={} notifications={}",
+        counts.requests, counts.notifications
+    );
+    counts.requests
+}
+
+#[test]
+fn ours_strict() {
+    let outcome = boot("ours strict", &ours(&[]), "DMA");
+    // Every DMA buffer of the disk is mapped and unmapped: thousands of requests.
+    assert!(served("ours strict", &outcome) > 1000);
+}
+
+#[test]
+fn ours_lazy() {
+    let outcome = boot("ours iommu.strict=0", &ours(&["iommu.strict=0"]), "DMA-FQ");
+    assert!(served("ours iommu.strict=0", &outcome) > 1000);
+}
+
+#[test]
+fn ours_passthrough() {
+    let outcome = boot(
+        "ours iommu.passthrough=1",
+        &ours(&["iommu.passthrough=1"]),
+        "identity",
+    );
+    // An identity domain: the ATTACH (bypass) and little else, no MAP per buffer.
+    assert!(served("ours iommu.passthrough=1", &outcome) < 100);
+}
+
 /// `cargo qemu-linux` as a user runs it, with `env`; returns (status, stderr).
 fn command(env: &[(&str, &str)]) -> (i32, String) {
     // Fetched and unpacked in this process first (serialised with the other tests), so the
@@ -154,6 +214,7 @@ fn command(env: &[(&str, &str)]) -> (i32, String) {
         .env_remove("VIOMMU_QEMU")
         .env_remove("VIOMMU_DISK")
         .env_remove("VIOMMU_LINUX_DEB")
+        .env_remove("VIOMMU_DEVICE")
         .envs(env.iter().copied())
         .output()
         .expect("runner");

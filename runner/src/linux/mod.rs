@@ -295,28 +295,44 @@ pub struct LinuxOutcome {
     pub prepare: Duration,
 }
 
-/// Fetches what `config` needs, builds the initramfs and boots it, streaming the console.
+/// Fetches what `config` needs, builds the initramfs and boots it, streaming the console:
+/// against QEMU's devices ([`linux_qemu_args`]) or, with `VIOMMU_DEVICE=ours`
+/// ([`DeviceChoice::Ours`]), against ours through [`run_ours`] (QEMU 11.1, our vfio-user
+/// server; the kernel as `-kernel`, the [`guest_args`] after the runner's own).
 ///
 /// Prints `runner: linux: kernel <release>, modules <list>`, the disk line and QEMU's command
 /// line first. Returns the outcome whatever the guest reported (see [`linux_problems`]).
 ///
 /// # Errors
 /// [`Error::Timeout`] when the guest did not power off within `VIOMMU_TIMEOUT_SECS`; those
-/// of [`fetch_suite_packages`], [`prepare_guest`], [`resolve_qemu`] and [`prepare_disk`].
+/// of [`fetch_suite_packages`], [`prepare_guest`], [`resolve_qemu`], [`prepare_disk`] and
+/// [`run_ours`].
 pub fn run_linux(config: &LinuxConfig) -> Result<LinuxOutcome> {
     let started = Instant::now();
     let packages = fetch_suite_packages(DEFAULT_SUITE)?;
     let kernel_deb = config.kernel_deb.as_deref().unwrap_or(&packages.kernel_deb);
     let guest = prepare_guest(kernel_deb, &packages.busybox_deb)?;
-    let qemu = resolve_qemu(&config.run.qemu)?;
-    let disk = prepare_disk(config.run.disk.as_deref())?;
-    let prepare = started.elapsed();
     println!(
         "runner: linux: kernel {} ({}), modules {}",
         guest.release,
         kernel_deb.display(),
         guest.modules.join(" ")
     );
+    if config.run.device == DeviceChoice::Ours {
+        let mut run = config.run.clone();
+        run.extra_args = guest_args(config, &guest);
+        run.extra_args.extend(config.run.extra_args.iter().cloned());
+        let prepare = started.elapsed();
+        let outcome = run_ours(&run, &guest.vmlinuz)?;
+        return Ok(LinuxOutcome {
+            run: outcome,
+            guest,
+            prepare,
+        });
+    }
+    let qemu = resolve_qemu(&config.run.qemu)?;
+    let disk = prepare_disk(config.run.disk.as_deref())?;
+    let prepare = started.elapsed();
     println!(
         "runner: disk {} {} bytes sha256 {}",
         disk.path.display(),
@@ -325,70 +341,32 @@ pub fn run_linux(config: &LinuxConfig) -> Result<LinuxOutcome> {
     );
     let args = linux_qemu_args(config, &guest, &disk.path);
     println!("runner: {}", display_command(&qemu, &args));
-    let (status, output, stderr, duration) = run_guest(&qemu, &args, config.run.timeout)?;
-    let Some(status) = status else {
+    let ran = run_qemu(&qemu, &args, Instant::now() + config.run.timeout)?;
+    let Some(status) = ran.status else {
         eprintln!(
             "runner: TIMEOUT: the Linux guest did not power off within {} s (VIOMMU_TIMEOUT_SECS); QEMU killed",
             config.run.timeout.as_secs()
         );
         return Err(Error::Timeout {
             seconds: config.run.timeout.as_secs(),
-            output,
+            output: ran.output,
         });
     };
     Ok(LinuxOutcome {
         run: RunOutcome {
             exit_code: exit_code(status),
-            output,
-            stderr,
+            output: ran.output,
+            stderr: ran.stderr,
             disk_sha256: disk.sha256,
             disk: disk.path,
             qemu,
             args,
-            duration,
+            duration: ran.duration,
+            server: None,
         },
         guest,
         prepare,
     })
-}
-
-/// Runs QEMU until it exits or `timeout` passes (then kills it: status `None`), streaming and
-/// keeping its stdout and stderr. Returns (status, stdout, stderr, wall time).
-fn run_guest(
-    qemu: &Path,
-    args: &[String],
-    timeout: Duration,
-) -> Result<(Option<ExitStatus>, String, String, Duration)> {
-    let started = Instant::now();
-    let mut child = io_context(
-        Command::new(qemu)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn(),
-        || format!("cannot start {}", qemu.display()),
-    )?;
-    let stdout = child.stdout.take().map(|pipe| pump(pipe, false));
-    let stderr = child.stderr.take().map(|pipe| pump(pipe, true));
-    let deadline = started + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            waited => {
-                let _ = child.kill();
-                let _ = child.wait();
-                io_context(waited, || "waiting for QEMU".into())?;
-                break None;
-            }
-        }
-    };
-    let duration = started.elapsed();
-    let join = |t: Option<thread::JoinHandle<String>>| {
-        t.map(|t| t.join().unwrap_or_default()).unwrap_or_default()
-    };
-    Ok((status, join(stdout), join(stderr), duration))
 }
 
 /// The guest's `linux: N passed, M failed` line (the last one) as `(N, M)`.
@@ -452,7 +430,8 @@ pub fn allowed_group_types(kernel_args: &[String]) -> &'static [&'static str] {
 /// Everything wrong with a Linux run: a `linux: N passed, M failed` line with N > 0 and
 /// M = 0; no `not ok`; every TAP number of the plan present; the guest's `disk-sha256` equal to
 /// the host's; the disk's IOMMU group type one of [`allowed_group_types`]; QEMU's exit status
-/// 0. Empty when the run passed.
+/// 0; against our device, a server that exited by itself with status 0 and printed its counts
+/// ([`ServerReport::problems`]). Empty when the run passed.
 pub fn linux_problems(outcome: &RunOutcome, kernel_args: &[String]) -> Vec<String> {
     let mut problems = Vec::new();
     if outcome.exit_code != 0 {
@@ -501,6 +480,9 @@ pub fn linux_problems(outcome: &RunOutcome, kernel_args: &[String]) -> Vec<Strin
         )),
         None if summary.is_some() => problems.push("the guest reported no iommu-group-type".into()),
         None => {}
+    }
+    if let Some(server) = &outcome.server {
+        problems.extend(server.problems());
     }
     problems
 }
@@ -624,6 +606,7 @@ mod tests {
             qemu: PathBuf::new(),
             args: Vec::new(),
             duration: Duration::ZERO,
+            server: None,
         }
     }
 
