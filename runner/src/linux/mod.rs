@@ -15,6 +15,7 @@
 //! |---|---|
 //! | `VIOMMU_LINUX_DEB` | a `linux-image-*-arm64` `.deb` to boot instead of trixie's current kernel |
 //! | `VIOMMU_LINUX_ARGS` | kernel arguments appended to the runner's (split on whitespace), e.g. `iommu.strict=0`, `iommu.passthrough=1` |
+//! | `VIOMMU_DEVICE` | `ours`: against our device over vfio-user ([`run_ours`]), read by [`RunConfig::from_env`] |
 
 mod fetch;
 mod initramfs;
