@@ -12,7 +12,10 @@
 //! - `IommuHal` in isolated strict mode (bounce granules for the unaligned head and tail):
 //!   `share`/`unshare`;
 //! - `IommuHal` in identity mode (bypass and mapped): `share`/`unshare`;
-//! - `IovaAllocator` alloc/free churn and `DmaSpace::map_buffer`/`unmap_buffer`.
+//! - `IovaAllocator` alloc/free churn and `DmaSpace::map_buffer`/`unmap_buffer`;
+//! - a lazy `DmaSpace` (`UnmapPolicy::Lazy`) on the real driver: deferred UNMAPs, flushes by the
+//!   size and the time bound and explicit ones (the flush queue is allocated by
+//!   `set_unmap_policy`, before counting).
 
 mod common;
 
@@ -301,5 +304,57 @@ fn allocator_and_dma_space_do_not_allocate() {
     });
     assert_eq!(n, 0);
     assert_eq!(a.free_ranges(), 2);
+    assert_eq!(space.live_mappings(), 0);
+}
+
+/// A clock that advances 1 µs per read.
+struct Ticking(std::sync::atomic::AtomicU64);
+
+impl virtio_iommu_driver::dma::Clock for Ticking {
+    fn now_ns(&self) -> u64 {
+        self.0
+            .fetch_add(1_000, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn lazy_unmapping_and_its_flushes_do_not_allocate() {
+    static CLOCK: Ticking = Ticking(std::sync::atomic::AtomicU64::new(0));
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    let mut space = DmaSpace::attach_strict(&mut drv, 1, 8, &[]).unwrap();
+    space
+        .set_unmap_policy(virtio_iommu_driver::dma::UnmapPolicy::Lazy {
+            max_pending: 16,
+            max_age_ns: 20_000,
+            clock: &CLOCK,
+        })
+        .unwrap();
+    let mut live = [0u64; 24];
+    let (n, ()) = allocations(|| {
+        for round in 0..50u64 {
+            for (k, slot) in live.iter_mut().enumerate() {
+                *slot = space
+                    .map_buffer(
+                        &mut drv,
+                        0x4000_0000 + 0x1000 * (k as u64 + round),
+                        0x800,
+                        RW,
+                    )
+                    .unwrap();
+            }
+            for &at in &live {
+                space.unmap_buffer(&mut drv, at).unwrap();
+            }
+            if round % 7 == 0 {
+                space.flush(&mut drv).unwrap();
+            }
+        }
+        space.flush(&mut drv).unwrap();
+    });
+    assert_eq!(n, 0, "heap allocations on the lazy path");
+    let s = space.flush_stats();
+    assert!(s.by_size > 0 && s.by_age > 0, "{s:?}");
+    assert_eq!((space.maps, space.unmaps, space.failures), (1200, 1200, 0));
     assert_eq!(space.live_mappings(), 0);
 }

@@ -11,7 +11,11 @@
 //!   virtio-rng when QEMU has one with `iommu_platform=on`) behind the IOMMU through
 //!   [`IommuHal`](virtio_iommu_driver::dma::IommuHal), in strict, isolated strict,
 //!   identity-bypass and identity-mapped mode, data verified; TAP output like the cases.
+//! - `blk-bench` ([`blk_throughput::run`]): virtio-blk read throughput (sequential 64 KiB,
+//!   random 4 KiB) in strict, lazy-unmap and identity mode in one run, with the ratios to
+//!   identity; TAP output.
 
+pub mod blk_throughput;
 pub mod dma_modes;
 
 use alloc::format;
@@ -44,6 +48,8 @@ pub enum Mode {
     Bench,
     /// `dma-modes`: [`dma_modes::run`].
     DmaModes,
+    /// `blk-bench`: [`blk_throughput::run`].
+    BlkBench,
 }
 
 /// The kernel command line (`/chosen/bootargs`, NUL-terminated string), empty if absent.
@@ -69,6 +75,7 @@ pub fn mode(dtb: &[u8]) -> Mode {
         match word {
             "bench" => return Mode::Bench,
             "dma-modes" => return Mode::DmaModes,
+            "blk-bench" => return Mode::BlkBench,
             _ => {}
         }
     }

@@ -95,6 +95,7 @@ fn main(x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
         bench::Mode::Cases => cases::run(dtb, &mut pci_bus),
         bench::Mode::Bench => exit::exit(bench::run_bench(dtb, &mut pci_bus)),
         bench::Mode::DmaModes => bench::dma_modes::run(dtb, &mut pci_bus),
+        bench::Mode::BlkBench => bench::blk_throughput::run(dtb, &mut pci_bus),
     };
     println!("firmware: {passed} passed, {failed} failed");
     exit::exit(if failed == 0 && passed > 0 { 0 } else { 1 })

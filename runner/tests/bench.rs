@@ -6,6 +6,9 @@
 //! - `dma-modes`: virtio-blk and virtio-rng behind the IOMMU through the driver's `Hal` adapter
 //!   in strict, isolated strict, identity-bypass and identity-mapped mode, data verified (the disk's SHA-256 in
 //!   every mode equal to the host's).
+//! - `blk-bench`: virtio-blk read throughput in strict, lazy-unmap and identity mode; checks
+//!   the cases and the request counts (lazy: UNMAPs batched, fewer notifications than strict),
+//!   which do not depend on timing; the throughput ratios are printed, not asserted.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -225,4 +228,58 @@ fn dma_modes_blk_and_rng() {
 #[test]
 fn dma_modes_blk_and_rng_qemu_7_2() {
     dma_modes("dma-modes qemu-7.2", QemuChoice::Debian72);
+}
+
+/// The `blk-bench-result:` lines, keyed by their `mode`.
+fn blk_results(output: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+    output
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("blk-bench-result: "))
+        .map(|rest| {
+            let row: BTreeMap<String, String> = rest
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (row.get("mode").cloned().unwrap_or_default(), row)
+        })
+        .collect()
+}
+
+#[test]
+fn blk_bench_strict_lazy_identity() {
+    let name = "blk-bench";
+    let config = RunConfig {
+        qemu: QemuChoice::System,
+        extra_args: vec!["-append".into(), "blk-bench".into()],
+        ..RunConfig::default()
+    };
+    let outcome = boot(name, config);
+    let found = problems(&outcome, false); // the firmware compares the data across modes;
+    assert!(
+        found.is_empty(),
+        "{name}: {found:#?}\n--- output ---\n{}\n--- stderr ---\n{}",
+        outcome.output,
+        outcome.stderr
+    );
+    let tap = parse_tap(&outcome.output);
+    assert_eq!(tap.len(), 5, "{}", outcome.output);
+    assert!(tap.iter().all(|l| l.ok && l.directive.is_none()));
+    let rows = blk_results(&outcome.output);
+    let (strict, lazy, identity) = (&rows["strict"], &rows["lazy"], &rows["identity"]);
+    let ios = field(strict, "seq_ios") + field(strict, "rand_ios");
+    assert!(ios > 0.0);
+    // Strict: 3 buffers per request, each MAPped and UNMAPped with its own notification.
+    assert_eq!(field(strict, "maps"), 3.0 * ios);
+    assert_eq!(field(strict, "unmaps"), 3.0 * ios);
+    assert_eq!(field(strict, "iommu_notifications"), 6.0 * ios);
+    // Lazy: the same MAPs; the UNMAPs go out in batches (the last ones at teardown).
+    assert_eq!(field(lazy, "maps"), 3.0 * ios);
+    assert!(field(lazy, "flushes") > 0.0);
+    assert!(field(lazy, "iommu_notifications") < 3.5 * ios, "{lazy:?}");
+    // Identity: no request per buffer.
+    assert_eq!(field(identity, "maps") + field(identity, "unmaps"), 0.0);
+    for line in outcome.output.lines().filter(|l| l.contains("/identity:")) {
+        eprintln!("{name}: {line}");
+    }
 }

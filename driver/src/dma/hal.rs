@@ -116,7 +116,10 @@ macro_rules! dma_context {
 ///   reads as failure;
 /// - `unshare` always runs `C::Inner::unshare` (so a bounce buffer is copied back) once the
 ///   mapping is found, even when the UNMAP failed; the mapping's IOVAs (and bounce granules) are
-///   then kept, never reused ([`DmaSpace::leaked`]);
+///   then kept, never reused ([`DmaSpace::leaked`]). Under the lazy
+///   [`UnmapPolicy`](super::UnmapPolicy) the UNMAP is deferred to a flush (the device keeps
+///   access until then, see [`super::flush`]), whose failures are kept for
+///   [`DmaSpace::take_flush_error`];
 /// - a failed UNMAP in `dma_dealloc` leaks the memory (still mapped, so never reused) and
 ///   reports success: virtio-drivers 0.13's `Dma::drop` asserts that `dma_dealloc` returns 0.
 ///
@@ -201,7 +204,10 @@ impl<C: DmaContext> IommuHal<C> {
 //   are kept and counted in `DmaSpace::leaked`, but the buffer's memory returns to its owner
 //   and may stay reachable by the endpoint: a failed UNMAP means the IOMMU device misbehaves,
 //   and it controls every DMA anyway, or timed out; the embedder is told to stop the endpoint
-//   while `leaked > 0`; no Rust memory is touched by this adapter after `unshare` returns), with the direction's permissions in the strict modes, and in isolated
+//   while `leaked > 0`; no Rust memory is touched by this adapter after `unshare` returns;
+//   under the lazy `UnmapPolicy`, which the embedder opts into, the UNMAP is deferred to the
+//   next flush and the device may reach the memory until then: the policy's documented
+//   trade-off, as Linux's iommu.strict=0), with the direction's permissions in the strict modes, and in isolated
 //   strict mode only the buffer's bytes and bounce granules the space owns. The buffer is only
 //   read (copy-in) during `share`, and only written (copy-back) during `unshare` of a
 //   device-writable direction — or during a failed `share`, whose undo is the inner `unshare`
@@ -244,7 +250,8 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
 
     unsafe fn dma_dealloc(paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
         let taken = C::with(|iommu, space| {
-            let taken = space.take(iommu, paddr)?;
+            // Always strict: the memory goes back to the allocator right after.
+            let taken = space.take(iommu, paddr, false)?;
             space.release(&taken);
             Ok(taken)
         });
@@ -325,7 +332,9 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
                 // A failed share: the inner share was undone then.
                 return Ok(());
             }
-            let taken = space.take(iommu, paddr)?;
+            // Under the lazy policy the UNMAP is deferred (the device keeps access until the
+            // flush: the policy's documented trade-off).
+            let taken = space.take(iommu, paddr, true)?;
             // SAFETY: `taken.phys` is what `C::Inner::share` returned for this buffer (the
             // caller passes the address `share` returned for it).
             unsafe { C::Inner::unshare(taken.phys, buffer, direction) };
@@ -336,6 +345,7 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
                 unsafe { space.copy_back(&taken, buffer.as_ptr() as *mut u8) };
             }
             space.release(&taken);
+            space.flush_if_due(iommu);
             taken.unmapped
         });
         if let Err(e) = r {

@@ -33,6 +33,16 @@
 //!   bounce granules** (zeroed when taken, so nothing of an earlier buffer), as long as the
 //!   IOMMU carries out the UNMAPs (see [`DmaSpace::leaked`]). Costs a copy of up to two
 //!   granules per buffer and up to three MAPs.
+//! - **Lazy unmapping** (a policy of the two strict modes, opt-in:
+//!   [`DmaSpace::set_unmap_policy`]`(`[`UnmapPolicy::Lazy`]`{ max_pending, max_age_ns, clock })`;
+//!   see [`flush`]): `share` MAPs as in strict mode, but `unshare` defers the UNMAP into a
+//!   bounded flush queue sent as one batch (one notification) when it holds `max_pending`
+//!   ranges, when its oldest entry is `max_age_ns` old (checked at every `share`/`unshare` and
+//!   [`DmaSpace::flush_if_due`]), or on [`DmaSpace::flush`]. The IOVAs stay allocated until
+//!   their UNMAP returned S_OK, so none is handed out twice. Exposes, **on top of strict, every
+//!   buffer unshared since the last flush** — memory that is the driver's again and may hold
+//!   other data by then — as Linux's `iommu.strict=0`: a device that keeps using addresses it
+//!   was given can corrupt or read reused memory until the flush. `dma_dealloc` stays strict.
 //! - **Identity-mapped** ([`DmaSpace::identity_mapped`], or [`DmaSpace::attach_identity`]
 //!   without a bypass range): device address = physical address; the RAM ranges the embedder
 //!   lists are identity-mapped up front, in batches, minus PROBE's reserved regions, the
@@ -140,6 +150,7 @@
 //! DMA buffers it allocated once.
 
 mod bounce;
+pub mod flush;
 mod hal;
 mod mapper;
 pub(crate) mod ranges;
@@ -151,6 +162,7 @@ mod fake;
 
 pub use crate::iova::{IovaAllocator, DEFAULT_IOVA_CAPACITY};
 pub use bounce::DEFAULT_BOUNCE_GRANULES;
+pub use flush::{Clock, FlushError, FlushStats, FnClock, UnmapPolicy, MAX_PENDING};
 pub use hal::{with_locked, DmaContext, IommuHal};
 pub use mapper::IommuMapper;
 pub use ranges::PhysRange;

@@ -4,6 +4,7 @@
 //! buffers get.
 
 use super::bounce::BouncePool;
+use super::flush::{FlushError, FlushQueue, FlushStats, Trigger, UnmapPolicy};
 use super::mapper::IommuMapper;
 use super::ranges::{inside_one, largest_gap, overlaps_any, sorted_union, subtract, PhysRange};
 use crate::device::{BatchOp, VirtIOIommu};
@@ -78,6 +79,9 @@ struct LiveMapping {
     /// bounce granules stay allocated until the buffer's `unshare`/`dma_dealloc`, which then
     /// sends no request but still copies back and frees.
     unmapped: bool,
+    /// Released by the driver, its UNMAP deferred in the flush queue (lazy policy): IOVAs,
+    /// slot and bounce granules stay allocated until the flush's UNMAP returns `S_OK`.
+    deferred: bool,
 }
 
 impl Weight for LiveMapping {
@@ -113,6 +117,8 @@ pub(super) struct Taken {
     pub(super) unmapped: Result<(), IommuError>,
     /// The inner allocation behind an isolated `dma_alloc`: `(phys, vaddr, pages)`.
     pub(super) alloc: Option<(u64, usize, usize)>,
+    /// The UNMAP was deferred into the flush queue: [`DmaSpace::release`] keeps everything.
+    deferred: bool,
 }
 
 /// Per-endpoint DMA state of [`IommuHal`](super::IommuHal): the domain the endpoint is
@@ -159,6 +165,8 @@ pub struct DmaSpace {
     pub leaked: u64,
     /// Number of buffers whose head or tail went through a bounce granule (isolated strict).
     pub bounced: u64,
+    /// The flush queue of the lazy [`UnmapPolicy`]; `None` under the strict one.
+    flush: Option<FlushQueue>,
 }
 
 impl DmaSpace {
@@ -500,6 +508,7 @@ impl DmaSpace {
             failures: 0,
             leaked: 0,
             bounced: 0,
+            flush: None,
         }
     }
 
@@ -656,7 +665,13 @@ impl DmaSpace {
         src: Option<*const u8>,
         alloc: Option<(u64, usize, usize)>,
     ) -> Result<u64, IommuError> {
-        let result = self.map_inner(iommu, phys, len, flags, src, alloc);
+        self.flush_if_due(iommu);
+        let mut result = self.map_inner(iommu, phys, len, flags, src, alloc);
+        if result == Err(IommuError::DmaAlloc) && self.pending_unmaps() > 0 {
+            // IOVAs or slots held by deferred UNMAPs: flush them, then try once more.
+            let _ = self.flush(iommu);
+            result = self.map_inner(iommu, phys, len, flags, src, alloc);
+        }
         if result.is_err() {
             self.failures += 1;
         }
@@ -784,6 +799,7 @@ impl DmaSpace {
             alloc_pages,
             stale: false,
             unmapped: false,
+            deferred: false,
         };
         if let Err(e) = live.insert(at, entry) {
             let _ = iova.free(at, span);
@@ -853,16 +869,20 @@ impl DmaSpace {
     }
 
     /// Takes back the device address `addr` (any address inside a buffer of
-    /// [`Self::map_buffer`]): strict modes UNMAP its whole mapping; nothing is released yet
-    /// (see [`Self::release`]). Identity: `addr` itself, no request.
+    /// [`Self::map_buffer`]): strict modes UNMAP its whole mapping — or, with `defer` under the
+    /// lazy [`UnmapPolicy`], queue its UNMAP in the flush queue (then call
+    /// [`Self::flush_if_due`] after [`Self::release`]); nothing is released yet (see
+    /// [`Self::release`]). Identity: `addr` itself, no request.
     ///
     /// # Errors
     ///
-    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict).
+    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict), or in one
+    /// whose UNMAP is already pending.
     pub(super) fn take(
         &mut self,
         iommu: &mut dyn IommuMapper,
         addr: u64,
+        defer: bool,
     ) -> Result<Taken, IommuError> {
         let live = match &mut self.mode {
             Mode::Identity { .. } => {
@@ -871,6 +891,7 @@ impl DmaSpace {
                     key: None,
                     unmapped: Ok(()),
                     alloc: None,
+                    deferred: false,
                 })
             }
             Mode::Strict { live, .. } => live,
@@ -879,6 +900,26 @@ impl DmaSpace {
             self.failures += 1;
             return Err(IommuError::InvalidRange);
         };
+        if m.deferred {
+            // Released already: a second unshare of the same buffer.
+            self.failures += 1;
+            return Err(IommuError::InvalidRange);
+        }
+        // A full queue (not flushed by the caller) falls back to a strict UNMAP.
+        let deferred =
+            defer && !m.unmapped && self.flush.as_mut().is_some_and(|q| q.push(base, m.len));
+        if deferred {
+            if let Some(entry) = live.get_mut(base) {
+                entry.deferred = true;
+            }
+            return Ok(Taken {
+                phys: m.phys_base + (addr - base),
+                key: Some(base),
+                unmapped: Ok(()),
+                alloc: (m.alloc_pages != 0).then_some((m.alloc_phys, m.alloc_vaddr, m.alloc_pages)),
+                deferred: true,
+            });
+        }
         let unmapped = if m.unmapped {
             // Already UNMAPped by `unmap_all`.
             Ok(())
@@ -894,6 +935,7 @@ impl DmaSpace {
             key: Some(base),
             unmapped,
             alloc: (m.alloc_pages != 0).then_some((m.alloc_phys, m.alloc_vaddr, m.alloc_pages)),
+            deferred: false,
         })
     }
 
@@ -948,6 +990,10 @@ impl DmaSpace {
         let (Mode::Strict { iova, live, bounce }, Some(key)) = (&mut self.mode, taken.key) else {
             return;
         };
+        if taken.deferred {
+            // Freed by the flush, once its UNMAP returned S_OK.
+            return;
+        }
         if taken.unmapped.is_err() {
             if let Some(m) = live.get_mut(key) {
                 if !m.stale {
@@ -990,13 +1036,17 @@ impl DmaSpace {
     /// Takes back the device address `addr` of a buffer given by [`Self::map_buffer`] (any
     /// address inside it) and returns the physical address it stands for. No heap allocation.
     ///
-    /// Strict modes: UNMAPs the whole mapping containing `addr` and frees its IOVAs. Identity:
-    /// returns `addr`; no request is sent.
+    /// Strict modes: UNMAPs the whole mapping containing `addr` and frees its IOVAs — under
+    /// the lazy [`UnmapPolicy`] ([`Self::set_unmap_policy`]) the UNMAP is queued instead and
+    /// sent, and the IOVAs freed, by a later flush (this call then flushes when a bound is
+    /// reached; the device keeps access until then). Identity: returns `addr`; no request is
+    /// sent.
     ///
     /// # Errors
     ///
-    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict); the
-    /// UNMAP request's errors — the mapping is then kept (counted in [`Self::leaked`]), so
+    /// [`IommuError::InvalidRange`] when `addr` is not in a live mapping (strict), or its
+    /// UNMAP is already pending (lazy); the UNMAP request's errors (strict policy; a deferred
+    /// UNMAP's are reported by the flush: [`Self::flush`], [`Self::take_flush_error`]) — the mapping is then kept (counted in [`Self::leaked`]), so
     /// its IOVAs are not reused while it may still be mapped; the buffer's memory is the
     /// caller's again and may still be reachable (see [`Self::leaked`]).
     pub fn unmap_buffer(
@@ -1004,13 +1054,15 @@ impl DmaSpace {
         iommu: &mut dyn IommuMapper,
         addr: u64,
     ) -> Result<u64, IommuError> {
-        let taken = self.take(iommu, addr)?;
+        let taken = self.take(iommu, addr, true)?;
         self.release(&taken);
+        self.flush_if_due(iommu);
         taken.unmapped.map(|()| taken.phys)
     }
 
-    /// UNMAPs everything this space mapped — every live buffer mapping, including those kept
-    /// after a failed UNMAP, and the 1:1 mappings of `Direct` reserved regions (strict modes),
+    /// UNMAPs everything this space mapped — after a [flush](Self::flush) of the UNMAPs the
+    /// lazy policy deferred — every live buffer mapping, including those kept after a failed
+    /// UNMAP, and the 1:1 mappings of `Direct` reserved regions (strict modes),
     /// or every identity mapping (identity-mapped) — but not the manual MAPs in ranges from
     /// [`Self::reserve_iova`] (the embedder's) — in
     /// batches ([`IommuMapper::submit_batch`]), e.g. before DETACH or when the device is gone.
@@ -1035,6 +1087,8 @@ impl DmaSpace {
             virt_start,
             virt_end,
         };
+        // Deferred UNMAPs first: a failed one leaves its range stale, retried below.
+        let _ = self.flush(iommu);
         let mut removed = 0;
         match &mut self.mode {
             Mode::Identity { bypass: true, .. } => {}
@@ -1142,6 +1196,113 @@ impl DmaSpace {
             },
             fault,
         )
+    }
+}
+
+/// Lazy unmapping ([`UnmapPolicy`], the flush queue; see [`super::flush`]).
+impl DmaSpace {
+    /// Chooses when `unshare` (and [`Self::unmap_buffer`]) sends its UNMAP:
+    /// [`UnmapPolicy::Strict`] (the default) at once, [`UnmapPolicy::Lazy`] deferred into a
+    /// flush queue sent as one batch — the device keeps access to unshared buffers until the
+    /// flush (the security trade-off in [`super::flush`]). Allocates the queue (`max_pending`
+    /// entries) now; nothing later. Identity modes send no per-buffer UNMAP: the policy changes
+    /// nothing there. `dma_dealloc` always UNMAPs at once.
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when `max_pending` is 0 or above
+    /// [`MAX_PENDING`](super::MAX_PENDING), or when UNMAPs are still pending (call
+    /// [`Self::flush`] first); the policy is then unchanged.
+    pub fn set_unmap_policy(&mut self, policy: UnmapPolicy) -> Result<(), IommuError> {
+        if self.pending_unmaps() > 0 {
+            return Err(IommuError::InvalidRange);
+        }
+        self.flush = FlushQueue::new(policy)?;
+        Ok(())
+    }
+
+    /// Whether the lazy [`UnmapPolicy`] is in force.
+    pub fn is_lazy(&self) -> bool {
+        self.flush.is_some()
+    }
+
+    /// Number of unshared buffers whose UNMAP is deferred (lazy policy; 0 otherwise). Their
+    /// IOVAs stay allocated and are counted in [`Self::live_mappings`].
+    pub fn pending_unmaps(&self) -> usize {
+        self.flush.as_ref().map_or(0, FlushQueue::len)
+    }
+
+    /// Counters of the flush queue (all zero under the strict policy).
+    pub fn flush_stats(&self) -> FlushStats {
+        self.flush.as_ref().map(|q| q.stats).unwrap_or_default()
+    }
+
+    /// The error of the last failed flush not taken yet — flushes that ran inside `share`/
+    /// `unshare` cannot report it otherwise — and forgets it.
+    pub fn take_flush_error(&mut self) -> Option<FlushError> {
+        self.flush.as_mut().and_then(|q| q.last_error.take())
+    }
+
+    /// Sends every deferred UNMAP as one batch ([`IommuMapper::submit_batch`]: one
+    /// notification when at most half the request queue) and frees the IOVAs, mapping slots and
+    /// bounce granules of those that returned `S_OK`. Returns how many were sent (0 under the
+    /// strict policy or with nothing pending). No allocation.
+    ///
+    /// # Errors
+    ///
+    /// [`FlushError`] when UNMAPs failed (a status, or the batch's fatal error for all): their
+    /// ranges stay allocated and are handled as after a failed strict UNMAP (marked stale,
+    /// counted in [`Self::leaked`] and [`Self::failures`], retried by [`Self::unmap_all`]).
+    pub fn flush(&mut self, iommu: &mut dyn IommuMapper) -> Result<usize, FlushError> {
+        self.flush_with(iommu, Trigger::Explicit)
+    }
+
+    /// [`Self::flush`] when the size or time bound of the lazy policy is reached; otherwise
+    /// nothing. `share` and `unshare` call it; an embedder may call it from a timer so that
+    /// the time bound holds without DMA activity. Errors are kept for
+    /// [`Self::take_flush_error`] and counted.
+    pub fn flush_if_due(&mut self, iommu: &mut dyn IommuMapper) {
+        if let Some(trigger) = self.flush.as_ref().and_then(FlushQueue::due) {
+            let _ = self.flush_with(iommu, trigger);
+        }
+    }
+
+    fn flush_with(
+        &mut self,
+        iommu: &mut dyn IommuMapper,
+        trigger: Trigger,
+    ) -> Result<usize, FlushError> {
+        let (Some(queue), Mode::Strict { iova, live, bounce }) = (&mut self.flush, &mut self.mode)
+        else {
+            return Ok(0);
+        };
+        let before = queue.stats.failed_unmaps;
+        let (failures, leaked) = (&mut self.failures, &mut self.leaked);
+        let sent = queue.send(iommu, self.domain, trigger, |key, outcome| match outcome {
+            Ok(()) => {
+                if let Some(m) = live.remove(key) {
+                    Self::free_resources(iova, bounce, key, &m, failures);
+                }
+            }
+            Err(_) => {
+                // As after a failed strict UNMAP: kept, never reused, retried by `unmap_all`.
+                if let Some(m) = live.get_mut(key) {
+                    m.deferred = false;
+                    m.stale = true;
+                    *leaked += 1;
+                    *failures += 1;
+                }
+            }
+        });
+        self.unmaps += sent as u64;
+        if queue.stats.failed_unmaps == before {
+            Ok(sent)
+        } else {
+            Err(queue.last_error.unwrap_or(FlushError {
+                failed: (queue.stats.failed_unmaps - before) as usize,
+                first: IommuError::Broken,
+            }))
+        }
     }
 }
 

@@ -4,10 +4,10 @@
 //! requester ID, the form QEMU writes for its own `virtio-iommu-pci` (`AllExcept(vec![])`), all
 //! but some ([`Coverage::AllExcept`]), or only some ([`Coverage::Only`]).
 //!
-//! Against our device the runner uses `AllExcept([0])`: the host bridge 00:00.0 (QEMU's, not
-//! served by our server) is left out — our IOMMU does not know it, a PROBE of endpoint 0
-//! answered S_NOENT — while requester IDs without a device stay covered, so the firmware has
-//! endpoint IDs that exist in the topology but not in the IOMMU (its S_NOENT cases).
+//! Against our device the runner uses QEMU's form too: our server serves the host bridge
+//! 00:00.0 (QEMU's own function, not a vfio-user device) as an endpoint, as QEMU's device
+//! does, and requester IDs without a device stay covered, so the firmware has endpoint IDs that
+//! exist in the topology but not in the IOMMU (its S_NOENT cases).
 
 use crate::devicetree::{cells, string_list, DeviceTree, Node};
 use crate::{Error, Result};

@@ -150,8 +150,9 @@ pub fn server_binary(config: &RunConfig) -> Result<PathBuf> {
 
 /// Writes the guest's devicetree and ACPI tables into `dir`: QEMU's own tree for this machine
 /// ([`dump`] of [`dump_args`]) plus our IOMMU ([`add_pci_iommu`]), and the MCFG + VIOT
-/// describing the same ([`pci_iommu_acpi`]); both cover every requester ID but the IOMMU's and
-/// the host bridge's ([`HOST_BRIDGE_RID`], see [`Coverage`]).
+/// describing the same ([`pci_iommu_acpi`]); both cover every requester ID but the IOMMU's, in
+/// QEMU's own form (the server knows the host bridge, [`HOST_BRIDGE_RID`], as an endpoint, as
+/// QEMU's device does; see [`Coverage`]).
 ///
 /// # Errors
 ///
@@ -164,7 +165,7 @@ pub fn write_firmware_files(
     layout: &Layout,
     dir: &Path,
 ) -> Result<FirmwareFiles> {
-    let coverage = Coverage::AllExcept(vec![HOST_BRIDGE_RID]);
+    let coverage = Coverage::AllExcept(vec![]);
     let mut tree = DeviceTree::parse(&dump(qemu, &dump_args(config, elf)?)?)?;
     add_pci_iommu(&mut tree, layout.iommu.devfn(), &coverage)?;
     let acpi = pci_iommu_acpi(&tree, layout.iommu.devfn(), &coverage)?;

@@ -1,0 +1,308 @@
+//! Lazy unmapping: the flush queue of a strict [`DmaSpace`](super::DmaSpace) under
+//! [`UnmapPolicy::Lazy`].
+//!
+//! Under the lazy policy `unshare` (and [`DmaSpace::unmap_buffer`](super::DmaSpace::unmap_buffer))
+//! does not UNMAP at once: the buffer's IOVA range goes into a bounded queue of pending UNMAPs,
+//! and the whole queue is sent as ONE batch of UNMAP requests ([`IommuMapper::submit_batch`],
+//! one notification when `max_pending` ≤ half the request queue) when
+//!
+//! - the queue is full (`max_pending` ranges: the size bound),
+//! - its oldest entry is older than `max_age_ns` (the time bound, checked on every `share`,
+//!   `unshare` and [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due), which an
+//!   embedder may call from a timer: without activity nothing is flushed on its own),
+//! - [`DmaSpace::flush`](super::DmaSpace::flush) is called, or a new buffer finds no free IOVA
+//!   or mapping slot while UNMAPs are pending (flush, then one retry), or
+//!   [`DmaSpace::unmap_all`](super::DmaSpace::unmap_all) runs.
+//!
+//! A pending range stays allocated (IOVAs, mapping slot, bounce granules) until its UNMAP
+//! returned `S_OK`: no IOVA is handed out again while the device may still reach it. A failed
+//! UNMAP of a flush keeps its range as after a failed strict UNMAP (counted in
+//! [`DmaSpace::leaked`](super::DmaSpace::leaked) and
+//! [`DmaSpace::failures`](super::DmaSpace::failures), retried by `unmap_all`), and the flush
+//! reports it: [`FlushError`] from an explicit flush, [`DmaSpace::take_flush_error`](super::DmaSpace::take_flush_error)
+//! for flushes that ran inside the `Hal` (which cannot return errors), and
+//! [`FlushStats::failed_unmaps`].
+//!
+//! # Security trade-off
+//!
+//! Between `unshare` and the flush the device can still read and write the buffer (with the
+//! permissions it was shared with) although its memory is the driver's again — as Linux's
+//! `iommu.strict=0` (deferred IOTLB invalidation through flush queues). A device that
+//! misbehaves, or is hostile, can then corrupt or read memory that has been reused: lazy mode
+//! protects against stray DMA to addresses never shared, not against a device that keeps using
+//! addresses it was given. The window is bounded by `max_pending` unshares and `max_age_ns` of
+//! activity. `dma_dealloc` (virtqueues, long-lived DMA memory) stays strict: its memory goes
+//! back to the allocator only after its UNMAP completed. Strict is the default.
+
+use super::mapper::IommuMapper;
+use crate::device::BatchOp;
+use crate::error::IommuError;
+use alloc::vec::Vec;
+use core::fmt;
+
+/// Most pending UNMAPs of a flush queue ([`UnmapPolicy::Lazy::max_pending`]): one
+/// [`crate::Batch`] holds at most [`crate::BATCH_CAPACITY`] requests. A flush costs one
+/// notification only when `max_pending` is at most half the request queue
+/// ([`crate::VirtIOIommu::requestq_size`]` / 2`).
+pub const MAX_PENDING: usize = crate::BATCH_CAPACITY;
+
+/// A monotonic time source for the time bound of [`UnmapPolicy::Lazy`]: the firmware uses the
+/// generic timer, host tests a fake clock.
+pub trait Clock: Sync {
+    /// Monotonic time in nanoseconds (any origin; it must not go backwards).
+    fn now_ns(&self) -> u64;
+}
+
+/// A [`Clock`] from a function returning monotonic nanoseconds.
+#[derive(Clone, Copy, Debug)]
+pub struct FnClock(pub fn() -> u64);
+
+impl Clock for FnClock {
+    fn now_ns(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+/// When a strict [`DmaSpace`](super::DmaSpace) sends the UNMAP of an unshared buffer
+/// ([`DmaSpace::set_unmap_policy`](super::DmaSpace::set_unmap_policy)). Identity modes send
+/// no per-buffer UNMAP, so the policy changes nothing there.
+#[derive(Clone, Copy)]
+pub enum UnmapPolicy {
+    /// At once, one UNMAP request per `unshare`, waited for (the default): the device loses
+    /// access to the buffer before `unshare` returns.
+    Strict,
+    /// Deferred into a flush queue sent as one batch (see the [module documentation](self)).
+    ///
+    /// **Security trade-off**: until the flush the device can still read and write every
+    /// buffer unshared since the last one, although that memory is the driver's again — as
+    /// Linux's `iommu.strict=0`. Use it only for devices trusted not to keep using addresses
+    /// they were given; the window is at most `max_pending` unshares and `max_age_ns` (while
+    /// there is activity or [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due) runs).
+    Lazy {
+        /// Size bound: the queue is flushed when it holds this many ranges, 1 ..=
+        /// [`MAX_PENDING`].
+        max_pending: usize,
+        /// Time bound in nanoseconds: the queue is flushed at the first `share`/`unshare`/
+        /// [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due) that finds its oldest
+        /// entry at least this old.
+        max_age_ns: u64,
+        /// Where the time comes from.
+        clock: &'static dyn Clock,
+    },
+}
+
+impl fmt::Debug for UnmapPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Strict => f.write_str("Strict"),
+            Self::Lazy {
+                max_pending,
+                max_age_ns,
+                ..
+            } => f
+                .debug_struct("Lazy")
+                .field("max_pending", max_pending)
+                .field("max_age_ns", max_age_ns)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// Deferred UNMAPs of a flush that did not return `S_OK`: their ranges stay allocated (see the
+/// [module documentation](self)).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct FlushError {
+    /// Number of UNMAPs of the flush that failed (all of them after a fatal batch error).
+    pub failed: usize,
+    /// The first failure: a device status, or the batch's fatal error (timeout, device reset,
+    /// ...).
+    pub first: IommuError,
+}
+
+impl fmt::Display for FlushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} deferred UNMAP(s) failed, first: {}",
+            self.failed, self.first
+        )
+    }
+}
+
+impl core::error::Error for FlushError {}
+
+/// Counters of a flush queue ([`DmaSpace::flush_stats`](super::DmaSpace::flush_stats)).
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct FlushStats {
+    /// UNMAPs deferred (one per lazy `unshare`).
+    pub deferred: u64,
+    /// Flushes that sent at least one UNMAP.
+    pub flushes: u64,
+    /// Of those, triggered by the size bound.
+    pub by_size: u64,
+    /// Of those, triggered by the time bound.
+    pub by_age: u64,
+    /// Deferred UNMAPs that failed (each also counted in `DmaSpace::failures`).
+    pub failed_unmaps: u64,
+}
+
+/// Why a flush runs.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(super) enum Trigger {
+    Size,
+    Age,
+    Explicit,
+}
+
+/// The pending ranges: `(first IOVA, bytes)`, in unshare order; never more than
+/// `max_pending`, allocated once.
+pub(super) struct FlushQueue {
+    max_pending: usize,
+    max_age_ns: u64,
+    clock: &'static dyn Clock,
+    pending: Vec<(u64, u64)>,
+    /// Time of the oldest pending entry.
+    oldest_ns: u64,
+    /// Batch and outcome buffers, `max_pending` each, allocated once.
+    ops: Vec<BatchOp>,
+    results: Vec<Result<(), IommuError>>,
+    pub(super) stats: FlushStats,
+    /// The last failed flush not yet taken by `DmaSpace::take_flush_error`.
+    pub(super) last_error: Option<FlushError>,
+}
+
+impl fmt::Debug for FlushQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlushQueue")
+            .field("max_pending", &self.max_pending)
+            .field("max_age_ns", &self.max_age_ns)
+            .field("pending", &self.pending)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FlushQueue {
+    /// A queue for `policy`; `None` for [`UnmapPolicy::Strict`].
+    ///
+    /// # Errors
+    ///
+    /// [`IommuError::InvalidRange`] when `max_pending` is 0 or above [`MAX_PENDING`].
+    pub(super) fn new(policy: UnmapPolicy) -> Result<Option<Self>, IommuError> {
+        let UnmapPolicy::Lazy {
+            max_pending,
+            max_age_ns,
+            clock,
+        } = policy
+        else {
+            return Ok(None);
+        };
+        if !(1..=MAX_PENDING).contains(&max_pending) {
+            return Err(IommuError::InvalidRange);
+        }
+        Ok(Some(Self {
+            max_pending,
+            max_age_ns,
+            clock,
+            pending: Vec::with_capacity(max_pending),
+            oldest_ns: 0,
+            ops: Vec::with_capacity(max_pending),
+            results: Vec::with_capacity(max_pending),
+            stats: FlushStats::default(),
+            last_error: None,
+        }))
+    }
+
+    /// Number of pending ranges.
+    pub(super) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the queue has room for one more range (a full queue is flushed first).
+    pub(super) fn has_room(&self) -> bool {
+        self.pending.len() < self.max_pending
+    }
+
+    /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0). Returns `false`
+    /// (nothing queued) when full.
+    pub(super) fn push(&mut self, start: u64, len: u64) -> bool {
+        if !self.has_room() {
+            return false;
+        }
+        if self.pending.is_empty() {
+            self.oldest_ns = self.clock.now_ns();
+        }
+        self.pending.push((start, len));
+        self.stats.deferred += 1;
+        true
+    }
+
+    /// Whether a bound is reached: the size bound first.
+    pub(super) fn due(&self) -> Option<Trigger> {
+        if self.pending.is_empty() {
+            None
+        } else if self.pending.len() >= self.max_pending {
+            Some(Trigger::Size)
+        } else if self.clock.now_ns().saturating_sub(self.oldest_ns) >= self.max_age_ns {
+            Some(Trigger::Age)
+        } else {
+            None
+        }
+    }
+
+    /// Sends every pending UNMAP in `domain` as one batch, empties the queue and calls
+    /// `done(first IOVA, outcome)` for each range, in queue order. Returns the number sent.
+    pub(super) fn send(
+        &mut self,
+        iommu: &mut dyn IommuMapper,
+        domain: u32,
+        trigger: Trigger,
+        mut done: impl FnMut(u64, Result<(), IommuError>),
+    ) -> usize {
+        let n = self.pending.len();
+        if n == 0 {
+            return 0;
+        }
+        self.ops.clear();
+        self.ops
+            .extend(self.pending.iter().map(|&(start, len)| BatchOp::Unmap {
+                domain,
+                virt_start: start,
+                virt_end: start + (len - 1),
+            }));
+        self.results.clear();
+        self.results.resize(n, Ok(()));
+        if let Err(e) = iommu.submit_batch(&self.ops, &mut self.results) {
+            // Outcomes unknown: every range may still be mapped.
+            self.results.fill(Err(e));
+        }
+        self.stats.flushes += 1;
+        match trigger {
+            Trigger::Size => self.stats.by_size += 1,
+            Trigger::Age => self.stats.by_age += 1,
+            Trigger::Explicit => {}
+        }
+        let mut error: Option<FlushError> = None;
+        for (&(start, _), &r) in self.pending.iter().zip(&self.results) {
+            if let Err(e) = r {
+                self.stats.failed_unmaps += 1;
+                match &mut error {
+                    Some(fe) => fe.failed += 1,
+                    None => {
+                        error = Some(FlushError {
+                            failed: 1,
+                            first: e,
+                        })
+                    }
+                }
+            }
+            done(start, r);
+        }
+        self.pending.clear();
+        if let Some(e) = error {
+            log::error!("virtio-iommu: flush of {n} deferred UNMAP(s): {e}");
+            self.last_error = Some(e);
+        }
+        n
+    }
+}
