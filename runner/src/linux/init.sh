@@ -59,7 +59,7 @@ result $? "virtio-iommu probed (/sys/class/iommu: ${iommus:-none})"
 # The disk appears once virtio_blk probed its device (bounded wait).
 tries=0
 while [ ! -b /dev/vda ] && [ $tries -lt 100 ]; do
-	sleep 0.1
+	usleep 100000
 	tries=$((tries + 1))
 done
 [ -b /dev/vda ]
