@@ -152,6 +152,7 @@ pub struct DeviceConfig {
     caps: Caps,
     queue_size: u16,
     fault_plan: FaultPlan,
+    driver_checker: bool,
 }
 
 impl Default for DeviceConfig {
@@ -169,6 +170,7 @@ impl Default for DeviceConfig {
             caps: b.caps,
             queue_size: b.queue_size,
             fault_plan: FaultPlan::default(),
+            driver_checker: false,
         }
     }
 }
@@ -266,6 +268,11 @@ impl DeviceConfig {
     /// The fault-injection plan (empty: the device behaves); see [`crate::fault`].
     pub fn fault_plan(&self) -> &FaultPlan {
         &self.fault_plan
+    }
+
+    /// Whether the driver checker is on ([`DeviceConfigBuilder::driver_checker`]).
+    pub fn driver_checker(&self) -> bool {
+        self.driver_checker
     }
 }
 
@@ -377,6 +384,7 @@ pub struct DeviceConfigBuilder {
     caps: Caps,
     queue_size: u16,
     fault_plan: FaultPlan,
+    driver_checker: bool,
 }
 
 impl Default for DeviceConfigBuilder {
@@ -399,6 +407,7 @@ impl Default for DeviceConfigBuilder {
             caps: Caps::default(),
             queue_size: 256,
             fault_plan: FaultPlan::default(),
+            driver_checker: false,
         }
     }
 }
@@ -514,6 +523,15 @@ impl DeviceConfigBuilder {
         self
     }
 
+    /// Turns the driver checker on or off (default off): the device then records every
+    /// driver requirement (R1..R36 of the spec checklist, and a few virtio core rules) that
+    /// the driver breaks, for [`crate::IommuDevice::checker_report`]. It only records: the
+    /// device answers every request exactly as with the checker off. See [`crate::checker`].
+    pub fn driver_checker(mut self, on: bool) -> Self {
+        self.driver_checker = on;
+        self
+    }
+
     /// Validates and returns the configuration.
     ///
     /// # Errors
@@ -594,6 +612,7 @@ impl DeviceConfigBuilder {
             caps,
             queue_size: self.queue_size,
             fault_plan: self.fault_plan,
+            driver_checker: self.driver_checker,
         })
     }
 }

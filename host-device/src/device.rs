@@ -12,11 +12,12 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_iommu_driver::wire::{self, Features, EVENTQ, REQUESTQ};
+use virtio_iommu_driver::wire::{self, Features, RequestType, EVENTQ, REQUESTQ};
 use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use zerocopy::IntoBytes;
 
+use crate::checker::{self, Checker, CheckerReport, Saw};
 use crate::config::DeviceConfig;
 use crate::fault::reply::{corrupt_reply, peek_type};
 use crate::fault::{FaultCounters, Misbehaviour};
@@ -93,6 +94,16 @@ pub struct Counters {
     pub interrupts: u64,
     /// Times DEVICE_NEEDS_RESET was set.
     pub needs_reset: u64,
+    /// ATTACH requests answered with a status.
+    pub attach_requests: u64,
+    /// DETACH requests answered with a status.
+    pub detach_requests: u64,
+    /// MAP requests answered with a status.
+    pub map_requests: u64,
+    /// UNMAP requests answered with a status.
+    pub unmap_requests: u64,
+    /// PROBE requests answered with a status.
+    pub probe_requests: u64,
 }
 
 /// Addresses and size of a virtqueue, as the driver configures them (virtio §4.2.2 QueueNum,
@@ -168,6 +179,8 @@ pub struct IommuDevice<M: GuestMemoryBackend> {
     requestq_owed: u16,
     /// Opportunity counters of the config's fault plan (device-side misbehaviours).
     faults: FaultCounters,
+    /// The driver checker ([`crate::checker`]); records only when the config turns it on.
+    checker: Checker,
 }
 
 impl<M: GuestMemoryBackend> fmt::Debug for IommuDevice<M> {
@@ -195,8 +208,10 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             Queue::new(size).map_err(DeviceError)?,
             Queue::new(size).map_err(DeviceError)?,
         ];
+        let checker = Checker::new(config.driver_checker());
         let config = Arc::new(config);
         Ok(Self {
+            checker,
             state: IommuState::new(config.clone()),
             config,
             mem,
@@ -241,6 +256,33 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// Counters.
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// What the driver checker found, and what the device saw (request counts by type,
+    /// translation faults). With the checker off ([`crate::DeviceConfigBuilder::driver_checker`])
+    /// the report has `enabled = false` and no violation, but the counts are there.
+    pub fn checker_report(&self) -> CheckerReport {
+        let c = &self.counters;
+        self.checker.report(Saw {
+            attach: c.attach_requests,
+            detach: c.detach_requests,
+            map: c.map_requests,
+            unmap: c.unmap_requests,
+            probe: c.probe_requests,
+            faults: c.faults_raised,
+        })
+    }
+
+    /// The features the driver negotiated: its features once FEATURES_OK was accepted, else
+    /// none. Equal to [`Self::negotiated_features`] unless a fault plan changes what the device
+    /// acts on ([`crate::Misbehaviour::FeaturesChangeAfterFeaturesOk`]); the driver checker
+    /// holds the driver to these.
+    fn driver_negotiated(&self) -> Features {
+        if self.status & status::FEATURES_OK != 0 {
+            Features::from_bits_retain(self.driver_features)
+        } else {
+            Features::empty()
+        }
     }
 
     /// Counts a misbehaviour applied by a transport model (fault injection,
@@ -317,6 +359,11 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         let old = self.status;
         let mut new = old | (value & !status::DEVICE_NEEDS_RESET);
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
+            checker::check_features_ok(
+                &mut self.checker,
+                self.config.offered(),
+                self.driver_features,
+            );
             let offered = self.config.offered().bits();
             let wanted = self.driver_features;
             let config = self.config.clone();
@@ -355,6 +402,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         self.pending.clear();
         self.interrupt_status = 0;
         self.requestq_owed = 0;
+        self.checker.reset();
     }
 
     /// System reset: [`Self::reset`], and `bypass` restored to its boot value (D4).
@@ -442,6 +490,9 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             .get_mut(usize::from(index))
             .ok_or(QueueError::NoSuchQueue(index))?;
         q.reset();
+        if index == EVENTQ {
+            self.checker.eq_checked = 0;
+        }
         if setup.size == 0 || setup.size > max {
             return Err(QueueError::InvalidSize(setup.size));
         }
@@ -468,6 +519,9 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         if index == REQUESTQ {
             self.requestq_owed = 0;
         }
+        if index == EVENTQ {
+            self.checker.eq_checked = 0;
+        }
     }
 
     /// A driver notification of queue `index`: requestq ⇒ every chain now available is owed
@@ -487,6 +541,16 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// driver adds later come with their own notification (the device never suppresses
     /// notifications), so the work per notification is bounded by the queue size.
     pub fn notify(&mut self, index: u16) {
+        if self.checker.enabled()
+            && usize::from(index) < NUM_QUEUES
+            && self.status & status::DRIVER_OK == 0
+        {
+            let st = self.status;
+            self.checker
+                .record(checker::Statement::NotifyBeforeDriverOk, &[], || {
+                    format!("queue {index} notified with device status {st:#04x}")
+                });
+        }
         match index {
             REQUESTQ => {
                 self.owe_available();
@@ -576,6 +640,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         let max = config.caps().max_requests_per_notify;
         let mut done = 0;
         let mut reordered: Vec<(u16, u32)> = Vec::new();
+        let driver_negotiated = self.driver_negotiated();
         while done < max {
             let Self {
                 queues, mem, state, ..
@@ -590,6 +655,14 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
             self.requestq_owed = self.requestq_owed.saturating_sub(1);
             let head = chain.head_index();
             let size = queues[idx].size();
+            checker::check_request(
+                &mut self.checker,
+                state,
+                driver_negotiated,
+                &*mem,
+                &chain,
+                usize::from(size),
+            );
             let fault = if plan.is_empty() {
                 None
             } else {
@@ -616,8 +689,16 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
                 _ => {
                     let handled = handle_request(state, &*mem, chain.clone(), usize::from(size));
                     match handled.outcome {
-                        Outcome::Completed { status, .. } => {
+                        Outcome::Completed { status, request } => {
                             self.counters.requests_completed += 1;
+                            let c = &mut self.counters;
+                            *match request {
+                                RequestType::Attach => &mut c.attach_requests,
+                                RequestType::Detach => &mut c.detach_requests,
+                                RequestType::Map => &mut c.map_requests,
+                                RequestType::Unmap => &mut c.unmap_requests,
+                                RequestType::Probe => &mut c.probe_requests,
+                            } += 1;
                             if status != wire::Status::Ok {
                                 self.counters.requests_failed += 1;
                             }
@@ -735,6 +816,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         if !self.can_process() || !self.queues[idx].ready() {
             return;
         }
+        self.check_event_buffers();
         let config = self.config.clone();
         let plan = config.fault_plan();
         if !plan.is_empty() && self.has_avail(idx) {
@@ -805,6 +887,50 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         if added {
             self.signal_used(idx);
         }
+    }
+
+    /// Driver checker (I4): looks at every eventq buffer made available since the last look,
+    /// without consuming it (the queue's position is put back), at most one queue size.
+    fn check_event_buffers(&mut self) {
+        if !self.checker.enabled() {
+            return;
+        }
+        let idx = usize::from(EVENTQ);
+        let Self {
+            queues,
+            mem,
+            checker,
+            ..
+        } = self;
+        let q = &mut queues[idx];
+        let Ok(avail) = q.avail_idx(&*mem, Ordering::Acquire) else {
+            return;
+        };
+        let next = q.next_avail();
+        let size = q.size();
+        // Start where the last look ended, unless the device already took buffers past it (or
+        // the position is stale): then at the device's own position.
+        let ahead = (Wrapping(checker.eq_checked) - Wrapping(next)).0;
+        let behind = (avail - Wrapping(checker.eq_checked)).0;
+        let mut from = if ahead <= size && behind <= size {
+            checker.eq_checked
+        } else {
+            next
+        };
+        if (avail - Wrapping(from)).0 > size {
+            // A broken available index: `avail_sane` deals with it.
+            return;
+        }
+        q.set_next_avail(from);
+        while from != avail.0 {
+            let Some(chain) = q.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            checker::check_event_buffer(checker, &*mem, &chain, usize::from(size));
+            from = from.wrapping_add(1);
+        }
+        checker.eq_checked = from;
+        q.set_next_avail(next);
     }
 
     /// Fault injection ([`Misbehaviour::EventFlood`]): fills every available eventq buffer (at
@@ -914,6 +1040,8 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     /// negotiated) sets DEVICE_NEEDS_RESET and changes nothing. Writes wholly beyond the
     /// structure are ignored.
     pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let negotiated = self.driver_negotiated();
+        checker::check_config_write(&mut self.checker, negotiated, offset, data);
         let size = std::mem::size_of::<wire::Config>() as u64;
         if offset >= size || data.is_empty() {
             return;

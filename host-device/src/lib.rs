@@ -1,6 +1,8 @@
 //! `virtio-iommu-device`: a virtio-iommu device model (virtio v1.3 §5.13) for VMMs built on the
 //! rust-vmm crates (`virtio-queue`, `vm-memory`).
 //!
+//! - [`checker`]: the driver checker, a strict mode recording every driver requirement
+//!   (R1..R36) a driver breaks ([`IommuDevice::checker_report`]).
 //! - [`config`]: [`DeviceConfig`] and its builder: offered features, config-space values,
 //!   endpoints and their reserved regions, resource [`Caps`].
 //! - [`state`]: [`IommuState`], the pure request semantics (ATTACH, DETACH, MAP, UNMAP,
@@ -33,6 +35,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod checker;
 pub mod config;
 pub mod device;
 #[doc = include_str!("embedding.md")]
@@ -52,6 +55,7 @@ pub mod transport;
 #[cfg(feature = "test-utils")]
 pub mod inprocess;
 
+pub use checker::{CheckerReport, Saw, Statement, Violation};
 pub use config::{Caps, ConfigError, DeviceConfig, DeviceConfigBuilder, ResvKind, ResvRegion};
 pub use device::{Counters, IommuDevice, QueueError, QueueSetup, SharedDevice};
 pub use endpoint::{DmaEndpoint, DmaError};

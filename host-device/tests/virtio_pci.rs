@@ -974,3 +974,62 @@ fn an_owned_core_routes_its_interrupts_too() {
         "the ISR read acknowledged the core"
     );
 }
+
+/// A hostile guest that never reads its used ring and keeps re-posting the same descriptors:
+/// every notification is answered in a bounded number of rounds, the used index follows the
+/// available index through many wraps of the 16-bit counters, and each request still succeeds.
+#[test]
+fn a_guest_that_never_reads_its_used_ring_costs_bounded_work_per_notification() {
+    let mut p = Pci::new();
+    p.bring_up();
+    for i in 0..70_000u32 {
+        p.push_attach();
+        p.notify(0);
+        let rounds = p.drain();
+        assert!(
+            rounds <= 1,
+            "request {i}: {rounds} owed rounds for one chain"
+        );
+        assert_eq!(p.used_idx(), p.avail_idx, "request {i} answered");
+    }
+    let last = p.avail_idx.wrapping_sub(1);
+    let slot = u64::from(last % (QSIZE / 2));
+    let status: u8 = p
+        .mem
+        .read_obj(GuestAddress(STATUS_BUF + 16 * slot))
+        .unwrap();
+    assert_eq!(
+        status,
+        Status::Ok as u8,
+        "the last ATTACH after 70 000 succeeded"
+    );
+    assert_eq!(p.status() & 0x40, 0, "no DEVICE_NEEDS_RESET");
+}
+
+/// An available index far ahead of what the queue can hold (more entries than descriptors):
+/// the device processes nothing it cannot trust, sets DEVICE_NEEDS_RESET rather than spinning,
+/// and owes no endless rounds.
+#[test]
+fn an_available_index_beyond_the_queue_size_is_refused_not_spun_on() {
+    let mut p = Pci::new();
+    p.bring_up();
+    p.push_attach();
+    // Claim 1000 entries on an 8-entry queue.
+    p.w16(RING + 0x1000 + 2, 1000);
+    p.notify(0);
+    let rounds = p.drain();
+    assert!(rounds <= 1, "{rounds} owed rounds");
+    assert!(
+        p.used_idx() <= QSIZE,
+        "at most one queue's worth used, got {}",
+        p.used_idx()
+    );
+    assert_ne!(p.status() & 0x40, 0, "DEVICE_NEEDS_RESET set");
+    // Further notifications change nothing and cost nothing.
+    let used = p.used_idx();
+    for _ in 0..100 {
+        p.notify(0);
+        assert!(p.drain() <= 1);
+    }
+    assert_eq!(p.used_idx(), used);
+}
