@@ -1,5 +1,7 @@
-//! The conformance suite (`virtio-iommu-conformance`) run against QEMU's device: the driver in
-//! the [`IOMMU`] static, `edu` as the DMA endpoint, heap pages as guest RAM.
+//! The conformance suite (`virtio-iommu-conformance`) run against the PCI virtio-iommu the
+//! firmware finds — QEMU's device, or ours under QEMU 11.1 through vfio-user (`cargo
+//! qemu-ours`): the driver in the [`IOMMU`] static, `edu` as the DMA endpoint, heap pages as
+//! guest RAM.
 //!
 //! Prints one `conformance: <case> <result>[: <detail>]` line per case (the host turns them into
 //! the table in `CONFORMANCE.md`) and one TAP line: the suite ran with no harness error.
