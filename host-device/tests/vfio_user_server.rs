@@ -387,6 +387,13 @@ fn config_space_gives_edu_ids_and_bar_round_trips() {
     m.extend_from_slice(&7u32.to_le_bytes());
     c.send_raw(&m, &[]);
     assert_eq!(c.bar_r32(4), !7);
+    // A refused command with NO_REPLY (a write to a region that does not exist) gets no reply
+    // either, not even an error one: the next reply is the next command's.
+    let mut m = header(501, REGION_WRITE, 16 + 16 + 4, 1 << 4);
+    m.extend_from_slice(&Client::access(99, 0, 4));
+    m.extend_from_slice(&7u32.to_le_bytes());
+    c.send_raw(&m, &[]);
+    assert_eq!(c.bar_r32(4), !7);
     // Reset brings the power-on state back.
     assert!(c.call(DEVICE_RESET, &[]).ok());
     assert_eq!(c.bar_r32(4), 0);
