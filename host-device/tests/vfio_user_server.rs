@@ -1136,10 +1136,9 @@ fn truncating_a_dma_file_cannot_kill_the_server() {
 }
 
 /// DMA_MAP flags: a mapping the client grants READ only must not be written by the device
-/// (vfio-user DMA_MAP `VFIO_USER_F_DMA_REGION_WRITE` clear). Today `DmaMappings::map` logs the
-/// flags and maps read-write, so edu's buffer -> RAM DMA lands in the read-only mapping.
+/// (vfio-user DMA_MAP `VFIO_USER_F_DMA_REGION_WRITE` clear): the server keeps it out of reach,
+/// so edu's buffer -> RAM DMA into it moves nothing.
 #[test]
-#[ignore = "known bug (#8 review): DMA_MAP READ-only flags are not enforced"]
 fn a_read_only_dma_mapping_is_not_written() {
     let mut srv = serve_edu(Limits::default());
     let mut c = Client::connect(&srv.path);

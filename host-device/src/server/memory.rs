@@ -123,7 +123,8 @@ impl DmaMappings {
     /// Adds the mapping of guest physical `[address, address + size)` to `file` at byte
     /// `offset`. Without `file` the range is recorded (for overlap checks) but stays out of
     /// reach, with a warning: the client's RAM is not shareable (QEMU without `share=on`).
-    /// `flags` (READ/WRITE) are logged only: the mapping is always read-write, as QEMU's RAM.
+    /// A mapping whose `flags` are not both READ and WRITE is recorded the same way, out of
+    /// reach: the device could otherwise write where the client allowed only reads.
     ///
     /// A file that is not sealed against shrinking gets `F_SEAL_SHRINK` added (see
     /// [`DmaError::Unsealed`]), so a client cannot turn a later DMA into a SIGBUS.
@@ -150,6 +151,18 @@ impl DmaMappings {
             return Err(DmaError::Overlap);
         }
         let region = match file {
+            // The device's DMA both reads and writes guest memory, and vm-memory cannot map a
+            // region for reads only without turning a device write into SIGSEGV; a mapping the
+            // client does not grant both is therefore kept out of reach too (QEMU maps RAM
+            // read-write; what it maps read-only, ROM, it maps without a descriptor).
+            Some(_) if !flags.contains(DmaMapFlags::READ_WRITE) => {
+                log::warn!(
+                    "DMA_MAP {address:#x}+{size:#x} with flags {:#x} (not READ|WRITE) kept out \
+                     of the device's reach",
+                    flags.bits()
+                );
+                None
+            }
             None => {
                 log::warn!(
                     "DMA_MAP {address:#x}+{size:#x} without file descriptor ignored: guest RAM \
