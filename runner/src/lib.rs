@@ -4,7 +4,8 @@
 //! the host tests in `tests/boot.rs`.
 //!
 //! Modules (all re-exported here): `fetch` (finding, installing and fetching QEMU 10.0 and 7.2),
-//! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state), `disk` (the virtio-blk
+//! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state, `apt`), `linux` (the
+//! Linux guest of `cargo qemu-linux`), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
 //! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
 //! editable devicetree: QEMU's dumped tree, parsed, edited, written back), `acpi` (MCFG, VIOT
@@ -38,10 +39,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod acpi;
+mod apt;
 mod boot;
 pub mod devicetree;
 mod disk;
 mod fetch;
+pub mod linux;
 mod mmio_iommu;
 pub mod ours;
 mod qemu_111;
@@ -51,6 +54,7 @@ pub use boot::*;
 pub use devicetree::{DeviceTree, Node, Property};
 pub use disk::*;
 pub use fetch::*;
+pub use linux::{run_linux, LinuxConfig, LinuxOutcome};
 pub use mmio_iommu::*;
 pub use ours::{run_ours, DeviceChoice, ServerCounts, ServerReport};
 pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
@@ -113,6 +117,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A package or file the run needs could not be fetched or unpacked ([`linux`]).
+    Fetch {
+        /// What was being fetched (e.g. the package).
+        what: String,
+        /// Why it failed (e.g. apt's error).
+        reason: String,
+    },
+    /// The Linux guest's initramfs could not be built (a module, busybox or kernel option
+    /// missing, a module not decompressible; [`linux`]).
+    Initramfs(String),
     /// Our vfio-user server failed to start listening ([`ours`]).
     Server {
         /// What happened.
@@ -152,6 +166,8 @@ impl fmt::Display for Error {
             }
             Self::InvalidEnv { name, reason } => write!(f, "${name}: {reason}"),
             Self::Devicetree { reason } => write!(f, "devicetree: {reason}"),
+            Self::Fetch { what, reason } => write!(f, "cannot fetch {what}: {reason}"),
+            Self::Initramfs(reason) => write!(f, "initramfs: {reason}"),
             Self::Server { reason, stderr } => {
                 write!(f, "vfio-user server: {reason}")?;
                 if !stderr.trim().is_empty() {
