@@ -182,7 +182,7 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
     }
     let mut line = None;
     let ok = tap.case(
-        "irq: GIC set up, the virtio-iommu's INTx found, handler installed",
+        "irq: GIC set up, the virtio-iommu's interrupt (PCI INTx or virtio-mmio) found, handler installed",
         || {
             let info = gic::init(dtb)?;
             let intid = match &env.iommu {
