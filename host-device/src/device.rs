@@ -25,6 +25,9 @@ use crate::request::{handle_request, validate_chain, Outcome};
 use crate::state::{Access, FaultRecord, IommuState, Piece, TranslateError};
 use crate::transport::{InterruptCause, InterruptHandler, VirtioCore};
 
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT` (virtio §2.7.6): the driver asks not to be interrupted.
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 /// Device status bits (virtio §2.1).
 pub mod status {
     /// ACKNOWLEDGE (1).
@@ -784,12 +787,19 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
         true
     }
 
+    /// Raises the queue's interrupt after used buffers were added, unless the driver set
+    /// `VIRTQ_AVAIL_F_NO_INTERRUPT` in the available ring's flags (§2.7.7: the device SHOULD
+    /// NOT send a notification then; event index is never offered, and virtio-queue's
+    /// `needs_notification` ignores the flag without it). Flags that cannot be read count as 0.
     fn signal_used(&mut self, idx: usize) {
-        let notify = self
-            .queues
-            .get_mut(idx)
-            .map(|q| q.needs_notification(&self.mem).unwrap_or(true))
-            .unwrap_or(false);
+        let notify = self.queues.get(idx).is_some_and(|q| {
+            let flags: u16 = self
+                .mem
+                .load(GuestAddress(q.avail_ring()), Ordering::Acquire)
+                .map(u16::from_le)
+                .unwrap_or(0);
+            flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+        });
         if notify {
             self.counters.interrupts += 1;
             let index = u16::try_from(idx).unwrap_or(u16::MAX);
