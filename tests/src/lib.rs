@@ -177,6 +177,11 @@ pub struct Case {
     /// The statement checked: number and a few words, e.g. `D31 UNMAP split: S_RANGE, nothing
     /// removed`.
     pub statement: &'static str,
+    /// The driver statements the case breaks on purpose to see what the device does, as
+    /// our device's driver checker names them (`"R6"`, `"I1"`, …; see
+    /// `virtio_iommu_device::Statement`): a checker that records one of these during the case
+    /// is expected, any other one is a driver bug of the harness. Empty for most cases.
+    pub violates: &'static [&'static str],
     /// The case body.
     pub run: fn(&mut dyn Harness, &mut Ctx) -> Result<(), Fail>,
 }
@@ -252,6 +257,26 @@ impl Ctx {
         self.next_iova += (granules + 1) * self.granule;
         v
     }
+}
+
+/// PROBEs every endpoint of [`Harness::endpoints`] that exists ([`Endpoints::dma`],
+/// [`Endpoints::other`]) when PROBE is negotiated, as a driver does before attaching one
+/// (R5: "SHOULD send PROBE for each endpoint before attaching it"); nothing otherwise.
+/// Harnesses call it after initialising the driver, including in [`Harness::reset`]: a reset
+/// forgets what was probed.
+///
+/// # Errors
+///
+/// The first PROBE's error.
+pub fn probe_endpoints(h: &mut dyn Harness) -> Result<(), IommuError> {
+    if !h.features().contains(Features::PROBE) {
+        return Ok(());
+    }
+    let e = h.endpoints();
+    for ep in core::iter::once(e.dma).chain(e.other.filter(|&o| o != e.dma)) {
+        h.probe(ep)?;
+    }
+    Ok(())
 }
 
 /// Runs one case against `h` with the run's context `ctx`: drains the event queue first, and
