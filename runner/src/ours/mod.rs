@@ -25,7 +25,8 @@
 //!    ([`ours_qemu_args`]);
 //! 6. the server, waited for after QEMU quit ([`EXIT_TIMEOUT`], [`FAILED_EXIT_TIMEOUT`] when
 //!    QEMU failed) and killed if it does not exit ([`ServerProcess::stop`]); its report lands
-//!    in [`RunOutcome::server`].
+//!    in [`RunOutcome::server`], with the driver checker's findings (the server runs with
+//!    `--checker`; [`checker`] compares them with the firmware's announcements).
 //!
 //! `VIOMMU_TIMEOUT_SECS` bounds steps 3–6 together (the builds of step 1 are not counted).
 //! The temporary directory, the server and QEMU are removed or killed on every exit path.
@@ -40,6 +41,7 @@ use crate::*;
 
 mod acpi_desc;
 mod args;
+pub mod checker;
 mod iommu_node;
 mod layout;
 mod pci_addr;
@@ -50,6 +52,9 @@ pub use acpi_desc::{host_bridge_ecam, pci_iommu_acpi};
 pub use args::{
     dump_args, json_string, memfd_args, memory_size, ours_qemu_args, vfio_user_device,
     FirmwareFiles,
+};
+pub use checker::{
+    parse_checker, parse_expects, parse_saw, CheckerExpect, CheckerFindings, CheckerViolation,
 };
 pub use iommu_node::{
     add_pci_iommu, iommu_map_cells, pci_host_bridge, Coverage, PCI_HOST_COMPATIBLE,
@@ -208,6 +213,26 @@ fn print_devices(layout: &Layout, spec: &ServerSpec) {
     );
 }
 
+/// Prints the server's driver checker lines and what the device saw, prefixed `runner: `,
+/// then the violations no case announced and the checker gaps ([`checker::unannounced`],
+/// [`checker::gaps`]).
+fn print_checker(report: &ServerReport, output: &str) {
+    if let Some(findings) = &report.checker {
+        for line in &findings.lines {
+            println!("runner: {line}");
+        }
+    }
+    if let Some(saw) = &report.saw {
+        println!("runner: {saw}");
+    }
+    for problem in checker::unannounced(report.checker.as_ref(), output) {
+        eprintln!("runner: {problem}");
+    }
+    for gap in checker::gaps(report.checker.as_ref(), output) {
+        eprintln!("runner: warning: {gap}");
+    }
+}
+
 /// Time left until `deadline`, or [`Error::Timeout`] when it passed.
 fn remaining(deadline: Instant, config: &RunConfig, output: &str) -> Result<Duration> {
     deadline
@@ -267,6 +292,9 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         edu_socket: work.path().join("edu.sock"),
         edu_endpoint: u32::from(layout.edu.requester_id()),
         log_level: config.server_log_level.clone(),
+        // The driver checker is on in every run against ours (issue #9 item 3); it changes
+        // no answer of the device.
+        checker: true,
     };
     let listen = remaining(deadline, config, "")?.min(LISTEN_TIMEOUT);
     println!(
@@ -340,6 +368,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             report.exit_code
         ),
     }
+    print_checker(&report, &ran.output);
     drop(work);
     Ok(RunOutcome {
         exit_code: exit_code(status),
