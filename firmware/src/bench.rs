@@ -22,19 +22,18 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use spin::Mutex;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_iommu_driver::dma::IovaAllocator;
-use virtio_iommu_driver::topology::IommuLocation;
 use virtio_iommu_driver::wire::MapFlags;
 use virtio_iommu_driver::{Batch, IommuOptions, ReservedRegion, VirtIOIommu, WaitPolicy};
 
 use crate::hal::IdentityHal;
+use crate::iommu_dev::{FoundIommu, IommuTransport};
 use crate::pci::{PciBus, PciFunction};
 use crate::timer;
 
 /// The virtio-iommu driver of the bench modes. Its own DMA is not translated, so its queues use
 /// [`IdentityHal`].
-pub type Iommu = VirtIOIommu<IdentityHal, PciTransport>;
+pub type Iommu = VirtIOIommu<IdentityHal, IommuTransport>;
 
 /// The driver, shared with the `IommuHal` contexts of [`dma_modes`].
 pub static IOMMU: Mutex<Option<Iommu>> = Mutex::new(None);
@@ -89,14 +88,6 @@ fn bootarg<'a>(dtb: &'a [u8], key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// The IOMMU found through the devicetree and PCI.
-pub struct Found {
-    /// Index into `topology.iommus`.
-    pub index: usize,
-    /// The IOMMU's PCI function.
-    pub function: PciFunction,
-}
-
 /// A PCI function behind the IOMMU with its endpoint ID and PROBEd reserved regions.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
@@ -113,31 +104,11 @@ fn now_ns() -> u64 {
     timer::ticks_to_us(timer::now_ticks()).saturating_mul(1000)
 }
 
-/// Finds the first PCI virtio-iommu of the devicetree, initialises it into [`IOMMU`], PROBEs
-/// every function behind it. Returns the IOMMU and its endpoints.
-pub fn setup(pci: &mut PciBus) -> Result<(Found, Vec<Endpoint>), String> {
-    let found = pci
-        .topology
-        .iommus
-        .iter()
-        .enumerate()
-        .find_map(|(index, node)| match node.location {
-            IommuLocation::Pci {
-                host_bridge,
-                requester_id,
-            } => pci
-                .by_requester_id(host_bridge, requester_id)
-                .filter(|f| (f.vendor_id, f.device_id) == (0x1af4, 0x1057))
-                .map(|f| Found {
-                    index,
-                    function: f.clone(),
-                }),
-            _ => None,
-        })
-        .ok_or("no PCI virtio-iommu in the devicetree")?;
-    let root = &mut pci.roots[found.function.host_bridge];
-    let transport = PciTransport::new::<IdentityHal, _>(root, found.function.device_function)
-        .map_err(|e| format!("PCI transport: {e:?}"))?;
+/// Finds the first virtio-iommu of the devicetree (PCI or virtio-mmio), initialises it into
+/// [`IOMMU`], PROBEs every function behind it. Returns the IOMMU and its endpoints.
+pub fn setup(pci: &mut PciBus) -> Result<(FoundIommu, Vec<Endpoint>), String> {
+    let found = crate::iommu_dev::find(pci)?;
+    let transport = found.device.open(pci)?;
     let options = IommuOptions {
         wait: WaitPolicy {
             clock: Some(now_ns),
@@ -149,9 +120,7 @@ pub fn setup(pci: &mut PciBus) -> Result<(Found, Vec<Endpoint>), String> {
     let mut iommu = Iommu::new(transport, options).map_err(|e| format!("init: {e}"))?;
     let mut endpoints = Vec::new();
     for f in &pci.functions {
-        if f.host_bridge != found.function.host_bridge
-            || f.requester_id == found.function.requester_id
-        {
+        if !found.device.may_serve(f.host_bridge) || found.device.is_function(f) {
             continue;
         }
         let ep = pci
@@ -448,7 +417,7 @@ fn measure(
 }
 
 /// Submits `batch` and requires every request to have succeeded.
-fn check(batch: Batch<'_, IdentityHal, PciTransport>) -> Result<(), String> {
+fn check(batch: Batch<'_, IdentityHal, IommuTransport>) -> Result<(), String> {
     let result = batch.submit().map_err(|e| format!("submit: {e}"))?;
     match result.first_error() {
         None => Ok(()),

@@ -29,7 +29,7 @@ macro_rules! print {
     };
 }
 
-/// Prints a line to the console (dropped before [`init`](crate::console::init)).
+/// Prints a line to the console (dropped before [`init`]).
 #[macro_export]
 macro_rules! println {
     () => {

@@ -27,6 +27,7 @@ pub mod exit;
 pub mod fwcfg;
 pub mod hal;
 pub mod heap;
+pub mod iommu_dev;
 pub mod mmu;
 pub mod pci;
 pub mod stack;

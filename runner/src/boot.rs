@@ -50,7 +50,7 @@ pub fn machine_args(elf: &Path) -> Vec<String> {
 pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
     let mut args = machine_args(elf);
     args.push("-device".into());
-    args.push(with_addr("virtio-iommu-pci", config.iommu_addr.as_ref()));
+    args.push(config.iommu.qemu_device(config.iommu_addr.as_ref()));
     args.push("-drive".into());
     args.push(format!(
         "if=none,id=disk0,format=raw,snapshot=on,file={}",
@@ -257,6 +257,7 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             source: io::ErrorKind::NotFound.into(),
         });
     }
+    check_iommu_kind(config)?;
     if config.device == DeviceChoice::Ours {
         return run_ours(config, elf);
     }
@@ -268,7 +269,10 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         disk.size,
         disk.sha256
     );
-    let args = qemu_args(config, elf, &disk.path);
+    let mut args = qemu_args(config, elf, &disk.path);
+    if config.iommu == IommuKind::Mmio {
+        args = mmio_boot_args(config, &qemu, args)?;
+    }
     println!("runner: {}", display_command(&qemu, &args));
     let deadline = Instant::now() + config.timeout;
     let ran = run_qemu(&qemu, &args, deadline)?;

@@ -4,7 +4,8 @@
 //! the host tests in `tests/boot.rs`.
 //!
 //! Modules (all re-exported here): `fetch` (finding, installing and fetching QEMU 10.0 and 7.2),
-//! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state), `disk` (the virtio-blk
+//! `qemu_111` (trixie-backports' QEMU 11.1 under a private apt state, `apt`), `linux` (the
+//! Linux guest of `cargo qemu-linux`), `disk` (the virtio-blk
 //! image), `boot` (QEMU's command line and the run), `tap` (reading the console: TAP, summary,
 //! `disk-sha256`, pass criteria), `toolchain` (the firmware's Rust target), `devicetree` (an
 //! editable devicetree: QEMU's dumped tree, parsed, edited, written back), `acpi` (MCFG, VIOT
@@ -18,6 +19,7 @@
 //! | `VIOMMU_QEMU` | path of a `qemu-system-aarch64`, or `7.2` for Debian bookworm's QEMU 7.2 fetched into `target/qemu-7.2`, or `11.1` for Debian trixie-backports' QEMU 11.1 fetched into `target/qemu-11.1` ([`QemuChoice`]); default: `qemu-system-aarch64` from `PATH` (installed from bookworm-backports when missing and running as root) |
 //! | `VIOMMU_DISK` | raw disk image for virtio-blk (multiple of 512 bytes, ≥ 1 MiB); default: `target/viommu-disk.img`, 8 MiB of random bytes, generated once |
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
+//! | `VIOMMU_IOMMU` | `pci` (default): QEMU's `virtio-iommu-pci`; `mmio`: its virtio-mmio `virtio-iommu-device` described in a `-dtb` tree ([`IommuKind`], needs QEMU 11.1: an unset `VIOMMU_QEMU` becomes `11.1`) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
 //! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it (with `ours`: devicetree dump, server and QEMU together, both killed) |
 //! | `VIOMMU_DEVICE` | `qemu` (default): QEMU's virtio-iommu-pci, virtio-blk-pci and edu; `ours`: our device through our vfio-user server and QEMU 11.1's `vfio-user-pci` ([`DeviceChoice`], [`ours`]) |
@@ -37,10 +39,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod acpi;
+mod apt;
 mod boot;
 pub mod devicetree;
 mod disk;
 mod fetch;
+pub mod linux;
+mod mmio_iommu;
 pub mod ours;
 mod qemu_111;
 mod tap;
@@ -49,6 +54,8 @@ pub use boot::*;
 pub use devicetree::{DeviceTree, Node, Property};
 pub use disk::*;
 pub use fetch::*;
+pub use linux::{run_linux, LinuxConfig, LinuxOutcome};
+pub use mmio_iommu::*;
 pub use ours::{run_ours, DeviceChoice, ServerCounts, ServerReport};
 pub use qemu_111::{fetch_debian_qemu_111, QEMU_111_DEB_VERSION};
 pub use tap::*;
@@ -110,6 +117,16 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A package or file the run needs could not be fetched or unpacked ([`linux`]).
+    Fetch {
+        /// What was being fetched (e.g. the package).
+        what: String,
+        /// Why it failed (e.g. apt's error).
+        reason: String,
+    },
+    /// The Linux guest's initramfs could not be built (a module, busybox or kernel option
+    /// missing, a module not decompressible; [`linux`]).
+    Initramfs(String),
     /// Our vfio-user server failed to start listening ([`ours`]).
     Server {
         /// What happened.
@@ -149,6 +166,8 @@ impl fmt::Display for Error {
             }
             Self::InvalidEnv { name, reason } => write!(f, "${name}: {reason}"),
             Self::Devicetree { reason } => write!(f, "devicetree: {reason}"),
+            Self::Fetch { what, reason } => write!(f, "cannot fetch {what}: {reason}"),
+            Self::Initramfs(reason) => write!(f, "initramfs: {reason}"),
             Self::Server { reason, stderr } => {
                 write!(f, "vfio-user server: {reason}")?;
                 if !stderr.trim().is_empty() {
@@ -226,6 +245,9 @@ pub struct RunConfig {
     pub disk: Option<PathBuf>,
     /// Extra QEMU arguments, appended after the runner's own.
     pub extra_args: Vec<String>,
+    /// The IOMMU's transport (`VIOMMU_IOMMU`): QEMU's `virtio-iommu-pci` or its virtio-mmio
+    /// `virtio-iommu-device` described in a `-dtb` tree ([`mmio_boot_args`]).
+    pub iommu: IommuKind,
     /// PCI `addr=` of the virtio-iommu (e.g. `0x5`), `None` ⇒ QEMU's choice.
     pub iommu_addr: Option<String>,
     /// PCI `addr=` of the virtio-blk device.
@@ -250,6 +272,7 @@ impl Default for RunConfig {
             qemu: QemuChoice::System,
             disk: None,
             extra_args: Vec::new(),
+            iommu: IommuKind::Pci,
             iommu_addr: None,
             blk_addr: None,
             edu_addr: None,
@@ -277,14 +300,16 @@ impl RunConfig {
                 reason: format!("`{v}` is not a whole number of seconds"),
             })?),
         };
+        let iommu = IommuKind::from_env()?;
         Ok(Self {
-            qemu: QemuChoice::from_env(),
+            qemu: iommu.qemu_choice(QemuChoice::from_env()),
             disk: std::env::var_os("VIOMMU_DISK")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
             extra_args: env_string("VIOMMU_QEMU_ARGS")
                 .map(|v| v.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
+            iommu,
             iommu_addr: env_string("VIOMMU_IOMMU_ADDR"),
             blk_addr: env_string("VIOMMU_BLK_ADDR"),
             edu_addr: env_string("VIOMMU_EDU_ADDR"),

@@ -1,6 +1,7 @@
 //! `virtio-iommu-runner qemu [--device qemu|ours] [extra QEMU arguments...]`
 //! `virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]`
 //! `virtio-iommu-runner install-qemu`
+//! `virtio-iommu-runner qemu-linux [extra QEMU arguments...]`
 //!
 //! - `qemu` (behind `cargo qemu`, `cargo qemu-bench`, `cargo qemu-dma-modes`, see
 //!   `.cargo/config.toml`): installs the `aarch64-unknown-none` Rust target if the toolchain
@@ -9,6 +10,8 @@
 //! - `<firmware.elf>`: the cargo runner for `aarch64-unknown-none`: boots the ELF in QEMU as
 //!   configured by the `VIOMMU_*` environment variables (see the library documentation), streams
 //!   the output and exits with QEMU's exit status (the firmware's, via semihosting).
+//! - `qemu-linux` (behind `cargo qemu-linux`): boots Debian's arm64 Linux with a busybox
+//!   initramfs against the same devices and checks what it reports (library module `linux`).
 //! - `--device ours` (behind `cargo qemu-ours`) is `VIOMMU_DEVICE=ours`: the firmware runs
 //!   against our device through our vfio-user server under QEMU 11.1 (the server is built
 //!   first, release, into `target/vfio-user/`, unless `VIOMMU_SERVER` names one). The exit
@@ -25,8 +28,15 @@ fn main() -> ExitCode {
         eprintln!("usage: virtio-iommu-runner qemu [--device qemu|ours] [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner install-qemu");
+        eprintln!("       virtio-iommu-runner qemu-linux [extra QEMU arguments...]");
         return ExitCode::from(2);
     };
+    if first == "qemu-linux" {
+        // Debian's arm64 kernel with a busybox initramfs (see the library's `linux` module).
+        let rest = args.skip_while(|a| a == "--");
+        let extra = rest.map(|a| a.to_string_lossy().into_owned());
+        return ExitCode::from(virtio_iommu_runner::linux::qemu_linux_command(extra));
+    }
     if first == "install-qemu" {
         // The QEMUs the tests use: 10.0 on PATH (installed with apt when missing), 7.2
         // unpacked into target/qemu-7.2 and 11.1 into target/qemu-11.1.

@@ -15,66 +15,20 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::{io_context, run_captured, Error, Result};
+use crate::apt::{debs_in, unpack_deb, PrivateApt};
+use crate::{io_context, Error, Result};
 
 /// Debian package version of the QEMU 11.1 build used with [`crate::QemuChoice::Debian111`].
 pub const QEMU_111_DEB_VERSION: &str = "1:11.1.3+ds-2~bpo13+1";
 
-/// Debian's archive host as the system's sources name it (so trixie comes from the same mirror).
-fn archive_uri() -> String {
-    crate::debian_archive_uri()
-}
-
-/// The private apt configuration: every directory apt reads or writes lies under `apt_dir`.
-fn apt_config(apt_dir: &Path) -> String {
-    let d = apt_dir.display();
-    format!(
-        "Dir::State \"{d}/state\";\nDir::State::Lists \"{d}/state/lists\";\n\
-         Dir::State::status \"{d}/status\";\nDir::Cache \"{d}/cache\";\n\
-         Dir::Etc::sourcelist \"{d}/sources.list\";\nDir::Etc::sourceparts \"{d}/sources.list.d\";\n\
-         Dir::Etc::Parts \"{d}/apt.conf.d\";\nDir::Etc::preferencesparts \"{d}/preferences.d\";\n\
-         Dir::Etc::preferences \"{d}/preferences\";\n\
-         APT::Install-Recommends \"false\";\nAPT::Sandbox::User \"root\";\nAcquire::Languages \"none\";\n"
-    )
-}
-
-/// The one-line-per-suite sources list for trixie (signed by the archive keyring bookworm has).
-fn sources_list() -> String {
-    let uri = archive_uri();
-    let security = uri
-        .trim_end_matches('/')
-        .replace("/debian", "/debian-security");
-    let keyring = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
-    format!(
-        "deb {keyring} {uri} trixie main\ndeb {keyring} {uri} trixie-updates main\n\
-         deb {keyring} {uri} trixie-backports main\ndeb {keyring} {security} trixie-security main\n"
-    )
-}
-
-/// `apt-get` with the private configuration.
-fn apt(config: &Path) -> Command {
-    let mut command = Command::new("apt-get");
-    command
-        .env("APT_CONFIG", config)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    command
-}
-
-/// The `name=version` pairs of the `Inst` lines of `apt-get install -s` output.
-fn simulated_installs(output: &str) -> Vec<String> {
-    output
-        .lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix("Inst ")?;
-            let mut words = rest.split_whitespace();
-            let name = words.next()?;
-            let version = words.next()?.strip_prefix('(')?;
-            Some(format!("{name}={version}"))
-        })
-        .collect()
-}
+/// The suites QEMU 11.1 and its library closure come from.
+const SUITES: [&str; 4] = [
+    "trixie",
+    "trixie-updates",
+    "trixie-backports",
+    "trixie-security",
+];
 
 /// The launcher script for the unpacked tree at `root`.
 fn launcher_script(root: &Path) -> String {
@@ -109,71 +63,30 @@ pub fn fetch_debian_qemu_111(dir: &Path) -> Result<PathBuf> {
         dir.display()
     );
     let _ = fs::remove_dir_all(dir);
-    let apt_dir = dir.join("apt");
     let root = dir.join("root");
     let debs = dir.join("debs");
-    for sub in [
-        "state/lists/partial",
-        "cache/archives/partial",
-        "sources.list.d",
-        "apt.conf.d",
-        "preferences.d",
-    ] {
-        let path = apt_dir.join(sub);
-        io_context(fs::create_dir_all(&path), || {
-            format!("cannot create {}", path.display())
-        })?;
-    }
     for path in [&root, &debs] {
         io_context(fs::create_dir_all(path), || {
             format!("cannot create {}", path.display())
         })?;
     }
-    let config = apt_dir.join("apt.conf");
-    let files = [
-        (config.clone(), apt_config(&apt_dir)),
-        (apt_dir.join("sources.list"), sources_list()),
-        (apt_dir.join("status"), String::new()),
-    ];
-    for (path, text) in &files {
-        io_context(fs::write(path, text), || {
-            format!("cannot write {}", path.display())
-        })?;
-    }
-    run_captured(apt(&config).arg("update"))?;
-    let simulated = run_captured(apt(&config).args([
-        "install",
-        "-s",
+    let apt = PrivateApt::create(&dir.join("apt"), &SUITES, None)?;
+    apt.update()?;
+    let packages = apt.simulate_install(&[
         "-t",
         "trixie-backports",
         &format!("qemu-system-arm={QEMU_111_DEB_VERSION}"),
-    ]))?;
-    let packages = simulated_installs(&String::from_utf8_lossy(&simulated.stdout));
+    ])?;
     if packages.is_empty() {
         return Err(Error::QemuUnavailable(
             "apt-get install -s -t trixie-backports qemu-system-arm listed no packages".into(),
         ));
     }
-    run_captured(
-        apt(&config)
-            .current_dir(&debs)
-            .arg("download")
-            .args(&packages),
-    )?;
+    apt.download(&debs, &packages)?;
     let mut unpacked = 0usize;
-    for entry in io_context(fs::read_dir(&debs), || {
-        format!("cannot read {}", debs.display())
-    })? {
-        let path = entry
-            .map_err(|e| Error::Io {
-                context: format!("cannot read {}", debs.display()),
-                source: e,
-            })?
-            .path();
-        if path.extension().is_some_and(|e| e == "deb") {
-            run_captured(Command::new("dpkg-deb").arg("-x").arg(&path).arg(&root))?;
-            unpacked += 1;
-        }
+    for deb in debs_in(&debs)? {
+        unpack_deb(&deb, &root)?;
+        unpacked += 1;
     }
     let binary = root.join("usr/bin/qemu-system-aarch64");
     if !binary.is_file() {
@@ -207,24 +120,17 @@ pub fn fetch_debian_qemu_111(dir: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn inst_lines() {
-        let out = "NOTE: simulation\nInst libc6 (2.41-12 Debian:13.2/stable [amd64])\n\
-                   Inst qemu-system-arm (1:11.1.3+ds-2~bpo13+1 Debian Backports:trixie-backports [amd64])\n\
-                   Conf libc6 (2.41-12 Debian:13.2/stable [amd64])\n";
-        assert_eq!(
-            simulated_installs(out),
-            ["libc6=2.41-12", "qemu-system-arm=1:11.1.3+ds-2~bpo13+1"]
-        );
-    }
+    use crate::apt::{apt_config, sources_list};
 
     #[test]
     fn private_apt_state_only() {
-        let config = apt_config(Path::new("/t/apt"));
+        let config = apt_config(Path::new("/t/apt"), None);
         for line in config.lines().filter(|l| l.starts_with("Dir::")) {
             assert!(line.contains("\"/t/apt/"), "{line}");
         }
-        assert!(sources_list().contains("trixie-backports main"));
+        let sources = sources_list(&SUITES);
+        assert!(sources.contains("trixie-backports main"));
+        assert!(sources.contains("/debian-security trixie-security main"));
+        assert_eq!(sources.lines().count(), 4);
     }
 }

@@ -7,8 +7,6 @@
 use alloc::format;
 use alloc::vec;
 use alloc::vec::Vec;
-use virtio_drivers::transport::pci::bus::{DeviceFunction, MmioCam, PciRoot};
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, Transport};
 use virtio_iommu_conformance::{
     result_line, run_all, Endpoints, Harness, Hazard, RawReply, DMA_BUFFER_SIZE,
@@ -22,12 +20,14 @@ use super::edu::{self, Edu, MmioRegs};
 use super::env::{now_ns, with_iommu, DmaPage, Iommu, IOMMU};
 use super::{Env, Tap};
 use crate::hal::IdentityHal;
+use crate::iommu_dev::IommuDevice;
 use crate::pci::PciBus;
 
 struct Qemu<'a> {
     edu: Edu<MmioRegs>,
-    root: &'a mut PciRoot<MmioCam<'static>>,
-    iommu_df: DeviceFunction,
+    /// For [`Harness::reset`]: the bus (a PCI IOMMU's configuration space) and the IOMMU.
+    pci: &'a mut PciBus,
+    iommu: IommuDevice,
     endpoints: Endpoints,
     config: IommuConfig,
     granule: u64,
@@ -171,7 +171,7 @@ impl Harness for Qemu<'_> {
         // Dropping the driver writes status 0 (virtio reset); then initialise it again.
         let mut slot = IOMMU.lock();
         *slot = None;
-        let transport = match PciTransport::new::<IdentityHal, _>(self.root, self.iommu_df) {
+        let transport = match self.iommu.open(self.pci) {
             Ok(t) => t,
             Err(_) => return Some(Err(IommuError::WrongDeviceType)),
         };
@@ -251,11 +251,10 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, env: &mut Env) {
         Ok(i.detach(domain, probe_ep) == Err(IommuError::Status(Status::Inval)))
     })
     .unwrap_or(true);
-    let iommu_fn = env.iommu_function.clone();
     let mut h = Qemu {
         edu,
-        root: &mut pci.roots[iommu_fn.host_bridge],
-        iommu_df: iommu_fn.device_function,
+        pci,
+        iommu: env.iommu.clone(),
         endpoints: Endpoints {
             dma: dev.endpoint,
             other,

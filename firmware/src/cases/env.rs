@@ -5,15 +5,16 @@ use alloc::alloc::{alloc_zeroed, dealloc};
 use alloc::vec::Vec;
 use core::alloc::Layout;
 use spin::Mutex;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_iommu_driver::dma::DmaSpace;
 use virtio_iommu_driver::{FaultEvent, IommuError, VirtIOIommu};
 
 use crate::hal::IdentityHal;
+use crate::iommu_dev::IommuTransport;
 
-/// The virtio-iommu driver: its own DMA is not translated (its requester ID is outside
-/// `iommu-map`), so its queues use [`IdentityHal`].
-pub type Iommu = VirtIOIommu<IdentityHal, PciTransport>;
+/// The virtio-iommu driver, over virtio-pci or virtio-mmio: its own DMA is not translated (a
+/// PCI IOMMU's requester ID is outside `iommu-map`; a virtio-mmio one is no PCI requester), so
+/// its queues use [`IdentityHal`].
+pub type Iommu = VirtIOIommu<IdentityHal, IommuTransport>;
 
 /// The driver, shared by the cases and by [`BlkDma`].
 pub static IOMMU: Mutex<Option<Iommu>> = Mutex::new(None);

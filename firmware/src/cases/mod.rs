@@ -2,7 +2,10 @@
 //! virtio-blk device and an `edu` DMA engine behind it. Each case prints one TAP line.
 //!
 //! Everything is found at run time: the IOMMU and endpoint IDs from the devicetree, devices and
-//! BARs from PCI enumeration, granule / input range / domain range from the device config.
+//! BARs from PCI enumeration, granule / input range / domain range from the device config. The
+//! IOMMU may be a PCI function or a virtio-mmio device ([`crate::iommu_dev`]): the cases are the
+//! same; only the ACPI one reports `SKIP` for a virtio-mmio IOMMU, which QEMU's ACPI tables do
+//! not describe.
 //! Domain IDs are never reused (QEMU 10.0 keeps domains across a virtio reset).
 
 mod blk;
@@ -18,12 +21,11 @@ mod viot;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_iommu_driver::dma::IovaAllocator;
-use virtio_iommu_driver::topology::IommuLocation;
 use virtio_iommu_driver::{IommuOptions, ReservedRegion, VirtIOIommu, WaitPolicy};
 
 use crate::hal::IdentityHal;
+use crate::iommu_dev::{FoundIommu, IommuDevice};
 use crate::pci::{PciBus, PciFunction};
 use env::{with_iommu, Domains, IOMMU};
 
@@ -58,11 +60,42 @@ impl Tap {
 
     /// Runs one case and prints `ok N - name` or `not ok N - name # reason`.
     pub fn case(&mut self, name: &str, f: impl FnOnce() -> CaseResult) -> bool {
+        let ok = self.case_quiet(name, f);
+        if ok {
+            println!("ok {} - {}", self.n, name);
+        }
+        ok
+    }
+
+    /// Runs one case that may not apply: `Ok(Some(reason))` prints `ok N - name # SKIP reason`
+    /// (TAP's directive for a case that does not apply here; it counts as passed), `Ok(None)`
+    /// and `Err` as [`Tap::case`].
+    pub fn case_or_skip(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> Result<Option<String>, String>,
+    ) -> bool {
+        let mut skipped = None;
+        let n = self.n + 1;
+        let ok = self.case_quiet(name, || {
+            skipped = f()?;
+            Ok(())
+        });
+        if ok {
+            match skipped {
+                Some(reason) => println!("ok {n} - {name} # SKIP {reason}"),
+                None => println!("ok {n} - {name}"),
+            }
+        }
+        ok
+    }
+
+    /// [`Tap::case`] that prints only a failure.
+    fn case_quiet(&mut self, name: &str, f: impl FnOnce() -> CaseResult) -> bool {
         self.n += 1;
         match f() {
             Ok(()) => {
                 self.passed += 1;
-                println!("ok {} - {}", self.n, name);
                 true
             }
             Err(why) => {
@@ -100,8 +133,8 @@ pub struct Env {
     pub endpoints: Vec<(EndpointDev, Vec<ReservedRegion>)>,
     /// Endpoint IDs that map to this IOMMU but have no PCI function (for S_NOENT cases).
     pub absent_endpoint: Option<u32>,
-    /// The IOMMU's own PCI function.
-    pub iommu_function: PciFunction,
+    /// Where the IOMMU is (its own PCI function, or its virtio-mmio window).
+    pub iommu: IommuDevice,
 }
 
 impl Env {
@@ -163,45 +196,20 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
 fn setup(tap: &mut Tap, pci: &mut PciBus) -> Option<Env> {
     let mut found = None;
     tap.case("virtio-iommu found through the devicetree", || {
-        let topo = &pci.topology;
-        if topo.iommus.is_empty() {
-            return Err("no virtio,pci-iommu or virtio,mmio IOMMU node".into());
-        }
-        for (index, node) in topo.iommus.iter().enumerate() {
-            println!(
-                "# iommu {index}: {} phandle {:#x} {:?}",
-                node.path, node.phandle, node.location
-            );
-            if let IommuLocation::Pci {
-                host_bridge,
-                requester_id,
-            } = node.location
-            {
-                let Some(f) = pci.by_requester_id(host_bridge, requester_id) else {
-                    return Err(format!("no PCI function at requester ID {requester_id:#x}"));
-                };
-                if (f.vendor_id, f.device_id) != (0x1af4, 0x1057) {
-                    return Err(format!(
-                        "{:04x}:{:04x} is not a virtio-iommu",
-                        f.vendor_id, f.device_id
-                    ));
-                }
-                found.get_or_insert((index, f.clone()));
-            }
-        }
-        found
-            .as_ref()
-            .map(|_| ())
-            .ok_or_else(|| "no PCI virtio-iommu".into())
+        let f = crate::iommu_dev::find(pci)?;
+        println!("# using iommu {} ({})", f.index, f.device.describe());
+        found = Some(f);
+        Ok(())
     });
-    let (iommu_index, iommu_fn) = found?;
-    stack::run(tap, pci, iommu_index, &iommu_fn);
+    let FoundIommu {
+        index: iommu_index,
+        device: iommu_dev,
+    } = found?;
+    stack::run(tap, pci, iommu_index, &iommu_dev);
 
     let mut env = None;
     tap.case("virtio-iommu initialised: features and config", || {
-        let root = &mut pci.roots[iommu_fn.host_bridge];
-        let transport = PciTransport::new::<IdentityHal, _>(root, iommu_fn.device_function)
-            .map_err(|e| format!("PCI transport: {e:?}"))?;
+        let transport = iommu_dev.open(pci)?;
         let options = IommuOptions {
             wait: WaitPolicy { clock: Some(env::now_ns), timeout_ns: 5_000_000_000, ..WaitPolicy::default() },
             ..IommuOptions::default()
@@ -222,7 +230,7 @@ fn setup(tap: &mut Tap, pci: &mut PciBus) -> Option<Env> {
             domains: Domains::new(c.domain_range.0, c.domain_range.1),
             endpoints: Vec::new(),
             absent_endpoint: None,
-            iommu_function: iommu_fn.clone(),
+            iommu: iommu_dev.clone(),
         });
         Ok(())
     });
@@ -231,7 +239,7 @@ fn setup(tap: &mut Tap, pci: &mut PciBus) -> Option<Env> {
     tap.case("PROBE every endpoint: reserved regions", || {
         let topo = &pci.topology;
         for f in &pci.functions {
-            if f.host_bridge != iommu_fn.host_bridge || f.requester_id == iommu_fn.requester_id {
+            if !iommu_dev.may_serve(f.host_bridge) || iommu_dev.is_function(f) {
                 continue;
             }
             let ep = topo
@@ -268,17 +276,19 @@ fn setup(tap: &mut Tap, pci: &mut PciBus) -> Option<Env> {
             return Err("no endpoint behind the IOMMU".into());
         }
         // An endpoint ID that iommu-map gives this IOMMU but no device answers to: the
-        // first empty device slot on the IOMMU's bus.
-        let bus = iommu_fn.device_function.bus;
-        for dev in 0..32u16 {
-            let rid = (u16::from(bus) << 8) | (dev << 3);
-            if pci.by_requester_id(iommu_fn.host_bridge, rid).is_some() {
-                continue;
-            }
-            if let Ok(Some(ep)) = topo.pci_endpoint(iommu_fn.host_bridge, rid) {
-                if ep.iommu == iommu_index {
-                    env.absent_endpoint = Some(ep.endpoint_id);
-                    break;
+        // first empty device slot on the IOMMU's bus (any host bridge's first bus for a
+        // virtio-mmio IOMMU).
+        'search: for (host_bridge, bus) in iommu_dev.buses(pci) {
+            for dev in 0..32u16 {
+                let rid = (u16::from(bus) << 8) | (dev << 3);
+                if pci.by_requester_id(host_bridge, rid).is_some() {
+                    continue;
+                }
+                if let Ok(Some(ep)) = topo.pci_endpoint(host_bridge, rid) {
+                    if ep.iommu == iommu_index {
+                        env.absent_endpoint = Some(ep.endpoint_id);
+                        break 'search;
+                    }
                 }
             }
         }

@@ -4,14 +4,14 @@
 //! are not counted. The bound, [`LIMIT`], is the issue's: 8 KiB in release.
 
 use alloc::format;
-use virtio_drivers::transport::pci::PciTransport;
 use virtio_iommu_driver::wire::MapFlags;
 use virtio_iommu_driver::{IommuError, IommuOptions, VirtIOIommu, WaitPolicy};
 
 use super::env::{now_ns, DmaPage};
 use super::Tap;
 use crate::hal::IdentityHal;
-use crate::pci::{PciBus, PciFunction};
+use crate::iommu_dev::{IommuDevice, IommuTransport};
+use crate::pci::PciBus;
 
 /// Most bytes of stack the bring-up may use.
 pub const LIMIT: usize = 8192;
@@ -19,14 +19,12 @@ pub const LIMIT: usize = 8192;
 /// The TAP case name.
 pub const NAME: &str = "driver bring-up (new + ATTACH + MAP + PROBE) within 8 KiB of stack";
 
-/// Runs the case on the IOMMU at `iommu_fn` (index `iommu_index` in the topology), with the
-/// first endpoint behind it. Leaves the device reset, with no domain and no mapping.
-pub fn run(tap: &mut Tap, pci: &mut PciBus, iommu_index: usize, iommu_fn: &PciFunction) {
+/// Runs the case on the IOMMU `iommu` (index `iommu_index` in the topology), with the first
+/// endpoint behind it. Leaves the device reset, with no domain and no mapping.
+pub fn run(tap: &mut Tap, pci: &mut PciBus, iommu_index: usize, iommu: &IommuDevice) {
     tap.case(NAME, || {
-        let endpoint = first_endpoint(pci, iommu_index, iommu_fn)?;
-        let root = &mut pci.roots[iommu_fn.host_bridge];
-        let transport = PciTransport::new::<IdentityHal, _>(root, iommu_fn.device_function)
-            .map_err(|e| format!("PCI transport: {e:?}"))?;
+        let endpoint = first_endpoint(pci, iommu_index, iommu)?;
+        let transport = iommu.open(pci)?;
         let options = IommuOptions {
             wait: WaitPolicy {
                 clock: Some(now_ns),
@@ -44,8 +42,8 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, iommu_index: usize, iommu_fn: &PciFu
         let used = used.ok_or("the boot stack is too small to measure")?;
         println!(
             "# stack: driver bring-up used {used} bytes (endpoint {endpoint:#x}, {properties} \
-             PROBE properties; size_of::<VirtIOIommu<_, PciTransport>>() = {} bytes)",
-            size_of::<VirtIOIommu<IdentityHal, PciTransport>>()
+             PROBE properties; size_of::<VirtIOIommu<_, IommuTransport>>() = {} bytes)",
+            size_of::<VirtIOIommu<IdentityHal, IommuTransport>>()
         );
         if used > LIMIT {
             return Err(format!("{used} bytes of stack, more than {LIMIT}"));
@@ -59,7 +57,7 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, iommu_index: usize, iommu_fn: &PciFu
 /// granule-aligned IOVA from 1 MiB to `phys`, UNMAP, DETACH, drop. Returns the number of PROBE properties.
 #[inline(never)]
 fn bring_up(
-    transport: PciTransport,
+    transport: IommuTransport,
     options: IommuOptions,
     endpoint: u32,
     phys: u64,
@@ -85,10 +83,10 @@ fn bring_up(
 fn first_endpoint(
     pci: &PciBus,
     iommu_index: usize,
-    iommu_fn: &PciFunction,
+    iommu: &IommuDevice,
 ) -> Result<u32, &'static str> {
     for f in &pci.functions {
-        if f.host_bridge != iommu_fn.host_bridge || f.requester_id == iommu_fn.requester_id {
+        if !iommu.may_serve(f.host_bridge) || iommu.is_function(f) {
             continue;
         }
         if let Ok(Some(ep)) = pci.topology.pci_endpoint(f.host_bridge, f.requester_id) {
