@@ -213,24 +213,28 @@ fn print_devices(layout: &Layout, spec: &ServerSpec) {
     );
 }
 
-/// Prints the server's driver checker lines and what the device saw, prefixed `runner: `,
-/// then the violations no case announced and the checker gaps ([`checker::unannounced`],
-/// [`checker::gaps`]).
+/// After the server's own `checker:` and `device saw:` lines (forwarded as it printed them):
+/// the violations no case announced ([`checker::unannounced`]), the checker gaps
+/// ([`checker::gaps`], as warnings), and a one-line verdict.
 fn print_checker(report: &ServerReport, output: &str) {
-    if let Some(findings) = &report.checker {
-        for line in &findings.lines {
-            println!("runner: {line}");
-        }
-    }
-    if let Some(saw) = &report.saw {
-        println!("runner: {saw}");
-    }
-    for problem in checker::unannounced(report.checker.as_ref(), output) {
+    let Some(findings) = &report.checker else {
+        eprintln!("runner: the server printed no driver checker report");
+        return;
+    };
+    let unannounced = checker::unannounced(Some(findings), output);
+    for problem in &unannounced {
         eprintln!("runner: {problem}");
     }
-    for gap in checker::gaps(report.checker.as_ref(), output) {
+    for gap in checker::gaps(Some(findings), output) {
         eprintln!("runner: warning: {gap}");
     }
+    let announced = checker::parse_expects(output).len();
+    println!(
+        "runner: driver checker: {} statement(s) broken, {} not announced ({announced} \
+         announcement(s) by the firmware)",
+        findings.violations.len(),
+        unannounced.len()
+    );
 }
 
 /// Time left until `deadline`, or [`Error::Timeout`] when it passed.
