@@ -134,7 +134,7 @@ pub fn unannounced(findings: Option<&CheckerFindings>, output: &str) -> Vec<Stri
         .filter(|v| !expects.iter().any(|e| e.statement == v.statement))
         .map(|v| {
             format!(
-                "driver checker: {} broken and no case announced it: {}",
+                "driver checker: {} broken, not announced by the guest: {}",
                 v.statement, v.line
             )
         })
@@ -244,7 +244,9 @@ mod tests {
         );
         let u = unannounced(f.as_ref(), fw);
         assert_eq!(u.len(), 1, "{u:?}");
-        assert!(u[0].contains("I1 broken") && u[0].contains("undefined request type"));
+        assert!(
+            u[0].contains("I1 broken, not announced") && u[0].contains("undefined request type")
+        );
         // R10's case did not run: no gap; R13 was announced twice, one message.
         assert_eq!(
             gaps(f.as_ref(), fw),

@@ -214,8 +214,9 @@ fn print_devices(layout: &Layout, spec: &ServerSpec) {
 }
 
 /// After the server's own `checker:` and `device saw:` lines (forwarded as it printed them):
-/// the violations no case announced ([`checker::unannounced`]), the checker gaps
-/// ([`checker::gaps`], as warnings), and a one-line verdict.
+/// the violations the guest did not announce ([`checker::unannounced`]: a driver bug of our
+/// firmware, which [`problems`] fails; for another guest, e.g. Linux, what it breaks), the
+/// checker gaps ([`checker::gaps`], as warnings), and a one-line verdict.
 fn print_checker(report: &ServerReport, output: &str) {
     let Some(findings) = &report.checker else {
         eprintln!("runner: the server printed no driver checker report");
@@ -231,7 +232,7 @@ fn print_checker(report: &ServerReport, output: &str) {
     let announced = checker::parse_expects(output).len();
     println!(
         "runner: driver checker: {} statement(s) broken, {} not announced ({announced} \
-         announcement(s) by the firmware)",
+         announcement(s) by the guest)",
         findings.violations.len(),
         unannounced.len()
     );
