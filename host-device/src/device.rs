@@ -688,6 +688,11 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
                     .unwrap_or(0),
                 _ => {
                     let handled = handle_request(state, &*mem, chain.clone(), usize::from(size));
+                    log::debug!(
+                        "requestq: chain {head}: {:?}, used length {}",
+                        handled.outcome,
+                        handled.used_len
+                    );
                     match handled.outcome {
                         Outcome::Completed { status, request } => {
                             self.counters.requests_completed += 1;

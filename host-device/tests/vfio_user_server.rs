@@ -279,10 +279,15 @@ impl Served {
     }
 }
 
+/// Guest RAM as QEMU's `memory-backend-memfd` makes it: a memfd that can be sealed.
 fn memfd(size: u64) -> File {
+    memfd_with_flags(size, libc::MFD_ALLOW_SEALING)
+}
+
+fn memfd_with_flags(size: u64, flags: libc::c_uint) -> File {
     // SAFETY: memfd_create with a NUL-terminated name; the returned descriptor (checked below)
     // is owned by the File from here on.
-    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), 0) };
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), flags) };
     assert!(fd >= 0);
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
     let f = unsafe { File::from_raw_fd(fd) };
@@ -379,6 +384,13 @@ fn config_space_gives_edu_ids_and_bar_round_trips() {
     // A write with NO_REPLY gets no reply; the next command's reply comes next.
     let mut m = header(500, REGION_WRITE, 16 + 16 + 4, 1 << 4);
     m.extend_from_slice(&Client::access(0, 4, 4));
+    m.extend_from_slice(&7u32.to_le_bytes());
+    c.send_raw(&m, &[]);
+    assert_eq!(c.bar_r32(4), !7);
+    // A refused command with NO_REPLY (a write to a region that does not exist) gets no reply
+    // either, not even an error one: the next reply is the next command's.
+    let mut m = header(501, REGION_WRITE, 16 + 16 + 4, 1 << 4);
+    m.extend_from_slice(&Client::access(99, 0, 4));
     m.extend_from_slice(&7u32.to_le_bytes());
     c.send_raw(&m, &[]);
     assert_eq!(c.bar_r32(4), !7);
@@ -1094,4 +1106,100 @@ fn a_client_that_never_reads_its_replies_cannot_block_the_server() {
     assert!(matches!(srv.join(), Err(ServeError::Stalled)));
     assert!(sender.join().unwrap(), "the server closed the connection");
     drop(c);
+}
+
+/// A client that shrinks its guest-RAM file after DMA_MAP must not be able to kill the server
+/// (SIGBUS on the next DMA into the vanished pages). A memfd that can be sealed gets
+/// `F_SEAL_SHRINK` from the server (the truncation fails); one that cannot (created without
+/// `MFD_ALLOW_SEALING`) is refused at DMA_MAP. Run against the binary, so that a SIGBUS shows as
+/// the child's death, not the test's. Before the fix the server accepted the unsealed memfd
+/// (with a warning) and died of SIGBUS at the edu DMA.
+#[test]
+fn truncating_a_dma_file_cannot_kill_the_server() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let dir = temp_dir();
+    let iommu = dir.0.join("iommu.sock");
+    let edu = dir.0.join("edu.sock");
+    let mut child = Command::new(BIN)
+        .args(["--iommu", iommu.to_str().unwrap()])
+        .args(["--edu", edu.to_str().unwrap(), "--edu-endpoint", "0x18"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "virtio-iommu-vfio-user: listening\n");
+    let mut i = Client::connect(&iommu);
+    assert!(i.version().ok());
+    let mut e = Client::connect(&edu);
+    assert!(e.version().ok());
+
+    // Cannot be sealed: refused, nothing mapped.
+    let unsealable = memfd_with_flags(RAM, 0);
+    let r = e.dma_map(0, GPA, RAM, &[unsealable.as_raw_fd()]);
+    assert!(!r.ok() && r.error == EINVAL, "{r:?}");
+
+    // Sealable: mapped and sealed, so the client's truncation fails.
+    let ram = memfd(RAM);
+    assert!(e.dma_map(0, GPA, RAM, &[ram.as_raw_fd()]).ok());
+    assert!(ram.set_len(0).is_err(), "the server sealed the file");
+    // Also try the refused one truncated: the server has no mapping of it.
+    unsealable.set_len(0).unwrap();
+
+    // edu DMA RAM -> buffer (boot bypass: IOVA = GPA), sent without waiting for the reply: a
+    // dead server gives none.
+    e.bar_w(0x80, &(GPA + 0x1000).to_le_bytes());
+    e.bar_w(0x88, &DMA_START.to_le_bytes());
+    e.bar_w(0x90, &16u64.to_le_bytes());
+    let mut start = Client::access(0, 0x98, 8);
+    start.extend_from_slice(&1u64.to_le_bytes());
+    e.send(REGION_WRITE, &start, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(child.try_wait().unwrap(), None, "server died");
+    assert!(e.recv().ok());
+    drop(e);
+    drop(i);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.signal(), None, "server killed by a signal");
+    assert!(status.success(), "{status:?}");
+}
+
+/// DMA_MAP flags: a mapping the client grants READ only must not be written by the device
+/// (vfio-user DMA_MAP `VFIO_USER_F_DMA_REGION_WRITE` clear): the server keeps it out of reach,
+/// so edu's buffer -> RAM DMA into it moves nothing.
+#[test]
+fn a_read_only_dma_mapping_is_not_written() {
+    let mut srv = serve_edu(Limits::default());
+    let mut c = Client::connect(&srv.path);
+    let ram = memfd(RAM);
+    ram.write_all_at(b"read-only guest RAM", 0x2000).unwrap();
+    // flags 1: READ only.
+    let mut p = le32(&[32, 1]);
+    for v in [0u64, GPA, RAM] {
+        p.extend_from_slice(&v.to_le_bytes());
+    }
+    let mapped = c.call_fds(DMA_MAP, &p, &[ram.as_raw_fd()]).ok();
+    // edu buffer -> RAM (direction bit 1 set): a device write into the READ-only mapping.
+    c.bar_w(0x80, &DMA_START.to_le_bytes());
+    c.bar_w(0x88, &(GPA + 0x2000).to_le_bytes());
+    c.bar_w(0x90, &19u64.to_le_bytes());
+    c.bar_w(0x98, &3u64.to_le_bytes());
+    let mut got = [0u8; 19];
+    ram.read_exact_at(&mut got, 0x2000).unwrap();
+    assert_eq!(
+        &got, b"read-only guest RAM",
+        "the device wrote into a READ-only DMA mapping (DMA_MAP accepted: {mapped})"
+    );
+    drop(c);
+    srv.join().unwrap();
 }

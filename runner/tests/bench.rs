@@ -2,7 +2,9 @@
 //!
 //! - `bench`: MAP+UNMAP throughput, one request per notification versus batches; checks the
 //!   requests per notification at batch size 256 (≥ 64, the issue's criterion), which does not
-//!   depend on timing; the speed-up is printed, not asserted (see [`MIN_SPEEDUP`]).
+//!   depend on timing; against QEMU's device the speed-up is printed, not asserted (see
+//!   [`MIN_SPEEDUP`]); against our device over vfio-user the issue's 8x is asserted from the
+//!   two figures of the one run ([`OURS_MIN_SPEEDUP`]). The register-access timings are printed.
 //! - `dma-modes`: virtio-blk and virtio-rng behind the IOMMU through the driver's `Hal` adapter
 //!   in strict, isolated strict, identity-bypass and identity-mapped mode, data verified (the disk's SHA-256 in
 //!   every mode equal to the host's).
@@ -28,6 +30,9 @@ use virtio_iommu_runner::{
 /// The measured value is printed; `-append "bench"` alone (the firmware's default) checks the
 /// issue's 8×.
 const MIN_SPEEDUP: f64 = 0.0;
+/// Speed-up of batch size 256 over one request per notification required against our device
+/// over vfio-user, in one run: the issue's 8x (issue #8 item 6).
+const OURS_MIN_SPEEDUP: f64 = 8.0;
 /// Requests per notification required at batch size 256 (the issue's criterion).
 const MIN_REQ_PER_NOTIFY_256: f64 = 64.0;
 
@@ -69,9 +74,13 @@ fn field(row: &BTreeMap<String, String>, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("bench-result without a numeric {key}: {row:?}"))
 }
 
-fn bench(name: &str, base: RunConfig) {
+/// Boots `bench` mode with `min_speedup` as the firmware's check and asserts the criteria
+/// from this one run: ≥ 64 requests per notification at 256, and batch 256's ops/s at least
+/// `min_speedup` times the faster size-1 row's, both rows of the same run (the host's own
+/// division of the two `bench-result:` figures, and the firmware's `bench-check:` of them).
+fn bench(name: &str, base: RunConfig, min_speedup: f64) {
     let config = RunConfig {
-        extra_args: vec!["-append".into(), format!("bench min-speedup={MIN_SPEEDUP}")],
+        extra_args: vec!["-append".into(), format!("bench min-speedup={min_speedup}")],
         ..base
     };
     let outcome = boot(name, config);
@@ -116,6 +125,23 @@ fn bench(name: &str, base: RunConfig) {
         rpn >= MIN_REQ_PER_NOTIFY_256,
         "{name}: {rpn} requests per notification at batch size 256"
     );
+    assert!(
+        speedup >= min_speedup,
+        "{name}: batch 256 = {speedup:.2}x one request per notification, below {min_speedup}x"
+    );
+    // The register-access timings (BENCHMARKS.md): one line per kind, a positive cost.
+    for kind in ["common-read", "device-cfg-read", "notify-write"] {
+        let line = outcome
+            .output
+            .lines()
+            .find(|l| l.starts_with(&format!("bench-reg: access={kind} ")))
+            .unwrap_or_else(|| panic!("{name}: no bench-reg line for {kind}\n{}", outcome.output));
+        eprintln!("{name}: {}", line.trim_end());
+        assert!(
+            !line.trim_end().ends_with("ns_per_access=0"),
+            "{name}: {line}"
+        );
+    }
     for check in ["speedup_at_256=", "req_per_notify_at_256="] {
         assert!(
             outcome
@@ -135,13 +161,14 @@ fn bench(name: &str, base: RunConfig) {
 
 #[test]
 fn bench_mode_batches() {
-    bench("bench", RunConfig::default());
+    bench("bench", RunConfig::default(), MIN_SPEEDUP);
 }
 
 #[test]
 fn bench_mode_against_our_device() {
     // Our device through vfio-user (issue #8 item 6): a notification is a message to another
-    // process here. The ratio is printed; ≥ 64 requests per notification is asserted.
+    // process here, so batching must pay: the issue's 8x is asserted, from the two figures of
+    // this one run (measured 29-37x, BENCHMARKS.md), as is ≥ 64 requests per notification.
     let server = virtio_iommu_runner::ours::server_binary(&RunConfig {
         server: std::env::var_os("VIOMMU_SERVER").map(PathBuf::from),
         ..RunConfig::default()
@@ -152,7 +179,7 @@ fn bench_mode_against_our_device() {
         server: Some(server),
         ..RunConfig::default()
     };
-    bench("bench ours", config);
+    bench("bench ours", config, OURS_MIN_SPEEDUP);
 }
 
 /// Cases `dma-modes` must report as `ok` and not skipped (by name prefix).

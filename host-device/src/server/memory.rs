@@ -1,6 +1,7 @@
 //! Guest RAM from the client's DMA mappings (vfio-user DMA_MAP / DMA_UNMAP): each mapping with
 //! a file descriptor becomes a shared `mmap` of that file ([`MmapRegion::from_file`]); the
-//! whole set is rebuilt into a [`GuestMemoryMmap`] after every change.
+//! whole set is rebuilt into a [`GuestMemoryMmap`] after every change. The file must carry (or
+//! accept) `F_SEAL_SHRINK`, so that the client cannot shrink it under the mapping.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -27,6 +28,10 @@ pub enum DmaError {
     TooMany,
     /// `offset + size` is past the end of the file (accessing it would raise SIGBUS).
     BeyondFile,
+    /// The file is not sealed against shrinking (`F_SEAL_SHRINK`) and cannot be sealed (not a
+    /// memfd, or created without `MFD_ALLOW_SEALING`, or already `F_SEAL_SEAL`ed): the client
+    /// could truncate it under the mapping and the next DMA would kill the server (SIGBUS).
+    Unsealed,
     /// `mmap` failed.
     Mmap(String),
     /// DMA_UNMAP does not name exactly one mapping (vfio-user unmaps whole mappings only).
@@ -40,6 +45,10 @@ impl std::fmt::Display for DmaError {
             DmaError::Overlap => write!(f, "DMA range overlaps an existing mapping"),
             DmaError::TooMany => write!(f, "more than {MAX_MAPPINGS} DMA mappings"),
             DmaError::BeyondFile => write!(f, "DMA mapping extends past the end of its file"),
+            DmaError::Unsealed => write!(
+                f,
+                "DMA file cannot be sealed against shrinking (use memory-backend-memfd)"
+            ),
             DmaError::Mmap(e) => write!(f, "mmap of the DMA file failed: {e}"),
             DmaError::NoSuchMapping => write!(f, "DMA_UNMAP range is not one mapping"),
         }
@@ -60,13 +69,21 @@ struct Mapping {
     region: Option<Arc<GuestRegionMmap>>,
 }
 
-/// Whether `file` is a memfd with `F_SEAL_SHRINK` (QEMU's `memory-backend-memfd` seals its
-/// memfds by default, `seal=on`).
-fn sealed_against_shrinking(file: &File) -> bool {
+/// Makes sure `file` cannot shrink under a mapping: `true` if it carries `F_SEAL_SHRINK`
+/// (QEMU's `memory-backend-memfd` seals its memfds by default, `seal=on`) or the seal could be
+/// added now (a memfd created with `MFD_ALLOW_SEALING`: QEMU never shrinks guest RAM, so the
+/// seal costs the client nothing). Files that cannot be sealed (regular files, tmpfs/hugetlbfs
+/// files of `memory-backend-file`) give `false`.
+fn seal_against_shrinking(file: &File) -> bool {
     use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
     // SAFETY: fcntl(F_GET_SEALS) on a descriptor this process owns; integer arguments only.
-    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return true;
+    }
+    // SAFETY: as above, fcntl(F_ADD_SEALS) with an integer argument.
+    seals >= 0 && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0
 }
 
 /// The client's DMA mappings, by guest physical start address.
@@ -106,10 +123,14 @@ impl DmaMappings {
     /// Adds the mapping of guest physical `[address, address + size)` to `file` at byte
     /// `offset`. Without `file` the range is recorded (for overlap checks) but stays out of
     /// reach, with a warning: the client's RAM is not shareable (QEMU without `share=on`).
-    /// `flags` (READ/WRITE) are logged only: the mapping is always read-write, as QEMU's RAM.
+    /// A mapping whose `flags` are not both READ and WRITE is recorded the same way, out of
+    /// reach: the device could otherwise write where the client allowed only reads.
+    ///
+    /// A file that is not sealed against shrinking gets `F_SEAL_SHRINK` added (see
+    /// [`DmaError::Unsealed`]), so a client cannot turn a later DMA into a SIGBUS.
     ///
     /// # Errors
-    /// [`DmaError`]; nothing changes then.
+    /// [`DmaError`]; nothing changes then (except a seal added to the file).
     pub fn map(
         &mut self,
         flags: DmaMapFlags,
@@ -130,6 +151,18 @@ impl DmaMappings {
             return Err(DmaError::Overlap);
         }
         let region = match file {
+            // The device's DMA both reads and writes guest memory, and vm-memory cannot map a
+            // region for reads only without turning a device write into SIGSEGV; a mapping the
+            // client does not grant both is therefore kept out of reach too (QEMU maps RAM
+            // read-write; what it maps read-only, ROM, it maps without a descriptor).
+            Some(_) if !flags.contains(DmaMapFlags::READ_WRITE) => {
+                log::warn!(
+                    "DMA_MAP {address:#x}+{size:#x} with flags {:#x} (not READ|WRITE) kept out \
+                     of the device's reach",
+                    flags.bits()
+                );
+                None
+            }
             None => {
                 log::warn!(
                     "DMA_MAP {address:#x}+{size:#x} without file descriptor ignored: guest RAM \
@@ -138,19 +171,16 @@ impl DmaMappings {
                 None
             }
             Some(file) => {
+                // Sealed before the size check, so the size checked is the size kept.
+                if !seal_against_shrinking(&file) {
+                    return Err(DmaError::Unsealed);
+                }
                 let len = file
                     .metadata()
                     .map_err(|e| DmaError::Mmap(e.to_string()))?
                     .len();
                 if file_end > len {
                     return Err(DmaError::BeyondFile);
-                }
-                if !sealed_against_shrinking(&file) {
-                    log::warn!(
-                        "DMA_MAP {address:#x}+{size:#x}: the file is not sealed against \
-                         shrinking; if the client truncates it, accesses past its end kill the \
-                         server (SIGBUS)"
-                    );
                 }
                 let len = usize::try_from(size).map_err(|_| DmaError::BadRange)?;
                 let mmap = MmapRegion::from_file(FileOffset::new(file, offset), len)

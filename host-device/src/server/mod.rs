@@ -37,6 +37,9 @@
 //! - replies are written with the same timeout, so a client that stops reading cannot block it;
 //! - at most [`MAX_FDS`] descriptors per message; descriptors a command does not take are
 //!   refused (and closed);
+//! - a DMA_MAP file must be sealed against shrinking or sealable (a memfd; the server adds
+//!   `F_SEAL_SHRINK`), else it is refused: a client truncating a mapped file would otherwise
+//!   turn the next DMA into a SIGBUS ([`memory::DmaError::Unsealed`]);
 //! - every other malformed or refused command (short payload, unknown command, region access
 //!   at any offset or width outside the region, overlapping DMA map, bad SET_IRQS) gets an error
 //!   reply with an errno and the connection goes on.

@@ -17,6 +17,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use super::backend::{FunctionBackend, NUM_IRQS, NUM_REGIONS};
 use super::counters::Counter;
 use super::irqs::IrqData;
+use super::memory::MAX_MAPPINGS;
 use super::wire::{self, Header, HEADER_SIZE};
 use super::{Limits, ServeError, MAX_DATA_XFER, MAX_FDS};
 use crate::function::PciFunction;
@@ -132,8 +133,12 @@ pub(super) fn run<F: PciFunction>(
                     header.command,
                     header.message_id
                 );
-                backend.counters().bump(Counter::ErrorReply);
-                send_error(stream, &header, errno)?;
+                // A command sent with No_reply (QEMU's posted BAR writes) gets no reply, not
+                // even an error one: the client keeps no pending entry to match it with.
+                if header.flags & wire::FLAG_NO_REPLY == 0 {
+                    backend.counters().bump(Counter::ErrorReply);
+                    send_error(stream, &header, errno)?;
+                }
             }
         }
     }
@@ -234,11 +239,14 @@ fn send_error(stream: &mut UnixStream, request: &Header, errno: i32) -> Result<(
     stream.write_all(h.as_bytes()).map_err(write_error)
 }
 
-/// The capabilities answered to VERSION (the JSON object of the vfio-user specification).
+/// The capabilities answered to VERSION (the JSON object of the vfio-user specification):
+/// descriptors per message, bytes per transfer, and the number of DMA mappings the server keeps
+/// ([`MAX_MAPPINGS`]; the protocol's default would be 65535). No `migration`:
+/// the server does not implement it.
 fn capabilities() -> String {
     format!(
         "{{\"capabilities\":{{\"max_msg_fds\":{MAX_FDS},\"max_data_xfer_size\":{MAX_DATA_XFER},\
-         \"migration\":{{\"pgsize\":4096}}}}}}"
+         \"max_dma_maps\":{MAX_MAPPINGS}}}}}"
     )
 }
 

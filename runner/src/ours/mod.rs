@@ -11,11 +11,11 @@
 //!    it gets the copy while `disk-sha256:` is checked against the original's hash;
 //! 3. QEMU's own tree for the machine without devices ([`dump`], [`dump_args`]) plus a
 //!    `virtio,pci-iommu` node and the host bridge's `iommu-map` ([`add_pci_iommu`]), written to
-//!    `virt.dtb`; the map covers every requester ID but the IOMMU's and the host bridge's
-//!    (`Coverage::AllExcept([0])`): the host bridge 00:00.0 is QEMU's and unknown to our
-//!    IOMMU, while empty slots stay covered so that the firmware finds endpoint IDs the IOMMU
-//!    does not know (its S_NOENT cases). QEMU PCI devices in the extra arguments are refused
-//!    ([`check_no_qemu_pci_devices`]);
+//!    `virt.dtb`; the map covers every requester ID but the IOMMU's, QEMU's own form
+//!    (`Coverage::AllExcept(vec![])`): the server serves the host bridge 00:00.0 as an
+//!    endpoint, as QEMU's device does, and empty slots stay covered so that the firmware finds
+//!    endpoint IDs the IOMMU does not know (its S_NOENT cases). QEMU PCI devices in the extra
+//!    arguments are refused ([`check_no_qemu_pci_devices`]);
 //!    QEMU builds a VIOT only for its own virtio-iommu, so QEMU's ACPI is turned off and an
 //!    MCFG and VIOT describing the same bridge and IOMMU ([`pci_iommu_acpi`]) go to the guest
 //!    as fw_cfg `etc/acpi/tables` and `etc/table-loader` (QEMU warns that such names should
@@ -28,7 +28,10 @@
 //!    in [`RunOutcome::server`], with the driver checker's findings (the server runs with
 //!    `--checker`; [`checker`] compares them with the firmware's announcements).
 //!
-//! `VIOMMU_TIMEOUT_SECS` bounds steps 3–6 together (the builds of step 1 are not counted).
+//! `VIOMMU_TIMEOUT_SECS` bounds steps 3–6 together (the builds of step 1 are not counted),
+//! except that step 3's `dumpdtb` run is cut only by its own bound
+//! ([`crate::devicetree::DUMP_TIMEOUT`]): its time counts against the deadline, but it may
+//! overrun it.
 //! The temporary directory, the server and QEMU are removed or killed on every exit path.
 //!
 //! Modules: `pci_addr` (device addresses and requester IDs), `layout` (where our devices sit,

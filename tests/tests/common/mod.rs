@@ -24,7 +24,7 @@ pub const OTHER_EP: u32 = 0x10;
 pub const ABSENT_EP: u32 = 0x99;
 
 /// Which device configuration to test.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum OursConfig {
     /// Every feature offered, an MSI region per endpoint, a bounded domain range.
     Full,
