@@ -182,7 +182,12 @@ pub fn query_qtree(qemu: &Path, args: &[String]) -> Result<String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let display = format!("{command:?}");
-    let mut child = io_context(command.spawn(), || format!("cannot run `{display}`"))?;
+    let child = io_context(command.spawn(), || format!("cannot run `{display}`"))?;
+    // Killed and reaped on every way out, an error of `try_wait` included.
+    let mut guard = crate::boot::ChildGuard(Some(child));
+    let Some(child) = guard.child() else {
+        unreachable!("the guard was just given the child")
+    };
     if let Some(mut stdin) = child.stdin.take() {
         // QEMU reads the commands one after the other; `quit` ends it.
         let _ = stdin.write_all(b"info qtree\nquit\n");
