@@ -94,8 +94,9 @@ pub trait Harness {
     fn dma_in(&mut self, iova: u64, len: u64);
     /// The DMA endpoint writes the first `len` bytes of its buffer to `iova`.
     fn dma_out(&mut self, iova: u64, len: u64);
-    /// Virtio reset of the device (status 0) and a fresh driver initialisation. `None` when the
-    /// backend cannot reset without losing what it needs.
+    /// Virtio reset of the device (status 0) and a fresh driver initialisation that PROBEs the
+    /// endpoints again when PROBE is negotiated, as a driver does before attaching them (R5;
+    /// [`probe_endpoints`]). `None` when the backend cannot reset without losing what it needs.
     fn reset(&mut self) -> Option<Result<(), IommuError>>;
     /// Whether the device has set DEVICE_NEEDS_RESET.
     fn needs_reset(&mut self) -> bool;
