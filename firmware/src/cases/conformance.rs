@@ -180,13 +180,14 @@ impl Harness for Qemu<'_> {
         // A reset forgets what was probed: PROBE each endpoint again before anything attaches
         // it (R5), as setup did (later cases, `shared.rs`, attach virtio-blk too).
         Some(
-            VirtIOIommu::<IdentityHal, _>::new(transport, options()).and_then(|mut i| {
+            VirtIOIommu::<IdentityHal, _>::new(transport, options()).and_then(|i| {
+                // Kept even if a PROBE fails: the following cases still have a driver.
+                let i = slot.insert(i);
                 if i.features().contains(Features::PROBE) {
                     for &ep in &self.probed {
                         i.probe(ep, |_| {})?;
                     }
                 }
-                *slot = Some(i);
                 Ok(())
             }),
         )
