@@ -2,7 +2,7 @@
 //! `VirtQueue`.
 
 use crate::error::IommuError;
-use crate::held::{held_array, Held, HeldQueue};
+use crate::held::{held, held_array, Held, HeldQueue};
 use crate::parse::{parse_fault, parse_probe_properties, FaultEvent, ProbeProperty};
 use crate::wire::{
     config_offset, Features, MapFlags, ProbePropertyHeader, ReqAttach, ReqDetach, ReqHead, ReqMap,
@@ -14,6 +14,9 @@ use core::ptr::NonNull;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use zerocopy::IntoBytes;
+
+mod nb;
+pub use nb::{InterruptReport, NbRequest, NbToken, NB_SLOTS};
 
 /// Number of descriptors of `requestq` when the device allows it (QEMU offers 256). Every
 /// request uses 2 descriptors (device-readable part, device-writable part), so at most
@@ -590,6 +593,10 @@ pub struct VirtIOIommu<H: Hal, T: Transport> {
     batch_slots: Held<[SlotMeta; BATCH_CAPACITY]>,
     /// `batch_slot_of_token[token]` = slot index + 1 of the batched request posted with `token`.
     batch_slot_of_token: Held<[u16; REQUESTQ_SIZE]>,
+    /// [`NB_SLOTS`] slots of [`BATCH_SLOT`] bytes for non-blocking requests.
+    nb_buffer: ManuallyDrop<DmaBuffer<H>>,
+    /// The non-blocking slots' driver-side table.
+    nb: Held<nb::NbTable>,
     request_stats: RequestStats,
     /// `event_slot_of_token[token]` = slot index + 1 of the event buffer posted with `token`.
     event_slot_of_token: Held<[u16; EVENTQ_SIZE]>,
@@ -695,9 +702,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
                 r,
                 DmaBuffer::new(EVENTQ_SIZE * EVENT_BUFFER_SIZE)?,
                 DmaBuffer::new(BATCH_CAPACITY * BATCH_SLOT)?,
+                DmaBuffer::new(NB_SLOTS * BATCH_SLOT)?,
             ))
         });
-        let (request_buffer, event_buffer, batch_buffer) = match buffers {
+        let (request_buffer, event_buffer, batch_buffer, nb_buffer) = match buffers {
             Ok(b) => b,
             Err(e) => return Err(abandon(transport, &wait, (requestq, eventq), e)),
         };
@@ -711,6 +719,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             batch_buffer: ManuallyDrop::new(batch_buffer),
             batch_slots: held_array(SlotMeta::default()),
             batch_slot_of_token: held_array(0),
+            nb_buffer: ManuallyDrop::new(nb_buffer),
+            nb: held(nb::NbTable::new()),
             request_stats: RequestStats::default(),
             event_slot_of_token: held_array(0),
             features,
@@ -1222,6 +1232,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         fill: u8,
     ) -> Result<u32, IommuError> {
         self.usable()?;
+        self.nb_idle()?;
         let r_total: usize = readable.iter().map(|p| p.len()).sum();
         let w_total: usize = writable_lens.iter().sum();
         if readable.len() > MAX_RAW_PARTS
@@ -1272,6 +1283,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// Returns the number of notifications sent.
     fn run_batch(&mut self, len: usize) -> Result<u32, IommuError> {
         self.usable()?;
+        self.nb_idle()?;
         let per_round = self.requestq.size() / 2;
         let mut notifications = 0u32;
         let mut next = 0;
@@ -1417,6 +1429,16 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         Ok(())
     }
 
+    /// Synchronous requests and batches share `requestq` with the non-blocking ones: refused
+    /// with [`IommuError::Busy`] while one is in flight.
+    fn nb_idle(&self) -> Result<(), IommuError> {
+        if self.nb.in_flight() > 0 {
+            Err(IommuError::Busy)
+        } else {
+            Ok(())
+        }
+    }
+
     fn usable(&self) -> Result<(), IommuError> {
         if self.broken {
             Err(IommuError::Broken)
@@ -1487,6 +1509,7 @@ impl<H: Hal, T: Transport> Drop for VirtIOIommu<H, T> {
             ManuallyDrop::drop(&mut self.request_buffer);
             ManuallyDrop::drop(&mut self.event_buffer);
             ManuallyDrop::drop(&mut self.batch_buffer);
+            ManuallyDrop::drop(&mut self.nb_buffer);
         }
     }
 }

@@ -127,6 +127,18 @@ pub enum IommuError {
     DmaAlloc,
     /// An error from the virtio-drivers transport or virtqueue.
     Transport(virtio_drivers::Error),
+    /// The request cannot be sent now: every non-blocking slot is taken
+    /// ([`crate::NB_SLOTS`]), or a synchronous request or [`crate::Batch`] was asked for while
+    /// non-blocking requests are in flight (they share `requestq`; complete them first). Not
+    /// fatal: nothing was sent.
+    Busy,
+    /// A [`crate::NbToken`] that names no request of this driver: already completed and
+    /// collected, discarded, or from another driver. Not fatal.
+    UnknownToken,
+    /// A bounded wait for a non-blocking request ended before the device completed it
+    /// ([`crate::VirtIOIommu::wait_nb`]). Not fatal: the request stays in flight, its buffers
+    /// owned by the driver, and its token stays valid.
+    Pending,
 }
 
 impl fmt::Display for IommuError {
@@ -173,6 +185,9 @@ impl fmt::Display for IommuError {
             Self::BufferSize => write!(f, "buffer size does not fit the request"),
             Self::DmaAlloc => write!(f, "DMA allocation failed"),
             Self::Transport(e) => write!(f, "transport: {e}"),
+            Self::Busy => write!(f, "requestq busy with non-blocking requests"),
+            Self::UnknownToken => write!(f, "token names no request in flight or completed"),
+            Self::Pending => write!(f, "request still in flight after the wait"),
         }
     }
 }

@@ -42,6 +42,18 @@ impl<T> core::ops::DerefMut for Inline<T> {
     }
 }
 
+/// `value`, held (for small values: it passes through the stack).
+pub(crate) fn held<T>(value: T) -> Held<T> {
+    #[cfg(feature = "alloc")]
+    {
+        Box::new(value)
+    }
+    #[cfg(not(feature = "alloc"))]
+    {
+        Inline(value)
+    }
+}
+
 /// `[value; N]`, held. With `alloc` it is built on the heap element by element, never on the
 /// stack.
 pub(crate) fn held_array<T: Copy, const N: usize>(value: T) -> Held<[T; N]> {

@@ -33,6 +33,7 @@ extern crate alloc;
 mod device;
 mod error;
 mod held;
+pub mod irq;
 pub mod parse;
 pub mod wire;
 
@@ -48,9 +49,9 @@ pub mod topology;
 pub mod embedding {}
 
 pub use device::{
-    Batch, BatchOp, BatchResult, EventStats, IommuConfig, IommuOptions, RequestStats, VirtIOIommu,
-    WaitPolicy, BATCH_CAPACITY, EVENTQ_SIZE, EVENT_BUFFER_SIZE, MAX_PROBE_SIZE, REQUESTQ_MIN_SIZE,
-    REQUESTQ_SIZE, WRITABLE_FILL,
+    Batch, BatchOp, BatchResult, EventStats, InterruptReport, IommuConfig, IommuOptions, NbRequest,
+    NbToken, RequestStats, VirtIOIommu, WaitPolicy, BATCH_CAPACITY, EVENTQ_SIZE, EVENT_BUFFER_SIZE,
+    MAX_PROBE_SIZE, NB_SLOTS, REQUESTQ_MIN_SIZE, REQUESTQ_SIZE, WRITABLE_FILL,
 };
 pub use error::IommuError;
 pub use parse::{FaultEvent, FaultReason, ProbeProperty, ReservedRegion, ResvMemKind};

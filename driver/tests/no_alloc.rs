@@ -15,7 +15,9 @@
 //! - `IovaAllocator` alloc/free churn and `DmaSpace::map_buffer`/`unmap_buffer`;
 //! - a lazy `DmaSpace` (`UnmapPolicy::Lazy`) on the real driver: deferred UNMAPs, flushes by the
 //!   size and the time bound and explicit ones (the flush queue is allocated by
-//!   `set_unmap_policy`, before counting).
+//!   `set_unmap_policy`, before counting);
+//! - the interrupt side: `submit_nb_many`, `handle_interrupt` (ack, completions, fault
+//!   reports), `poll_nb`, `poll_event`, `discard_nb` — what an interrupt handler may call.
 
 mod common;
 
@@ -357,4 +359,44 @@ fn lazy_unmapping_and_its_flushes_do_not_allocate() {
     assert!(s.by_size > 0 && s.by_age > 0, "{s:?}");
     assert_eq!((space.maps, space.unmaps, space.failures), (1200, 1200, 0));
     assert_eq!(space.live_mappings(), 0);
+}
+
+#[test]
+fn the_interrupt_side_allocates_nothing() {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    drv.attach(1, 16).unwrap();
+    drv.enable_interrupts();
+    let reqs: Vec<virtio_iommu_driver::NbRequest> = (0..8u64)
+        .map(|i| {
+            virtio_iommu_driver::NbRequest::Op(BatchOp::Map {
+                domain: 1,
+                virt_start: (i + 1) << 12,
+                virt_end: ((i + 2) << 12) - 1,
+                phys_start: 0x10_0000,
+                flags: RW,
+            })
+        })
+        .collect();
+    let mut tokens = [None; 8];
+    // A well-formed fault report (reason UNKNOWN, endpoint 0) waiting on eventq.
+    assert!(dev.push_event(&[0u8; 24], 24).is_some());
+    let (n, ()) = allocations(|| {
+        drv.submit_nb_many(&reqs, &mut tokens).unwrap();
+        let mut faults = 0;
+        let r = drv.handle_interrupt(|_| faults += 1).unwrap();
+        assert_eq!((r.completed, faults), (8, 1));
+        for t in &tokens {
+            assert_eq!(drv.poll_nb(t.as_ref().unwrap()), Some(Ok(())));
+        }
+        let t = drv
+            .submit_nb(virtio_iommu_driver::NbRequest::Detach {
+                domain: 1,
+                endpoint: 16,
+            })
+            .unwrap();
+        assert!(drv.discard_nb(t));
+        assert_eq!(drv.poll_event().unwrap(), None);
+    });
+    assert_eq!(n, 0, "the interrupt side allocated {n} times");
 }

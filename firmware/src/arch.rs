@@ -72,3 +72,29 @@ pub fn stack_pointer() -> u64 {
     unsafe { asm!("mov {}, sp", out(reg) sp, options(nomem, nostack, preserves_flags)) };
     sp
 }
+
+/// `CNTV_CTL_EL0`: bit 0 ENABLE, bit 1 IMASK of the EL1 virtual timer.
+pub fn set_cntv_ctl(value: u64) {
+    // SAFETY: writes the virtual timer's control register (EL0/EL1 accessible); no memory.
+    unsafe { asm!("msr cntv_ctl_el0, {}", "isb", in(reg) value, options(nomem, nostack)) };
+}
+
+/// `CNTV_TVAL_EL0`: the virtual timer fires `ticks` counter ticks from now.
+pub fn set_cntv_tval(ticks: u32) {
+    // SAFETY: writes the virtual timer's down-counter; no memory.
+    unsafe { asm!("msr cntv_tval_el0, {}", in(reg) u64::from(ticks), options(nomem, nostack)) };
+}
+
+/// Unmasks IRQs (PSTATE.I) for one instruction window, so a pending IRQ is taken here, then
+/// masks them again. Not `nomem`: the handler runs in between and changes memory.
+pub fn irq_window() {
+    // SAFETY: the IRQ handler (exceptions.rs) saves and restores every register it uses.
+    unsafe {
+        asm!(
+            "msr daifclr, #2",
+            "isb",
+            "msr daifset, #2",
+            options(nostack)
+        )
+    };
+}

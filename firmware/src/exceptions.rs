@@ -40,7 +40,10 @@ impl ExceptionHandlers for Exceptions {
     }
 
     extern "C" fn irq_current(state: RegisterStateRef) {
-        unexpected("IRQ, current EL", &state)
+        // Expected only once `gic::init` ran (the `irq-*` cases).
+        if !crate::gic::handle_irq() {
+            unexpected("IRQ, current EL", &state)
+        }
     }
 
     extern "C" fn fiq_current(state: RegisterStateRef) {

@@ -25,6 +25,7 @@ pub mod dtb;
 pub mod exceptions;
 pub mod exit;
 pub mod fwcfg;
+pub mod gic;
 pub mod hal;
 pub mod heap;
 pub mod iommu_dev;

@@ -46,6 +46,22 @@ pub fn with_locked<M: IommuMapper, R>(
     }
 }
 
+/// [`with_locked`] with this CPU's interrupts masked through `I` for the whole time both locks
+/// are held (masked before the first is taken, restored after both are released): for DMA
+/// contexts whose locks an interrupt handler also takes (see [`crate::irq`]).
+///
+/// # Errors
+///
+/// Those of [`with_locked`].
+pub fn with_locked_irq<I: crate::irq::InterruptControl, M: IommuMapper, R>(
+    iommu: &spin::Mutex<Option<M>>,
+    space: &spin::Mutex<Option<DmaSpace>>,
+    f: impl FnOnce(&mut dyn IommuMapper, &mut DmaSpace) -> Result<R, IommuError>,
+) -> Result<R, IommuError> {
+    let _irq = crate::irq::IrqGuard::<I>::new();
+    with_locked(iommu, space, f)
+}
+
 /// Defines a zero-sized [`DmaContext`](crate::dma::DmaContext) type over two statics, a
 /// `spin::Mutex<Option<M>>` holding the IOMMU driver (any [`IommuMapper`](crate::dma::IommuMapper))
 /// and a `spin::Mutex<Option<DmaSpace>>` for the device, locked with
@@ -64,6 +80,16 @@ pub fn with_locked<M: IommuMapper, R>(
 ///     pub struct NetDma { inner: MyHal, iommu: IOMMU, space: NET_DMA }
 /// }
 /// type Net = VirtIONetRaw<IommuHal<NetDma>, AccessPlatform<PciTransport>, 16>;
+/// // With `irq: Type` (an `irq::InterruptControl`), interrupts are masked while the locks are
+/// // held ([`with_locked_irq`](crate::dma::with_locked_irq)): for locks a handler also takes.
+/// static NET2_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
+/// virtio_iommu_driver::dma_context! {
+///     /// A second card, its locks interrupt-safe.
+///     pub struct Net2Dma {
+///         inner: MyHal, iommu: IOMMU, space: NET2_DMA,
+///         irq: virtio_iommu_driver::irq::NoInterruptControl,
+///     }
+/// }
 /// # // Without an installed IOMMU and space, the context reports the driver unusable.
 /// # use virtio_iommu_driver::dma::DmaContext;
 /// # assert_eq!(
@@ -91,6 +117,27 @@ macro_rules! dma_context {
                 ) -> ::core::result::Result<R, $crate::IommuError>,
             ) -> ::core::result::Result<R, $crate::IommuError> {
                 $crate::dma::with_locked(&$iommu, &$space, f)
+            }
+        }
+    };
+    ($(#[$attr:meta])* $vis:vis struct $name:ident {
+        inner: $inner:ty,
+        iommu: $iommu:path,
+        space: $space:path,
+        irq: $irq:ty $(,)?
+    }) => {
+        $(#[$attr])*
+        $vis struct $name;
+
+        impl $crate::dma::DmaContext for $name {
+            type Inner = $inner;
+            fn with<R>(
+                f: impl FnOnce(
+                    &mut dyn $crate::dma::IommuMapper,
+                    &mut $crate::dma::DmaSpace,
+                ) -> ::core::result::Result<R, $crate::IommuError>,
+            ) -> ::core::result::Result<R, $crate::IommuError> {
+                $crate::dma::with_locked_irq::<$irq, _, _>(&$iommu, &$space, f)
             }
         }
     };

@@ -163,7 +163,7 @@ mod fake;
 pub use crate::iova::{IovaAllocator, DEFAULT_IOVA_CAPACITY};
 pub use bounce::DEFAULT_BOUNCE_GRANULES;
 pub use flush::{Clock, FlushError, FlushStats, FnClock, UnmapPolicy, MAX_PENDING};
-pub use hal::{with_locked, DmaContext, IommuHal};
+pub use hal::{with_locked, with_locked_irq, DmaContext, IommuHal};
 pub use mapper::IommuMapper;
 pub use ranges::PhysRange;
 pub use space::{DmaMode, DmaSpace, DEFAULT_MAX_MAPPINGS, FAULT_WINDOW_MAX, NO_CONTEXT_ADDRESS};

@@ -327,6 +327,11 @@ fn wr<T: Copy>(addr: u64, v: T) {
 }
 
 impl State {
+    /// The `flags` of queue `queue`'s available ring (bit 0: VIRTQ_AVAIL_F_NO_INTERRUPT).
+    pub fn avail_flags(&self, queue: usize) -> u16 {
+        rd(self.queues[queue].avail)
+    }
+
     fn u32_at(&self, off: usize) -> u32 {
         u32::from_le_bytes(self.config[off..off + 4].try_into().unwrap())
     }

@@ -13,6 +13,7 @@ mod conformance;
 mod edu;
 mod env;
 mod errors;
+mod irq;
 mod isolation;
 mod shared;
 mod stack;
@@ -179,6 +180,8 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
         isolation::run(&mut tap, pci, &mut env);
         errors::run(&mut tap, &mut env);
         conformance::run(&mut tap, pci, &mut env);
+        // Last: the same driver once more, interrupt-driven.
+        irq::run(&mut tap, dtb, pci, &mut env);
         shared::run(&mut tap, dtb, pci, &mut env);
     }
     // Ends with every fault reported on the way accounted for.

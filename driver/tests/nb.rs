@@ -1,0 +1,265 @@
+//! Non-blocking requests (`submit_nb`, `poll_nb`, `wait_nb`, `discard_nb`, `reclaim_nb`) on the
+//! fake device of `common`: completion in any order, dropped and stale tokens, a device that
+//! never answers (bounded, typed), a device that answers wrongly, and the exclusion of
+//! synchronous requests while non-blocking ones are in flight.
+
+mod common;
+
+use common::{Behaviour, FakeDevice, Mapping};
+use virtio_drivers::transport::Transport;
+use virtio_iommu_driver::wire::{MapFlags, Status};
+use virtio_iommu_driver::{BatchOp, IommuError, NbRequest, NbToken, NB_SLOTS};
+
+const RW: MapFlags = MapFlags::READ.union(MapFlags::WRITE);
+const G: u64 = 0x1000;
+
+fn map(i: u64) -> NbRequest {
+    NbRequest::Op(BatchOp::Map {
+        domain: 1,
+        virt_start: (i + 1) * G,
+        virt_end: (i + 2) * G - 1,
+        phys_start: 0x10_0000 + i * G,
+        flags: RW,
+    })
+}
+
+/// A device holding every request, and a driver with endpoint 16 attached to domain 1.
+fn held() -> (
+    FakeDevice,
+    virtio_iommu_driver::VirtIOIommu<common::FakeHal, common::FakeTransport>,
+) {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    drv.attach(1, 16).unwrap();
+    dev.state().behaviour = Behaviour::Hold;
+    (dev, drv)
+}
+
+/// Lets the device process what it held, completing per `b`.
+fn release(dev: &FakeDevice, b: Behaviour) {
+    dev.state().behaviour = b;
+    dev.transport().notify(0);
+}
+
+#[test]
+fn requests_complete_out_of_order_and_each_token_gets_its_own_result() {
+    let (dev, mut drv) = held();
+    let requests = [
+        map(0),
+        map(1),
+        // Overlaps request 0: S_INVAL, and only for this token.
+        NbRequest::Op(BatchOp::Map {
+            domain: 1,
+            virt_start: G,
+            virt_end: 2 * G - 1,
+            phys_start: 0,
+            flags: RW,
+        }),
+        NbRequest::Attach {
+            domain: 2,
+            endpoint: 24,
+        },
+    ];
+    let notes = dev.state().notifications;
+    let mut tokens = [None; 4];
+    drv.submit_nb_many(&requests, &mut tokens).unwrap();
+    assert_eq!(
+        dev.state().notifications,
+        notes + 1,
+        "one notification for all"
+    );
+    let tokens: Vec<NbToken> = tokens.iter().map(|t| t.unwrap()).collect();
+    assert_eq!(drv.nb_in_flight(), 4);
+    for t in &tokens {
+        assert_eq!(drv.poll_nb(t), None, "in flight: no outcome yet");
+    }
+    // Synchronous requests and batches share requestq: refused, nothing sent.
+    assert_eq!(drv.map(1, 8 * G, 9 * G - 1, 0, RW), Err(IommuError::Busy));
+    assert_eq!(drv.batch().submit().err(), Some(IommuError::Busy));
+    assert!(!drv.is_broken());
+
+    release(&dev, Behaviour::Reverse);
+    // Collected in an order unlike both the posting and the completion order.
+    assert_eq!(drv.poll_nb(&tokens[1]), Some(Ok(())));
+    assert_eq!(
+        drv.poll_nb(&tokens[2]),
+        Some(Err(IommuError::Status(Status::Inval)))
+    );
+    assert_eq!(drv.poll_nb(&tokens[0]), Some(Ok(())));
+    assert_eq!(drv.poll_nb(&tokens[3]), Some(Ok(())));
+    assert_eq!(drv.nb_in_flight(), 0);
+    // Collected: stale.
+    assert_eq!(drv.poll_nb(&tokens[0]), Some(Err(IommuError::UnknownToken)));
+    let s = dev.state();
+    assert!(s.mappings.contains(&Mapping {
+        domain: 1,
+        start: 2 * G,
+        end: 3 * G - 1,
+        phys: 0x10_1000,
+        flags: RW.bits(),
+    }));
+    assert!(s.attached.contains(&(24, 2)));
+    drop(s);
+    // Synchronous requests work again.
+    drv.unmap(1, G, 3 * G - 1).unwrap();
+}
+
+#[test]
+fn a_device_that_never_answers_gives_pending_not_a_hang_and_not_broken() {
+    let (dev, mut drv) = held();
+    let t = drv.submit_nb(map(0)).unwrap();
+    // `common`'s driver waits at most 10 000 polls.
+    assert_eq!(drv.wait_nb(&t), Err(IommuError::Pending));
+    assert!(
+        !drv.is_broken(),
+        "a non-blocking wait that ends is not fatal"
+    );
+    assert_eq!(drv.nb_in_flight(), 1);
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.wait_nb(&t), Ok(()));
+    assert_eq!(drv.wait_nb(&t), Err(IommuError::UnknownToken));
+}
+
+#[test]
+fn slots_are_bounded_and_dropped_tokens_are_reclaimed_without_dangling() {
+    let (dev, mut drv) = held();
+    for i in 0..NB_SLOTS as u64 {
+        // Tokens dropped on purpose: the slots stay the driver's.
+        let _ = drv.submit_nb(map(i)).unwrap();
+    }
+    assert_eq!(drv.submit_nb(map(99)).err(), Some(IommuError::Busy));
+    let notes = dev.state().notifications;
+    let requests = dev.state().requests;
+    let mut one = [None];
+    assert_eq!(
+        drv.submit_nb_many(&[map(99)], &mut one),
+        Err(IommuError::Busy)
+    );
+    assert_eq!(dev.state().notifications, notes, "Busy sends nothing");
+    // Lost tokens: reclaim marks every slot to be freed when the device returns it.
+    assert_eq!(drv.reclaim_nb(), NB_SLOTS);
+    assert_eq!(
+        drv.nb_in_flight(),
+        NB_SLOTS,
+        "still the device's until returned"
+    );
+    assert_eq!(drv.submit_nb(map(99)).err(), Some(IommuError::Busy));
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.process_completions(), Ok(NB_SLOTS as u32));
+    assert_eq!(drv.nb_in_flight(), 0);
+    assert_eq!(dev.state().requests, requests + NB_SLOTS as u64);
+    // Every slot is free again.
+    let mut tokens = [None; NB_SLOTS];
+    let unmaps: Vec<NbRequest> = (0..NB_SLOTS as u64)
+        .map(|i| {
+            NbRequest::Op(BatchOp::Unmap {
+                domain: 1,
+                virt_start: (i + 1) * G,
+                virt_end: (i + 2) * G - 1,
+            })
+        })
+        .collect();
+    drv.submit_nb_many(&unmaps, &mut tokens).unwrap();
+    for t in tokens {
+        assert_eq!(drv.poll_nb(&t.unwrap()), Some(Ok(())));
+    }
+    assert!(dev.state().mappings.is_empty());
+}
+
+#[test]
+fn a_discarded_request_frees_its_slot_when_the_device_returns_it() {
+    let (dev, mut drv) = held();
+    let a = drv.submit_nb(map(0)).unwrap();
+    let b = drv.submit_nb(map(1)).unwrap();
+    assert!(drv.discard_nb(a));
+    assert!(!drv.discard_nb(a), "discarded: the token is unknown");
+    assert_eq!(drv.nb_in_flight(), 2, "still the device's until returned");
+    assert_eq!(drv.poll_nb(&a), Some(Err(IommuError::UnknownToken)));
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.poll_nb(&b), Some(Ok(())));
+    assert_eq!(drv.nb_in_flight(), 0);
+    // A completed, uncollected request can be discarded too.
+    let c = drv.submit_nb(map(2)).unwrap();
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert!(drv.discard_nb(c));
+    assert_eq!(drv.poll_nb(&c), Some(Err(IommuError::UnknownToken)));
+    // The slot's generation moved on: a token of an earlier use of a slot never reads a later
+    // request's result.
+    let d = drv.submit_nb(map(3)).unwrap();
+    assert_ne!(c, d);
+    assert_eq!(drv.poll_nb(&c), Some(Err(IommuError::UnknownToken)));
+    assert_eq!(drv.poll_nb(&d), Some(Ok(())));
+}
+
+#[test]
+fn validation_errors_send_nothing() {
+    let (dev, mut drv) = held();
+    let notes = dev.state().notifications;
+    let bad = NbRequest::Op(BatchOp::Map {
+        domain: 1,
+        virt_start: G + 1,
+        virt_end: 2 * G - 1,
+        phys_start: 0,
+        flags: RW,
+    });
+    let mut tokens = [None, None];
+    assert!(matches!(
+        drv.submit_nb_many(&[map(0), bad], &mut tokens),
+        Err(IommuError::Unaligned { .. })
+    ));
+    assert_eq!(tokens, [None, None]);
+    assert_eq!(drv.nb_in_flight(), 0);
+    assert_eq!(dev.state().notifications, notes);
+    assert_eq!(
+        drv.submit_nb_many(&[map(0)], &mut tokens),
+        Err(IommuError::BufferSize)
+    );
+}
+
+#[test]
+fn a_used_id_of_no_request_is_fatal() {
+    let (dev, mut drv) = held();
+    let t = drv.submit_nb(map(0)).unwrap();
+    release(&dev, Behaviour::WrongId);
+    assert_eq!(drv.poll_nb(&t), Some(Err(IommuError::DeviceProtocol)));
+    assert!(drv.is_broken());
+    assert_eq!(drv.poll_nb(&t), Some(Err(IommuError::Broken)));
+    assert_eq!(drv.submit_nb(map(1)).err(), Some(IommuError::Broken));
+}
+
+#[test]
+fn bad_used_lengths_and_unwritten_tails_are_per_token_outcomes() {
+    let (dev, mut drv) = held();
+    let t = drv.submit_nb(map(0)).unwrap();
+    release(&dev, Behaviour::UsedLen(0));
+    assert_eq!(drv.poll_nb(&t), Some(Err(IommuError::NoResponse)));
+    assert!(!drv.is_broken());
+    dev.state().behaviour = Behaviour::NoWrite;
+    let t = drv.submit_nb(map(1)).unwrap();
+    assert_eq!(drv.poll_nb(&t), Some(Err(IommuError::NotWritten)));
+    assert!(
+        drv.is_broken(),
+        "an unwritten tail is fatal, as for synchronous requests"
+    );
+}
+
+fn flags(dev: &FakeDevice) -> (u16, u16) {
+    let s = dev.state();
+    (s.avail_flags(0), s.avail_flags(1))
+}
+
+#[test]
+fn interrupt_enable_and_disable_set_the_avail_flags_of_both_queues() {
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    // After new(): requestq polled (NO_INTERRUPT), eventq interrupting.
+    assert_eq!(flags(&dev), (1, 0));
+    drv.enable_interrupts();
+    assert_eq!(flags(&dev), (0, 0));
+    drv.disable_interrupts();
+    assert_eq!(flags(&dev), (1, 1));
+    drv.set_interrupts(true, false);
+    assert_eq!(flags(&dev), (0, 1));
+    // Requests still complete either way (they are polled).
+    drv.attach(1, 16).unwrap();
+}
