@@ -817,6 +817,45 @@ fn binary_listens_serves_the_iommu_and_edu_and_exits_with_its_summary() {
 }
 
 #[test]
+fn binary_with_checker_prints_its_report_and_what_it_saw_before_the_counts() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = temp_dir();
+    let iommu = dir.0.join("iommu.sock");
+    let mut child = Command::new(BIN)
+        .args(["--iommu", iommu.to_str().unwrap(), "--checker"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "virtio-iommu-vfio-user: listening\n");
+    let mut i = Client::connect(&iommu);
+    assert!(i.version().ok());
+    assert_eq!(i.read_ok(CONFIG, 0, 4), vec![0xf4, 0x1a, 0x57, 0x10]);
+    drop(i);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        rest,
+        "checker: no violations\n\
+         device saw: ATTACH 0 DETACH 0 MAP 0 UNMAP 0 PROBE 0 faults 0\n\
+         virtio-iommu-vfio-user: requests=0 notifications=0 faults=0\n"
+    );
+}
+
+#[test]
 fn binary_refuses_bad_arguments() {
     use std::process::Command;
     for args in [

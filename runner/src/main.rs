@@ -122,7 +122,14 @@ fn main() -> ExitCode {
             let server_problems = outcome
                 .server
                 .as_ref()
-                .map(|s| s.problems())
+                .map(|s| {
+                    let mut p = s.problems();
+                    p.extend(virtio_iommu_runner::ours::checker::unannounced(
+                        s.checker.as_ref(),
+                        &outcome.output,
+                    ));
+                    p
+                })
                 .unwrap_or_default();
             for problem in &server_problems {
                 eprintln!("runner: {problem}");

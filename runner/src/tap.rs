@@ -90,7 +90,9 @@ pub fn reported_disk_sha256(output: &str) -> Option<String> {
 /// with N > 0 passed and 0 failed; no `not ok`; every TAP number 1..=plan present (plan from
 /// the `1..N` line, else passed + failed); and, if `check_disk_sha256`, the firmware's
 /// `disk-sha256` equal to the host's; against our device, a server that exited by itself with
-/// status 0 and printed its counts ([`ServerReport::problems`]). Empty when the run passed.
+/// status 0 and printed its counts ([`ServerReport::problems`]), and whose driver checker
+/// recorded no statement the firmware did not announce ([`ours::checker::unannounced`]; checker
+/// gaps, [`ours::checker::gaps`], are not problems). Empty when the run passed.
 pub fn problems(outcome: &RunOutcome, check_disk_sha256: bool) -> Vec<String> {
     let mut problems = Vec::new();
     if outcome.exit_code != 0 {
@@ -136,6 +138,10 @@ pub fn problems(outcome: &RunOutcome, check_disk_sha256: bool) -> Vec<String> {
     }
     if let Some(server) = &outcome.server {
         problems.extend(server.problems());
+        problems.extend(crate::ours::checker::unannounced(
+            server.checker.as_ref(),
+            &outcome.output,
+        ));
     }
     problems
 }

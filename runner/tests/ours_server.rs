@@ -39,6 +39,7 @@ impl Dir {
             edu_socket: self.0.join("edu.sock"),
             edu_endpoint: 0x18,
             log_level: None,
+            checker: false,
         }
     }
 }

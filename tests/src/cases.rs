@@ -298,10 +298,17 @@ fn translates_read(
 
 // ---------------------------------------------------------------- cases
 
+/// `"id", "statement", body;` or, for a case that breaks driver statements on purpose,
+/// `"id", "statement" violates ["R6", ...], body;` (see [`Case::violates`]).
 macro_rules! cases {
-    ($($id:literal, $stmt:literal, $f:expr;)*) => {
+    ($($id:literal, $stmt:literal $(violates [$($v:literal),* $(,)?])?, $f:expr;)*) => {
         /// Every case, in run order.
-        pub static CASES: &[Case] = &[$(Case { id: $id, statement: $stmt, run: $f }),*];
+        pub static CASES: &[Case] = &[$(Case {
+            id: $id,
+            statement: $stmt,
+            violates: &[$($($v),*)?],
+            run: $f,
+        }),*];
     };
 }
 
@@ -362,14 +369,14 @@ cases! {
         else if reserved.contains(&WRITABLE_FILL) { diverges(format!("tail.reserved not written: {reserved:?}")) }
         else { diverges(format!("tail.reserved {reserved:?}")) }
     };
-    "req-head-reserved", "D8 device MUST ignore head.reserved", |h, ctx| {
+    "req-head-reserved", "D8 device MUST ignore head.reserved" violates ["R6"], |h, ctx| {
         let d = ctx.domain()?;
         let mut req = attach_req(d, h.endpoints().dma, 0, [0; 4]);
         req.head.reserved = [0xff; 3];
         let r = raw(h, req.as_bytes())?;
         expect_raw(&r, Status::Ok, "ATTACH with head.reserved set")
     };
-    "req-unknown-type", "D7 unknown request type: buffer not written, used length 0", |h, _| {
+    "req-unknown-type", "D7 unknown request type: buffer not written, used length 0" violates ["I1"], |h, _| {
         let mut req = [0u8; 20];
         req[0] = 0x7f;
         let r = raw(h, &req)?;
@@ -377,7 +384,7 @@ cases! {
             diverges(format!("used length {}, tail status {}", r.used, r.writable[0]))
         }
     };
-    "req-type-zero", "D7 request type 0 is undefined: used length 0", |h, _| {
+    "req-type-zero", "D7 request type 0 is undefined: used length 0" violates ["I1"], |h, _| {
         let req = [0u8; 20];
         let r = raw(h, &req)?;
         if r.used == 0 { Ok(()) } else { diverges(format!("used length {}, status {}", r.used, r.writable[0])) }
@@ -396,7 +403,7 @@ cases! {
         // The mapping really exists: a second MAP of the range overlaps.
         expect(h.map(d, iova, iova + g - 1, p, RD), Status::Inval, "MAP again")
     };
-    "req-short-readable", "§5.13.6 a readable part shorter than the request is rejected (S_INVAL), nothing done", |h, ctx| {
+    "req-short-readable", "§5.13.6 a readable part shorter than the request is rejected (S_INVAL), nothing done" violates ["I1"], |h, ctx| {
         let d = ctx.domain()?;
         let ep = h.endpoints().dma;
         let req = attach_req(d, ep, 0, [0; 4]);
@@ -411,7 +418,7 @@ cases! {
             _ => Ok(()),
         }
     };
-    "req-no-tail", "§5.13.6 a request without room for the tail is returned unwritten (used length 0)", |h, ctx| {
+    "req-no-tail", "§5.13.6 a request without room for the tail is returned unwritten (used length 0)" violates ["I1"], |h, ctx| {
         if let Some(why) = h.hazard(Hazard::NoTail) { return not_run(why); }
         let d = ctx.domain()?;
         let req = attach_req(d, h.endpoints().dma, 0, [0; 4]);
@@ -430,13 +437,13 @@ cases! {
         let ep_ = h.endpoints().dma;
         ok(h.attach(d, ep_), "ATTACH")
     };
-    "attach-reserved", "D10 ATTACH with reserved != 0: S_INVAL", |h, ctx| {
+    "attach-reserved", "D10 ATTACH with reserved != 0: S_INVAL" violates ["R10"], |h, ctx| {
         let d = ctx.domain()?;
         let ep_ = h.endpoints().dma;
         let r = raw(h, attach_req(d, ep_, 0, [1, 0, 0, 0]).as_bytes())?;
         expect_raw(&r, Status::Inval, "ATTACH reserved=1")
     };
-    "attach-unknown-flag", "D11 ATTACH with an undefined flag bit: S_INVAL", |h, ctx| {
+    "attach-unknown-flag", "D11 ATTACH with an undefined flag bit: S_INVAL" violates ["I1"], |h, ctx| {
         let d = ctx.domain()?;
         let ep_ = h.endpoints().dma;
         let r = raw(h, attach_req(d, ep_, 1 << 7, [0; 4]).as_bytes())?;
@@ -487,13 +494,13 @@ cases! {
         h.dma_in(iova, SHORT);
         expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping]).map(|_| ())
     };
-    "attach-bypass-inconsistent", "D14 ATTACH whose ATTACH_F_BYPASS differs from the domain's: S_INVAL", |h, ctx| {
+    "attach-bypass-inconsistent", "D14 ATTACH whose ATTACH_F_BYPASS differs from the domain's: S_INVAL" violates ["R12"], |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let Some(other) = h.endpoints().other else { return not_run("no second endpoint"); };
         let d = attached(h, ctx)?;
         expect(h.attach_bypass(d, other), Status::Inval, "ATTACH_F_BYPASS to a translated domain")
     };
-    "attach-rejected-no-effect", "D14 a rejected ATTACH leaves the endpoint in its domain", |h, ctx| {
+    "attach-rejected-no-effect", "D14 a rejected ATTACH leaves the endpoint in its domain" violates ["R12"], |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let g = ctx.granule;
         let ep = h.endpoints().dma;
@@ -528,7 +535,7 @@ cases! {
         let ep_ = h.endpoints().dma;
         ok(h.detach(d, ep_), "DETACH")
     };
-    "detach-reserved", "D18 DETACH ignores reserved", |h, ctx| {
+    "detach-reserved", "D18 DETACH ignores reserved" violates ["R13"], |h, ctx| {
         let d = attached(h, ctx)?;
         let req = ReqDetach { head: ReqHead::new(RequestType::Detach), domain: d.into(), endpoint: h.endpoints().dma.into(), reserved: [0xaa; 8] };
         let r = raw(h, req.as_bytes())?;
@@ -635,7 +642,7 @@ cases! {
         }
         no_faults(h)
     };
-    "map-unaligned-virt-start", "D22 MAP with virt_start not granule-aligned: S_RANGE", |h, ctx| {
+    "map-unaligned-virt-start", "D22 MAP with virt_start not granule-aligned: S_RANGE" violates ["I3"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(2);
@@ -643,7 +650,7 @@ cases! {
         let r = raw(h, map_req(d, iova + 0x10, iova + g - 1, p, RD).as_bytes())?;
         expect_raw(&r, Status::Range, "MAP")
     };
-    "map-unaligned-phys", "D22 MAP with phys_start not granule-aligned: S_RANGE", |h, ctx| {
+    "map-unaligned-phys", "D22 MAP with phys_start not granule-aligned: S_RANGE" violates ["I3"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(1);
@@ -651,7 +658,7 @@ cases! {
         let r = raw(h, map_req(d, iova, iova + g - 1, p + 0x10, RD).as_bytes())?;
         expect_raw(&r, Status::Range, "MAP")
     };
-    "map-unaligned-end", "D22 MAP with virt_end + 1 not granule-aligned: S_RANGE", |h, ctx| {
+    "map-unaligned-end", "D22 MAP with virt_end + 1 not granule-aligned: S_RANGE" violates ["I3"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(1);
@@ -676,7 +683,7 @@ cases! {
         expect(h.map(d, iova, iova + 3 * g - 1, q, RD), Status::Inval, "MAP around it")?;
         if translates_read(h, ctx, d, iova + g, p)? { Ok(()) } else { diverges("existing mapping changed".into()) }
     };
-    "map-unknown-flag", "D24 MAP with an undefined flag bit: S_INVAL", |h, ctx| {
+    "map-unknown-flag", "D24 MAP with an undefined flag bit: S_INVAL" violates ["R14"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(1);
@@ -691,7 +698,7 @@ cases! {
         let p = page(h)?;
         expect(h.map(d, iova, iova + g - 1, p, RD), Status::NoEnt, "MAP")
     };
-    "map-bypass-domain", "D26 MAP on a bypass domain: S_INVAL", |h, ctx| {
+    "map-bypass-domain", "D26 MAP on a bypass domain: S_INVAL" violates ["R15"], |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let g = ctx.granule;
         let d = ctx.domain()?;
@@ -728,7 +735,7 @@ cases! {
         let ev = expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping])?;
         if ev.iter().all(|f| f.read && !f.write) { Ok(()) } else { diverges("fault flags do not say READ".into()) }
     };
-    "map-outside-input-range", "§5.13.4 a MAP outside input_range fails", |h, ctx| {
+    "map-outside-input-range", "§5.13.4 a MAP outside input_range fails" violates ["R8"], |h, ctx| {
         need(h, Features::INPUT_RANGE, "INPUT_RANGE")?;
         let g = ctx.granule;
         let (_, end) = h.config().input_range;
@@ -741,7 +748,7 @@ cases! {
             _ => Ok(()),
         }
     };
-    "map-inverted", "R16/§5.13.6.3 MAP with virt_end < virt_start is refused, the device unharmed", |h, ctx| {
+    "map-inverted", "R16/§5.13.6.3 MAP with virt_end < virt_start is refused, the device unharmed" violates ["R16", "I3"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(2);
@@ -752,7 +759,7 @@ cases! {
         ok(h.map(d, iova, iova + g - 1, p, RD), "MAP after")?;
         if s == Status::Ok { diverges("S_OK".into()) } else { Ok(()) }
     };
-    "map-u64-max", "robustness: MAP ending at 2^64 - 1 is handled (no overflow), then removable", |h, ctx| {
+    "map-u64-max", "robustness: MAP ending at 2^64 - 1 is handled (no overflow), then removable" violates ["R8", "R21"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let p = page(h)?;
@@ -771,7 +778,7 @@ cases! {
             (s, _, false) => diverges(format!("MAP inside input_range: {}", s.name())),
         }
     };
-    "map-resv-mem", "D44 MAP overlapping a RESV_MEM region is rejected", |h, ctx| {
+    "map-resv-mem", "D44 MAP overlapping a RESV_MEM region is rejected" violates ["R30"], |h, ctx| {
         need(h, Features::PROBE, "PROBE")?;
         let g = ctx.granule;
         let ep = h.endpoints().dma;
@@ -809,7 +816,7 @@ cases! {
         h.dma_in(iova, SHORT);
         expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping]).map(|_| ())
     };
-    "unmap-split", "D31 UNMAP that would split a mapping: S_RANGE", |h, ctx| {
+    "unmap-split", "D31 UNMAP that would split a mapping: S_RANGE" violates ["R22"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(2);
@@ -817,7 +824,7 @@ cases! {
         ok(h.map(d, iova, iova + 2 * g - 1, p, RD), "MAP")?;
         expect(h.unmap(d, iova, iova + g - 1), Status::Range, "UNMAP half")
     };
-    "unmap-split-keeps-all", "D31 an UNMAP that splits one mapping removes none, not even fully covered ones", |h, ctx| {
+    "unmap-split-keeps-all", "D31 an UNMAP that splits one mapping removes none, not even fully covered ones" violates ["R22"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(4);
@@ -833,7 +840,7 @@ cases! {
         }
         Ok(())
     };
-    "unmap-reserved", "D28 UNMAP with reserved != 0: S_OK, or S_INVAL (and MAY unmap)", |h, ctx| {
+    "unmap-reserved", "D28 UNMAP with reserved != 0: S_OK, or S_INVAL (and MAY unmap)" violates ["R20"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(1);
@@ -851,7 +858,7 @@ cases! {
         let iova = ctx.iova(1);
         expect(h.unmap(d, iova, iova + g - 1), Status::NoEnt, "UNMAP")
     };
-    "unmap-bypass-domain", "D30 UNMAP on a bypass domain: S_INVAL", |h, ctx| {
+    "unmap-bypass-domain", "D30 UNMAP on a bypass domain: S_INVAL" violates ["R23"], |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let g = ctx.granule;
         let d = ctx.domain()?;
@@ -860,10 +867,10 @@ cases! {
         let iova = ctx.iova(1);
         expect(h.unmap(d, iova, iova + g - 1), Status::Inval, "UNMAP")
     };
-    "unmap-example-1", "D32 spec example (1): unmap(0,4) of nothing succeeds", |h, ctx| unmap_example(h, ctx, &[], (0, 4), Status::Ok, &[]);
+    "unmap-example-1", "D32 spec example (1): unmap(0,4) of nothing succeeds" violates ["R21"], |h, ctx| unmap_example(h, ctx, &[], (0, 4), Status::Ok, &[]);
     "unmap-example-2", "D32 spec example (2): map(0,9); unmap(0,9) removes it", |h, ctx| unmap_example(h, ctx, &[(0, 9)], (0, 9), Status::Ok, &[false]);
     "unmap-example-3", "D32 spec example (3): map(0,4), map(5,9); unmap(0,9) removes both", |h, ctx| unmap_example(h, ctx, &[(0, 4), (5, 9)], (0, 9), Status::Ok, &[false, false]);
-    "unmap-example-4", "D31 spec example (4): map(0,9); unmap(0,4) fails, removes nothing", |h, ctx| unmap_example(h, ctx, &[(0, 9)], (0, 4), Status::Range, &[true]);
+    "unmap-example-4", "D31 spec example (4): map(0,9); unmap(0,4) fails, removes nothing" violates ["R22"], |h, ctx| unmap_example(h, ctx, &[(0, 9)], (0, 4), Status::Range, &[true]);
     "unmap-example-5", "D32 spec example (5): map(0,4), map(5,9); unmap(0,4) removes the first only", |h, ctx| unmap_example(h, ctx, &[(0, 4), (5, 9)], (0, 4), Status::Ok, &[false, true]);
     "unmap-example-6", "D32 spec example (6): map(0,4); unmap(0,9) removes it", |h, ctx| unmap_example(h, ctx, &[(0, 4)], (0, 9), Status::Ok, &[false]);
     "unmap-example-7", "D32 spec example (7): map(0,4), map(10,14); unmap(0,14) removes both", |h, ctx| unmap_example(h, ctx, &[(0, 4), (10, 14)], (0, 14), Status::Ok, &[false, false]);
@@ -886,7 +893,7 @@ cases! {
             Err(e) => Err(e.into()),
         }
     };
-    "probe-reserved-ignored", "D33 PROBE ignores the request's reserved bytes", |h, _| {
+    "probe-reserved-ignored", "D33 PROBE ignores the request's reserved bytes" violates ["R25"], |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         let n = h.config().probe_size as usize;
         let req = probe_req(h.endpoints().dma, [0x5a; 64]);
@@ -962,7 +969,7 @@ cases! {
         }
         Ok(())
     };
-    "probe-short-buffer", "D39 properties buffer smaller than probe_size: no property written, S_INVAL", |h, _| {
+    "probe-short-buffer", "D39 properties buffer smaller than probe_size: no property written, S_INVAL" violates ["R24"], |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         if let Some(why) = h.hazard(Hazard::ShortProbeBuffer) { return not_run(why); }
         let n = h.config().probe_size as usize;
@@ -978,7 +985,7 @@ cases! {
         if !unwritten(props) && props.iter().any(|&b| b != 0) { return diverges("properties written".into()); }
         Ok(())
     };
-    "probe-not-offered", "D35 PROBE without F_PROBE offered: buffer not written, used length 0", |h, _| {
+    "probe-not-offered", "D35 PROBE without F_PROBE offered: buffer not written, used length 0" violates ["I2"], |h, _| {
         if h.offered().contains(Features::PROBE) { return not_run("device offers PROBE"); }
         let req = probe_req(h.endpoints().dma, [0; 64]);
         let r = raw_parts(h, &[req.as_bytes()], &[512 + 4])?;
@@ -1050,7 +1057,7 @@ cases! {
             expect_faults(h, ep, p, SHORT, &[FaultReason::Mapping]).map(|_| ())
         })
     };
-    "bypass-attach-flag-unknown-domain", "§5.13.6.1 ATTACH_F_BYPASS creates a bypass domain (MAP then refused)", |h, ctx| {
+    "bypass-attach-flag-unknown-domain", "§5.13.6.1 ATTACH_F_BYPASS creates a bypass domain (MAP then refused)" violates ["R15"], |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let g = ctx.granule;
         let d = ctx.domain()?;

@@ -94,8 +94,9 @@ pub trait Harness {
     fn dma_in(&mut self, iova: u64, len: u64);
     /// The DMA endpoint writes the first `len` bytes of its buffer to `iova`.
     fn dma_out(&mut self, iova: u64, len: u64);
-    /// Virtio reset of the device (status 0) and a fresh driver initialisation. `None` when the
-    /// backend cannot reset without losing what it needs.
+    /// Virtio reset of the device (status 0) and a fresh driver initialisation that PROBEs the
+    /// endpoints again when PROBE is negotiated, as a driver does before attaching them (R5;
+    /// [`probe_endpoints`]). `None` when the backend cannot reset without losing what it needs.
     fn reset(&mut self) -> Option<Result<(), IommuError>>;
     /// Whether the device has set DEVICE_NEEDS_RESET.
     fn needs_reset(&mut self) -> bool;
@@ -177,6 +178,11 @@ pub struct Case {
     /// The statement checked: number and a few words, e.g. `D31 UNMAP split: S_RANGE, nothing
     /// removed`.
     pub statement: &'static str,
+    /// The driver statements the case breaks on purpose to see what the device does, as
+    /// our device's driver checker names them (`"R6"`, `"I1"`, …; see
+    /// `virtio_iommu_device::Statement`): a checker that records one of these during the case
+    /// is expected, any other one is a driver bug of the harness. Empty for most cases.
+    pub violates: &'static [&'static str],
     /// The case body.
     pub run: fn(&mut dyn Harness, &mut Ctx) -> Result<(), Fail>,
 }
@@ -252,6 +258,26 @@ impl Ctx {
         self.next_iova += (granules + 1) * self.granule;
         v
     }
+}
+
+/// PROBEs every endpoint of [`Harness::endpoints`] that exists ([`Endpoints::dma`],
+/// [`Endpoints::other`]) when PROBE is negotiated, as a driver does before attaching one
+/// (R5: "SHOULD send PROBE for each endpoint before attaching it"); nothing otherwise.
+/// Harnesses call it after initialising the driver, including in [`Harness::reset`]: a reset
+/// forgets what was probed.
+///
+/// # Errors
+///
+/// The first PROBE's error.
+pub fn probe_endpoints(h: &mut dyn Harness) -> Result<(), IommuError> {
+    if !h.features().contains(Features::PROBE) {
+        return Ok(());
+    }
+    let e = h.endpoints();
+    for ep in core::iter::once(e.dma).chain(e.other.filter(|&o| o != e.dma)) {
+        h.probe(ep)?;
+    }
+    Ok(())
 }
 
 /// Runs one case against `h` with the run's context `ctx`: drains the event queue first, and

@@ -25,7 +25,8 @@
 //!    ([`ours_qemu_args`]);
 //! 6. the server, waited for after QEMU quit ([`EXIT_TIMEOUT`], [`FAILED_EXIT_TIMEOUT`] when
 //!    QEMU failed) and killed if it does not exit ([`ServerProcess::stop`]); its report lands
-//!    in [`RunOutcome::server`].
+//!    in [`RunOutcome::server`], with the driver checker's findings (the server runs with
+//!    `--checker`; [`checker`] compares them with the firmware's announcements).
 //!
 //! `VIOMMU_TIMEOUT_SECS` bounds steps 3–6 together (the builds of step 1 are not counted),
 //! except that step 3's `dumpdtb` run is cut only by its own bound
@@ -43,6 +44,7 @@ use crate::*;
 
 mod acpi_desc;
 mod args;
+pub mod checker;
 mod iommu_node;
 mod layout;
 mod pci_addr;
@@ -53,6 +55,9 @@ pub use acpi_desc::{host_bridge_ecam, pci_iommu_acpi};
 pub use args::{
     dump_args, json_string, memfd_args, memory_size, ours_qemu_args, vfio_user_device,
     FirmwareFiles,
+};
+pub use checker::{
+    parse_checker, parse_expects, parse_saw, CheckerExpect, CheckerFindings, CheckerViolation,
 };
 pub use iommu_node::{
     add_pci_iommu, iommu_map_cells, pci_host_bridge, Coverage, PCI_HOST_COMPATIBLE,
@@ -211,6 +216,31 @@ fn print_devices(layout: &Layout, spec: &ServerSpec) {
     );
 }
 
+/// After the server's own `checker:` and `device saw:` lines (forwarded as it printed them):
+/// the violations the guest did not announce ([`checker::unannounced`]: a driver bug of our
+/// firmware, which [`problems`] fails; for another guest, e.g. Linux, what it breaks), the
+/// checker gaps ([`checker::gaps`], as warnings), and a one-line verdict.
+fn print_checker(report: &ServerReport, output: &str) {
+    let Some(findings) = &report.checker else {
+        eprintln!("runner: the server printed no driver checker report");
+        return;
+    };
+    let unannounced = checker::unannounced(Some(findings), output);
+    for problem in &unannounced {
+        eprintln!("runner: {problem}");
+    }
+    for gap in checker::gaps(Some(findings), output) {
+        eprintln!("runner: warning: {gap}");
+    }
+    let announced = checker::parse_expects(output).len();
+    println!(
+        "runner: driver checker: {} statement(s) broken, {} not announced ({announced} \
+         announcement(s) by the guest)",
+        findings.violations.len(),
+        unannounced.len()
+    );
+}
+
 /// Time left until `deadline`, or [`Error::Timeout`] when it passed.
 fn remaining(deadline: Instant, config: &RunConfig, output: &str) -> Result<Duration> {
     deadline
@@ -270,6 +300,9 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
         edu_socket: work.path().join("edu.sock"),
         edu_endpoint: u32::from(layout.edu.requester_id()),
         log_level: config.server_log_level.clone(),
+        // The driver checker is on in every run against ours (issue #9 item 3); it changes
+        // no answer of the device.
+        checker: true,
     };
     let listen = remaining(deadline, config, "")?.min(LISTEN_TIMEOUT);
     println!(
@@ -343,6 +376,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             report.exit_code
         ),
     }
+    print_checker(&report, &ran.output);
     drop(work);
     Ok(RunOutcome {
         exit_code: exit_code(status),

@@ -9,6 +9,7 @@
 //! listens and `virtio-iommu-vfio-user: requests=N notifications=N faults=N` when it exits
 //! (after QEMU disconnected).
 
+use super::checker::{parse_checker, parse_saw, CheckerFindings};
 #[allow(unused_imports)]
 use crate::*;
 use std::sync::mpsc;
@@ -91,6 +92,9 @@ pub struct ServerSpec {
     pub edu_endpoint: u32,
     /// `--log-level`, if any (`error`, `warn`, `info`, `debug`, `trace`).
     pub log_level: Option<String>,
+    /// `--checker`: the IOMMU's driver checker on (its report printed at exit, see
+    /// [`super::checker`]).
+    pub checker: bool,
 }
 
 impl ServerSpec {
@@ -113,6 +117,9 @@ impl ServerSpec {
         if let Some(level) = &self.log_level {
             args.push("--log-level".into());
             args.push(level.into());
+        }
+        if self.checker {
+            args.push("--checker".into());
         }
         args
     }
@@ -166,6 +173,10 @@ pub struct ServerReport {
     pub killed: bool,
     /// Its counters, if it printed them.
     pub counts: Option<ServerCounts>,
+    /// Its driver checker's findings, if it printed them (`--checker`).
+    pub checker: Option<CheckerFindings>,
+    /// Its `device saw: ATTACH a DETACH d MAP m UNMAP u PROBE p faults f` line, if printed.
+    pub saw: Option<String>,
     /// Everything it wrote to stdout.
     pub stdout: String,
     /// Everything it wrote to stderr.
@@ -371,6 +382,8 @@ impl ServerProcess {
             exit_code: -1,
             killed: false,
             counts: parse_counts(&stdout),
+            checker: parse_checker(&stdout),
+            saw: parse_saw(&stdout),
             stdout,
             stderr,
         }
@@ -391,6 +404,7 @@ mod tests {
             edu_socket: "/t/edu.sock".into(),
             edu_endpoint: 0x18,
             log_level: Some("debug".into()),
+            checker: true,
         };
         let args: Vec<String> = spec
             .args()
@@ -400,7 +414,7 @@ mod tests {
         assert_eq!(
             args.join(" "),
             "--iommu /t/iommu.sock --blk /t/blk.sock --disk /t/disk.img --blk-endpoint 16 \
-             --edu /t/edu.sock --edu-endpoint 24 --log-level debug"
+             --edu /t/edu.sock --edu-endpoint 24 --log-level debug --checker"
         );
     }
 

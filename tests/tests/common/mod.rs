@@ -6,12 +6,13 @@
 pub mod mutants;
 
 use virtio_iommu_conformance::{
-    run_all, Endpoints, Harness, Hazard, Outcome, RawReply, DMA_BUFFER_SIZE,
+    probe_endpoints, run_all, Endpoints, Harness, Hazard, Outcome, RawReply, DMA_BUFFER_SIZE,
 };
 use virtio_iommu_device::config::{DeviceConfig, ResvRegion};
 use virtio_iommu_device::endpoint::DmaEndpoint;
 use virtio_iommu_device::inprocess::GuestMem;
 use virtio_iommu_device::inprocess::{InProcessTransport, TestBed, TestHal};
+use virtio_iommu_device::CheckerReport;
 use virtio_iommu_driver::wire::{Config, Features, MapFlags};
 use virtio_iommu_driver::{FaultEvent, IommuConfig, IommuError, ProbeProperty, VirtIOIommu};
 
@@ -32,7 +33,10 @@ pub enum OursConfig {
 }
 
 fn config(which: OursConfig) -> DeviceConfig {
+    // The driver checker on: it changes no answer, and `checker_declared.rs` holds the suite
+    // to the driver statements each case declares it breaks.
     let b = DeviceConfig::builder()
+        .driver_checker(true)
         .endpoints([OTHER_EP, DMA_EP])
         .domain_range(0, 4095)
         .resv_region(DMA_EP, ResvRegion::msi(0x0802_0000, 0x0802_0fff))
@@ -62,14 +66,21 @@ impl Ours {
         let driver = bed.driver().expect("driver initialises on our device");
         let config = *driver.config();
         let ep = bed.dma_endpoint(DMA_EP).expect("endpoint");
-        Self {
+        let mut ours = Self {
             bed,
             driver: Some(driver),
             ep,
             buffer: vec![0; DMA_BUFFER_SIZE as usize],
             config,
             ignored: 0,
-        }
+        };
+        probe_endpoints(&mut ours).expect("PROBE of the endpoints");
+        ours
+    }
+
+    /// The device's driver checker report so far.
+    pub fn checker_report(&self) -> CheckerReport {
+        self.bed.device().checker_report()
     }
 
     /// The DMA endpoint's internal buffer.
@@ -211,9 +222,14 @@ impl Harness for Ours {
     fn reset(&mut self) -> Option<Result<(), IommuError>> {
         // Dropping the driver resets the device (status 0); then initialise again.
         self.driver = None;
-        Some(self.bed.driver().map(|d| {
-            self.driver = Some(d);
-        }))
+        Some(
+            self.bed
+                .driver()
+                .map(|d| {
+                    self.driver = Some(d);
+                })
+                .and_then(|()| probe_endpoints(self)),
+        )
     }
     fn needs_reset(&mut self) -> bool {
         use virtio_drivers::transport::{DeviceStatus, Transport};

@@ -6,7 +6,8 @@ use log::LevelFilter;
 
 /// One line of usage.
 pub const USAGE: &str = "usage: virtio-iommu-vfio-user --iommu SOCK [--blk SOCK --disk PATH \
---blk-endpoint ID] [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug|trace]";
+--blk-endpoint ID] [--edu SOCK --edu-endpoint ID] [--checker] \
+[--log-level error|warn|info|debug|trace]";
 
 /// The parsed arguments.
 #[derive(Debug, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub struct Args {
     pub edu: Option<(PathBuf, u32)>,
     /// `--log-level` (default warn).
     pub level: LevelFilter,
+    /// `--checker`: the IOMMU's driver checker on (its report printed at exit).
+    pub checker: bool,
 }
 
 /// An endpoint ID in decimal or `0x` hex.
@@ -38,6 +41,7 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let (mut iommu, mut blk, mut disk, mut blk_ep, mut edu, mut edu_ep) =
         (None, None, None, None, None, None);
     let mut level = LevelFilter::Warn;
+    let mut checker = false;
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
@@ -47,6 +51,7 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--blk-endpoint" => blk_ep = Some(parse_id(&value()?)?),
             "--edu" => edu = Some(PathBuf::from(value()?)),
             "--edu-endpoint" => edu_ep = Some(parse_id(&value()?)?),
+            "--checker" => checker = true,
             "--log-level" => {
                 level = match value()?.as_str() {
                     "error" => LevelFilter::Error,
@@ -81,6 +86,7 @@ pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         blk,
         edu,
         level,
+        checker,
     })
 }
 
@@ -109,13 +115,17 @@ mod tests {
             "0x18",
             "--log-level",
             "debug",
+            "--checker",
         ])
         .unwrap();
         assert_eq!(a.iommu, PathBuf::from("/t/i.sock"));
         assert_eq!(a.blk, Some(("/t/b.sock".into(), "/t/d.img".into(), 16)));
         assert_eq!(a.edu, Some(("/t/e.sock".into(), 0x18)));
         assert_eq!(a.level, LevelFilter::Debug);
-        assert_eq!(p(&["--iommu", "x"]).unwrap().level, LevelFilter::Warn);
+        assert!(a.checker);
+        let plain = p(&["--iommu", "x"]).unwrap();
+        assert_eq!(plain.level, LevelFilter::Warn);
+        assert!(!plain.checker);
     }
 
     #[test]
@@ -137,6 +147,7 @@ mod tests {
             ],
             &["--iommu", "i", "--log-level", "loud"],
             &["--iommu", "i", "--what"],
+            &["--iommu", "i", "--checker=on"],
             &[
                 "--iommu",
                 "i",

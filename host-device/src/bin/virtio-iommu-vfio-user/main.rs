@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! virtio-iommu-vfio-user --iommu SOCK [--blk SOCK --disk PATH --blk-endpoint ID]
-//!                        [--edu SOCK --edu-endpoint ID] [--log-level error|warn|info|debug|trace]
+//!                        [--edu SOCK --edu-endpoint ID] [--checker]
+//!                        [--log-level error|warn|info|debug|trace]
 //! ```
 //!
 //! Binds every socket (a stale socket file is removed first), prints
@@ -12,6 +13,13 @@
 //! (requestq requests the IOMMU took, queue notifications received by all functions, faults the
 //! IOMMU raised) and exits 0 — 1 if a client broke the protocol, 2 on bad arguments or setup
 //! failures.
+//!
+//! `--checker` turns on the IOMMU's driver checker
+//! ([`virtio_iommu_device::DeviceConfigBuilder::driver_checker`]): the device answers exactly
+//! as without it, and at exit, before the counts line, prints the checker's report (one
+//! `checker: <statement> <count> <first offending request as hex> (<why>)` line per driver
+//! statement broken, or `checker: no violations`) and then
+//! `device saw: ATTACH a DETACH d MAP m UNMAP u PROBE p faults f`, all on stdout.
 //!
 //! The functions: the virtio-iommu as a modern virtio-pci function
 //! ([`virtio_iommu_device::transport::pci::VirtioPciFunction`] over one shared
@@ -71,9 +79,11 @@ impl Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-/// QEMU 11.1's virtio-iommu-pci defaults on `-M virt` (GICv2m), with `endpoints`.
-fn iommu_config(endpoints: &[u32]) -> Result<DeviceConfig, String> {
+/// QEMU 11.1's virtio-iommu-pci defaults on `-M virt` (GICv2m), with `endpoints`, and the
+/// driver checker on if `checker`.
+fn iommu_config(endpoints: &[u32], checker: bool) -> Result<DeviceConfig, String> {
     let mut b = DeviceConfig::builder()
+        .driver_checker(checker)
         .page_size_mask(0xffff_ffff_ffff_f000)
         .input_range(0, (1 << 48) - 1)
         .domain_range(0, u32::MAX)
@@ -131,9 +141,11 @@ fn run(args: args::Args) -> Result<bool, String> {
     .collect();
     endpoints.sort_unstable();
     endpoints.dedup();
-    let iommu: SharedDevice<GuestMemoryMmap> =
-        IommuDevice::new_shared(iommu_config(&endpoints)?, GuestMemoryMmap::new())
-            .map_err(|e| format!("IOMMU device: {e}"))?;
+    let iommu: SharedDevice<GuestMemoryMmap> = IommuDevice::new_shared(
+        iommu_config(&endpoints, args.checker)?,
+        GuestMemoryMmap::new(),
+    )
+    .map_err(|e| format!("IOMMU device: {e}"))?;
 
     // Every socket is bound (and the disk opened) before "listening" is printed.
     let iommu_listener = bind(&args.iommu)?;
@@ -180,7 +192,13 @@ fn run(args: args::Args) -> Result<bool, String> {
             Err(_) => clean = false,
         }
     }
-    let c = lock(&iommu).counters();
+    let (c, report) = {
+        let device = lock(&iommu);
+        (device.counters(), device.checker_report())
+    };
+    if args.checker {
+        let _ = writeln!(out, "{report}\n{}", report.saw);
+    }
     let requests = c.requests_completed + c.requests_unknown_type + c.requests_malformed;
     let _ = writeln!(
         out,
