@@ -6,10 +6,17 @@
 //! QEMU's columns and the vfio-user one come from booting the firmware (which runs the same
 //! cases against the IOMMU it finds and prints `conformance: <case> <result>[: <detail>]`),
 //! the boots in parallel threads; the in-process column from running the cases in-process.
+//!
+//! A second section, the other direction (issue #9 item 3), is driver × statement: what our
+//! device's driver checker recorded for our firmware (the vfio-user run above) and for Linux
+//! booted against our device in three modes ([`driver`]).
+//!
 //! After a change in a case or a device, regenerate with
 //! `VIOMMU_BLESS=1 cargo test -p virtio-iommu-conformance --test table`.
 
 mod common;
+#[path = "table/driver.rs"]
+mod driver;
 
 use common::mutants::MUTANTS;
 use common::{run_ours, OursConfig};
@@ -17,7 +24,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use virtio_iommu_conformance::{Outcome, CASES};
-use virtio_iommu_runner::{firmware_elf, run, workspace_root, DeviceChoice, QemuChoice, RunConfig};
+use virtio_iommu_runner::{
+    firmware_elf, run, workspace_root, DeviceChoice, QemuChoice, RunConfig, RunOutcome,
+};
 
 /// The line of CONFORMANCE.md from which on the text is hand-written and not compared.
 const HAND_WRITTEN_MARKER: &str = "<!-- hand-written below: not generated -->";
@@ -31,28 +40,36 @@ fn firmware() -> &'static PathBuf {
     ELF.get_or_init(|| firmware_elf().expect("firmware builds"))
 }
 
-/// The run of the firmware against our device under QEMU 11.1 (vfio-user), once for this test
-/// binary: both tests use it.
-fn ours_under_qemu() -> &'static (String, Column) {
-    static COLUMN: OnceLock<(String, Column)> = OnceLock::new();
-    COLUMN.get_or_init(|| {
-        let server = virtio_iommu_runner::ours::server_binary(&RunConfig {
+/// Our vfio-user server binary, built once for this test binary.
+fn server() -> &'static PathBuf {
+    static SERVER: OnceLock<PathBuf> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        virtio_iommu_runner::ours::server_binary(&RunConfig {
             server: std::env::var_os("VIOMMU_SERVER").map(PathBuf::from),
             ..RunConfig::default()
         })
-        .expect("the vfio-user server builds");
+        .expect("the vfio-user server builds")
+    })
+}
+
+/// The run of the firmware against our device under QEMU 11.1 (vfio-user), once for this test
+/// binary: both tests use it. QEMU's version line, the column, and the run (with the server's
+/// driver checker findings).
+fn ours_under_qemu() -> &'static (String, Column, RunOutcome) {
+    static COLUMN: OnceLock<(String, Column, RunOutcome)> = OnceLock::new();
+    COLUMN.get_or_init(|| {
         qemu_column(RunConfig {
             qemu: QemuChoice::Debian111,
             device: DeviceChoice::Ours,
-            server: Some(server),
+            server: Some(server().clone()),
             ..RunConfig::default()
         })
     })
 }
 
-/// One column from booting the firmware with `config`: case id → (word, detail), and QEMU's
-/// version line.
-fn qemu_column(config: RunConfig) -> (String, Column) {
+/// One column from booting the firmware with `config`: QEMU's version line, case id →
+/// (word, detail), and the run.
+fn qemu_column(config: RunConfig) -> (String, Column, RunOutcome) {
     let outcome = run(&config, firmware()).expect("QEMU runs");
     assert_eq!(
         outcome.exit_code, 0,
@@ -79,15 +96,16 @@ fn qemu_column(config: RunConfig) -> (String, Column) {
         let (word, detail) = result.split_once(": ").unwrap_or((result, ""));
         col.insert(id.to_string(), (word.to_string(), detail.to_string()));
     }
-    (version, col)
+    (version, col, outcome)
 }
 
 /// A QEMU column of QEMU's own devices.
 fn qemu_devices(choice: QemuChoice) -> (String, Column) {
-    qemu_column(RunConfig {
+    let (version, column, _) = qemu_column(RunConfig {
         qemu: choice,
         ..RunConfig::default()
-    })
+    });
+    (version, column)
 }
 
 /// The in-process column's cell of each case: the full-featured configuration's outcome, or
@@ -222,20 +240,24 @@ fn can_fail_section() -> String {
 
 #[test]
 fn conformance_table_is_current() {
-    // The four boots in parallel (each mostly waits on its QEMU); in-process meanwhile.
-    let (v111, q111, v10, q10, v72, q72, ours) = std::thread::scope(|s| {
+    driver::assert_statements_accounted_for();
+    // The firmware boots and the Linux ones in parallel (each mostly waits on its QEMU);
+    // in-process meanwhile.
+    let (v111, q111, v10, q10, v72, q72, ours, linux) = std::thread::scope(|s| {
         let t111 = s.spawn(|| qemu_devices(QemuChoice::Debian111));
         let t10 = s.spawn(|| qemu_devices(QemuChoice::System));
         let t72 = s.spawn(|| qemu_devices(QemuChoice::Debian72));
         let tours = s.spawn(ours_under_qemu);
+        let tlinux = s.spawn(|| driver::linux_columns(server()));
         let ours = ours_in_process();
         let (v111, q111) = t111.join().expect("QEMU 11.1 column");
         let (v10, q10) = t10.join().expect("QEMU 10.0 column");
         let (v72, q72) = t72.join().expect("QEMU 7.2 column");
         tours.join().expect("vfio-user column");
-        (v111, q111, v10, q10, v72, q72, ours)
+        let linux = tlinux.join().expect("Linux columns");
+        (v111, q111, v10, q10, v72, q72, ours, linux)
     });
-    let (vours, qours) = ours_under_qemu();
+    let (vours, qours, ours_run) = ours_under_qemu();
 
     let mut out = String::new();
     out.push_str("# Conformance table (generated)\n\n");
@@ -315,6 +337,13 @@ fn conformance_table_is_current() {
     }
     out.push('\n');
     out.push_str(&differences_section());
+    let mut drivers = vec![driver::DriverColumn::from_run(
+        "our firmware".into(),
+        ours_run,
+        true,
+    )];
+    drivers.extend(linux);
+    out.push_str(&driver::section(&drivers));
     out.push_str(&can_fail_section());
 
     // Every case ran on QEMU (none missing, no harness error) and ours passes them all.
@@ -356,7 +385,7 @@ fn conformance_table_is_current() {
         std::fs::write(&path, format!("{out}{hand_written}")).expect("write CONFORMANCE.md");
         return;
     }
-    if committed_generated != out {
+    if driver::mask_varying(committed_generated) != driver::mask_varying(&out) {
         let generated = workspace_root().join("target/CONFORMANCE.generated.md");
         let _ = std::fs::write(&generated, &out);
         panic!(
@@ -373,7 +402,7 @@ fn conformance_table_is_current() {
 #[test]
 fn ours_in_process_and_under_qemu_agree() {
     let ours = ours_in_process();
-    let (_, qours) = ours_under_qemu();
+    let (_, qours, _) = ours_under_qemu();
     let mut unexpected = Vec::new();
     let mut seen = Vec::new();
     for (case, (outcome, config)) in CASES.iter().zip(&ours) {
