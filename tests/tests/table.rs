@@ -279,6 +279,11 @@ fn conformance_table_is_current() {
         "  reserved. `tests/tests/table.rs` requires both our columns to agree case by case, but for",
         "  the differences listed below the table, each with its reason.",
         "",
+        "",
+        "After the case table, the other direction: driver × statement, what our device's driver",
+        "checker recorded for our firmware and for Linux booted against our device (strict,",
+        "`iommu.strict=0`, `iommu.passthrough=1`), with the evidence.",
+        "",
         "Regenerate: `VIOMMU_BLESS=1 cargo test -p virtio-iommu-conformance --test table`.",
         "",
     ] {
