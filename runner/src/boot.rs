@@ -92,6 +92,16 @@ pub(crate) fn pump(
     pipe: impl Read + Send + 'static,
     to_stderr: bool,
 ) -> thread::JoinHandle<String> {
+    pump_lines(pipe, to_stderr, |_| {})
+}
+
+/// [`pump`], also handing each line (lossy UTF-8, with its newline) to `on_line` after it was
+/// copied.
+pub(crate) fn pump_lines(
+    pipe: impl Read + Send + 'static,
+    to_stderr: bool,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut all = Vec::new();
@@ -108,6 +118,7 @@ pub(crate) fn pump(
                         print!("{text}");
                         let _ = io::stdout().flush();
                     }
+                    on_line(&text);
                     all.extend_from_slice(&line);
                 }
             }
