@@ -144,6 +144,9 @@ pub struct FlushStats {
     pub by_age: u64,
     /// Deferred UNMAPs that failed (each also counted in `DmaSpace::failures`).
     pub failed_unmaps: u64,
+    /// Pending ranges revived by a `share` of the same granules with the same permissions
+    /// (taken out of the queue, no MAP sent; see the [module documentation](self)).
+    pub revived: u64,
 }
 
 /// Why a flush runs.
@@ -154,14 +157,15 @@ pub(super) enum Trigger {
     Explicit,
 }
 
-/// The pending ranges: `(first IOVA, bytes)`, in unshare order; never more than
-/// `max_pending`, allocated once.
+/// The pending ranges: `(first IOVA, bytes, physical address of the first granule)`, in
+/// unshare order; never more than `max_pending`, allocated once.
 pub(super) struct FlushQueue {
     max_pending: usize,
     max_age_ns: u64,
     clock: &'static dyn Clock,
-    pending: Vec<(u64, u64)>,
-    /// Time of the oldest pending entry.
+    pending: Vec<(u64, u64, u64)>,
+    /// Time of the oldest pending entry (kept when entries are revived: the age bound may then
+    /// fire early, never late).
     oldest_ns: u64,
     /// Batch and outcome buffers, `max_pending` each, allocated once.
     ops: Vec<BatchOp>,
@@ -223,18 +227,36 @@ impl FlushQueue {
         self.pending.len() < self.max_pending
     }
 
-    /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0). Returns `false`
-    /// (nothing queued) when full.
-    pub(super) fn push(&mut self, start: u64, len: u64) -> bool {
+    /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0) of the mapping of
+    /// physical `phys..phys + len`. Returns `false` (nothing queued) when full.
+    pub(super) fn push(&mut self, start: u64, len: u64, phys: u64) -> bool {
         if !self.has_room() {
             return false;
         }
         if self.pending.is_empty() {
             self.oldest_ns = self.clock.now_ns();
         }
-        self.pending.push((start, len));
+        self.pending.push((start, len, phys));
         self.stats.deferred += 1;
         true
+    }
+
+    /// Takes out of the queue the newest pending range mapping physical `phys..phys + len`
+    /// (`len` bytes) for which `accept(first IOVA)` holds, and returns its first IOVA; its
+    /// UNMAP is then not sent. At most `max_pending` comparisons, no allocation.
+    pub(super) fn revive(
+        &mut self,
+        phys: u64,
+        len: u64,
+        mut accept: impl FnMut(u64) -> bool,
+    ) -> Option<u64> {
+        let i = self
+            .pending
+            .iter()
+            .rposition(|&(s, l, p)| p == phys && l == len && accept(s))?;
+        let (start, _, _) = self.pending.remove(i);
+        self.stats.revived += 1;
+        Some(start)
     }
 
     /// Whether a bound is reached: the size bound first.
@@ -265,7 +287,7 @@ impl FlushQueue {
         }
         self.ops.clear();
         self.ops
-            .extend(self.pending.iter().map(|&(start, len)| BatchOp::Unmap {
+            .extend(self.pending.iter().map(|&(start, len, _)| BatchOp::Unmap {
                 domain,
                 virt_start: start,
                 virt_end: start + (len - 1),
@@ -283,7 +305,7 @@ impl FlushQueue {
             Trigger::Explicit => {}
         }
         let mut error: Option<FlushError> = None;
-        for (&(start, _), &r) in self.pending.iter().zip(&self.results) {
+        for (&(start, _, _), &r) in self.pending.iter().zip(&self.results) {
             if let Err(e) = r {
                 self.stats.failed_unmaps += 1;
                 match &mut error {
