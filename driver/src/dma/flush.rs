@@ -15,13 +15,33 @@
 //!   [`DmaSpace::unmap_all`](super::DmaSpace::unmap_all) runs.
 //!
 //! A pending range stays allocated (IOVAs, mapping slot, bounce granules) until its UNMAP
-//! returned `S_OK`: no IOVA is handed out again while the device may still reach it. A failed
+//! returned `S_OK`: no IOVA is handed out again for other memory while the device may still
+//! reach it (the same memory may revive it: below). A failed
 //! UNMAP of a flush keeps its range as after a failed strict UNMAP (counted in
 //! [`DmaSpace::leaked`](super::DmaSpace::leaked) and
 //! [`DmaSpace::failures`](super::DmaSpace::failures), retried by `unmap_all`), and the flush
 //! reports it: [`FlushError`] from an explicit flush, [`DmaSpace::take_flush_error`](super::DmaSpace::take_flush_error)
 //! for flushes that ran inside the `Hal` (which cannot return errors), and
 //! [`FlushStats::failed_unmaps`].
+//!
+//! # Reviving a pending mapping
+//!
+//! A `share` (or [`DmaSpace::map_buffer`](super::DmaSpace::map_buffer)) whose buffer covers
+//! exactly the granules of a pending range, with the same permissions, takes that range out of
+//! the queue instead of sending a MAP: the buffer gets the same IOVA (plus its own offset in
+//! the first granule), its UNMAP is not sent by the next flush, and its `unshare` queues it
+//! again with a fresh place in the queue. Recurring buffers (virtio-blk's per-request header
+//! and status, a reused data buffer) then cost no request at all. Only direct maps are revived:
+//! a range with bounce granules (isolated strict) or of an isolated `dma_alloc` never is, nor
+//! is a buffer that needs bounce granules; the strict policy never revives (it has nothing
+//! pending). The lookup scans the queue from its newest entry, at most `max_pending`
+//! comparisons, no allocation ([`FlushStats::revived`] counts the hits). The oldest entry's
+//! time is kept when entries are revived: the time bound may then fire early, never late.
+//!
+//! This does not widen the exposure: a revived range is what the device could reach anyway
+//! (pending, so still mapped), and it is live again — the driver has handed the same memory to
+//! the device. After its next `unshare` it is bounded by `max_pending` and `max_age_ns` as any
+//! pending range.
 //!
 //! # Security trade-off
 //!

@@ -590,8 +590,10 @@ impl DmaSpace {
     /// Never returns 0 nor an address in the fault window.
     ///
     /// Strict: the buffer, widened to whole granules, is MAPped with `flags` at a fresh IOVA
-    /// range. Isolated strict: the same, but only for buffers made of whole granules (this
-    /// method has no buffer to bounce; `IommuHal::share` bounces). Identity: returns `phys`
+    /// range — under the lazy [`UnmapPolicy`], a pending (unshared, not yet UNMAPped) direct
+    /// map of exactly these granules with these `flags` is revived instead: same IOVA, no
+    /// request (see [`super::flush`]). Isolated strict: the same, but only for buffers made of
+    /// whole granules (this method has no buffer to bounce; `IommuHal::share` bounces). Identity: returns `phys`
     /// after checking the buffer lies inside one identity-mapped range (resp. outside every
     /// reserved region, the fault window and address 0); no request is sent.
     ///
