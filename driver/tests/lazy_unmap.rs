@@ -529,21 +529,25 @@ fn the_hal_adapter_revives_a_reshared_buffer_of_the_same_direction() {
     let reqs = || REV_IOMMU.lock().as_ref().map_or(0, requests);
     let mut buf = [0u8; 64];
     let d2d = BufferDirection::DeviceToDriver;
-    // SAFETY (every share/unshare below): `buf` lives and is untouched while shared, and
+    // SAFETY: (every share/unshare below) `buf` lives and is untouched while shared, and
     // each unshare passes the address its share returned.
     let a = unsafe { H::share(NonNull::from(&mut buf[..]), d2d) };
+    // SAFETY: as above.
     unsafe { H::unshare(a, NonNull::from(&mut buf[..]), d2d) };
     let before = reqs();
+    // SAFETY: as above.
     let b = unsafe { H::share(NonNull::from(&mut buf[..]), d2d) };
     assert_eq!((b, reqs()), (a, before), "same address, no request");
     let dma = bed.dma_endpoint(EP).unwrap();
     dma.write(b, b"again").unwrap();
+    // SAFETY: as above.
     unsafe { H::unshare(b, NonNull::from(&mut buf[..]), d2d) };
     assert_eq!(&buf[..5], b"again", "copied back");
     // Another direction means other permissions: a new MAP.
     let c = unsafe { H::share(NonNull::from(&mut buf[..]), BufferDirection::DriverToDevice) };
     assert_ne!(c, a);
     assert_eq!(reqs(), before + 1);
+    // SAFETY: as above.
     unsafe {
         H::unshare(
             c,

@@ -833,27 +833,34 @@ mod tests {
         let counts = || state(|_, s| (s.maps, s.bounced, s.pending_unmaps()));
         // A whole granule: a direct map, revived by the same buffer again.
         let whole = heap.slice(G64K as usize, G64K as usize);
-        // SAFETY (every share/unshare below): the slices stay valid while shared, and each
+        // SAFETY: (every share/unshare below) the slices stay valid while shared, and each
         // unshare passes what its share returned.
         let a = unsafe { InPlace::share(whole, dir) };
+        // SAFETY: as above.
         unsafe { InPlace::unshare(a, whole, dir) };
         assert_eq!(counts(), (1, 0, 1));
+        // SAFETY: as above.
         let b = unsafe { InPlace::share(whole, dir) };
         assert_eq!((b, counts()), (a, (1, 0, 0)), "revived: same IOVA, no MAP");
+        // SAFETY: as above.
         unsafe { InPlace::unshare(b, whole, dir) };
         // A part of that pending granule needs a bounce granule: never revived (that would
         // expose the rest of the granule), a bounced MAP instead.
         let part = heap.slice(G64K as usize + 0x345, 16);
+        // SAFETY: as above.
         let c = unsafe { InPlace::share(part, dir) };
         assert_eq!(counts(), (2, 1, 1));
         let part_phys = heap.addr() + G64K + 0x345;
         state(|iommu, _| {
             assert!(iommu.translate(1, c).is_some_and(|(p, _)| p != part_phys));
         });
+        // SAFETY: as above.
         unsafe { InPlace::unshare(c, part, dir) };
         // A bounced pending range is never revived either.
+        // SAFETY: as above.
         let d = unsafe { InPlace::share(part, dir) };
         assert_eq!(counts(), (3, 2, 2));
+        // SAFETY: as above.
         unsafe { InPlace::unshare(d, part, dir) };
         let (mut iommu, mut space) = uninstall();
         assert_eq!(space.flush_stats().revived, 1);
