@@ -172,6 +172,33 @@ pub(crate) struct QemuRun {
     pub(crate) cut_short: bool,
 }
 
+impl QemuRun {
+    /// The [`RunOutcome`] of this run: its console and stderr, `exit_code`, the disk it was
+    /// given, QEMU's binary and arguments, `duration` (the run's own, or a longer one such as
+    /// server start to server exit) and our server's report, if any.
+    pub(crate) fn outcome(
+        self,
+        exit_code: i32,
+        disk: DiskImage,
+        qemu: PathBuf,
+        args: Vec<String>,
+        duration: Duration,
+        server: Option<ServerReport>,
+    ) -> RunOutcome {
+        RunOutcome {
+            exit_code,
+            output: self.output,
+            stderr: self.stderr,
+            disk_sha256: disk.sha256,
+            disk: disk.path,
+            qemu,
+            args,
+            duration,
+            server,
+        }
+    }
+}
+
 /// How long QEMU may run on once the watcher of [`run_qemu_watched`] reported trouble.
 pub(crate) const WATCH_GRACE: Duration = Duration::from_secs(5);
 
@@ -297,17 +324,8 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             output: ran.output,
         });
     };
-    Ok(RunOutcome {
-        exit_code: exit_code(status),
-        output: ran.output,
-        stderr: ran.stderr,
-        disk_sha256: disk.sha256,
-        disk: disk.path,
-        qemu,
-        args,
-        duration: ran.duration,
-        server: None,
-    })
+    let duration = ran.duration;
+    Ok(ran.outcome(exit_code(status), disk, qemu, args, duration, None))
 }
 
 #[cfg(test)]
