@@ -2,7 +2,8 @@
 //! in-process device: deferred UNMAPs leave in one batch with one notification, nothing stays
 //! mapped after the flush, an IOVA is never handed out again before its UNMAP returned S_OK
 //! (also when the device fails it: FaultPlan), the time bound (fake clock), the strict policy
-//! unchanged, and the `Hal` adapter's `unshare` deferring.
+//! unchanged, the `Hal` adapter's `unshare` deferring, and the revival of a pending mapping by
+//! a new buffer on the same granules with the same permissions (no MAP, same IOVA).
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,7 +121,8 @@ fn deferred_unmaps_leave_as_one_batch_with_one_notification() {
             flushes: 1,
             by_size: 1,
             by_age: 0,
-            failed_unmaps: 0
+            failed_unmaps: 0,
+            revived: 0,
         }
     );
     // A second unshare of a deferred buffer is refused, not queued twice.
@@ -390,4 +392,173 @@ fn the_hal_adapter_defers_unshare_but_not_dma_dealloc() {
     assert_eq!((space.failures, space.leaked), (0, 0));
     assert_eq!(space.flush_stats().flushes, 1);
     HAL_IOMMU.lock().take();
+}
+
+fn requests(drv: &Iommu) -> u64 {
+    drv.request_stats().requests
+}
+
+#[test]
+fn a_buffer_on_pending_granules_revives_their_mapping_without_a_map() {
+    let bed = bed_with(FaultPlan::new());
+    let (mut drv, mut space) = setup(&bed, lazy(8, u64::MAX, &FROZEN));
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    let phys = bed.alloc(2 * G as usize).unwrap();
+    let a = space.map_buffer(&mut drv, phys + 0x10, 0x100, rw).unwrap();
+    space.unmap_buffer(&mut drv, a).unwrap();
+    assert_eq!(space.pending_unmaps(), 1);
+    let (maps, reqs, notes) = (space.maps, requests(&drv), notifications(&drv));
+    // Another buffer in the same granule, same permissions: the pending mapping comes back.
+    let b = space.map_buffer(&mut drv, phys + 0x200, 0x80, rw).unwrap();
+    assert_eq!(b, a - 0x10 + 0x200, "same IOVA, the new buffer's offset");
+    assert_eq!(
+        (space.maps, requests(&drv), notifications(&drv)),
+        (maps, reqs, notes),
+        "no MAP sent"
+    );
+    assert_eq!(space.pending_unmaps(), 0, "taken out of the flush queue");
+    assert_eq!(space.flush_stats().revived, 1);
+    assert_eq!(space.live_mappings(), 1);
+    let dma = bed.dma_endpoint(EP).unwrap();
+    dma.write(b, b"revived").unwrap();
+    let mut back = [0u8; 7];
+    dma.read(b, &mut back).unwrap();
+    assert_eq!(&back, b"revived");
+    // Nothing pending: a flush sends nothing and the device keeps the live buffer.
+    assert_eq!(space.flush(&mut drv), Ok(0));
+    assert!(reachable(&bed, b));
+    // Its unshare queues it again; after the flush the device has lost it.
+    assert_eq!(space.unmap_buffer(&mut drv, b), Ok(phys + 0x200));
+    assert_eq!(space.pending_unmaps(), 1);
+    assert_eq!(space.flush(&mut drv), Ok(1));
+    assert!(!reachable(&bed, b));
+    assert_eq!(space.live_mappings(), 0);
+    assert_eq!(space.iova_allocator().unwrap().live_allocations(), 0);
+    assert_eq!((space.maps, space.unmaps, space.failures), (1, 1, 0));
+}
+
+#[test]
+fn other_permissions_or_granules_get_a_new_map() {
+    let bed = bed_with(FaultPlan::new());
+    let (mut drv, mut space) = setup(&bed, lazy(8, u64::MAX, &FROZEN));
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    let phys = bed.alloc(2 * G as usize).unwrap();
+    let a = space.map_buffer(&mut drv, phys, G, rw).unwrap();
+    space.unmap_buffer(&mut drv, a).unwrap();
+    // Read-only: a new MAP at another IOVA, the pending one stays queued.
+    let r = space.map_buffer(&mut drv, phys, G, MapFlags::READ).unwrap();
+    assert_ne!(r, a);
+    assert_eq!((space.maps, space.pending_unmaps()), (2, 1));
+    let dma = bed.dma_endpoint(EP).unwrap();
+    assert!(dma.write(r, b"x").is_err(), "read-only as asked");
+    // Two granules (a superset of the pending one): a new MAP too.
+    let two = space.map_buffer(&mut drv, phys, 2 * G, rw).unwrap();
+    assert!(!overlaps(two, a) && !overlaps(two, r));
+    assert_eq!((space.maps, space.pending_unmaps()), (3, 1));
+    // A live (not unshared) mapping is never shared out twice: same buffer again, new MAP.
+    let again = space.map_buffer(&mut drv, phys, G, MapFlags::READ).unwrap();
+    assert_ne!(again, r);
+    assert_eq!(space.maps, 4);
+    assert_eq!(space.flush_stats().revived, 0);
+    assert_eq!(space.flush(&mut drv), Ok(1));
+    assert!(!reachable(&bed, a));
+}
+
+#[test]
+fn strict_never_revives() {
+    let bed = bed_with(FaultPlan::new());
+    let mut drv = bed.driver().unwrap();
+    let mut space = DmaSpace::attach_strict(&mut drv, DOMAIN, EP, &[]).unwrap();
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    let phys = bed.alloc(G as usize).unwrap();
+    for round in 1..=3u64 {
+        let n = notifications(&drv);
+        let a = space.map_buffer(&mut drv, phys, G, rw).unwrap();
+        assert_eq!(notifications(&drv), n + 1, "one MAP per buffer");
+        space.unmap_buffer(&mut drv, a).unwrap();
+        assert!(!reachable(&bed, a));
+        assert_eq!((space.maps, space.unmaps), (round, round));
+    }
+    assert_eq!(space.flush_stats(), FlushStats::default());
+}
+
+#[test]
+fn the_flush_batch_leaves_out_the_revived_range() {
+    let bed = bed_with(FaultPlan::new());
+    let (mut drv, mut space) = setup(&bed, lazy(8, u64::MAX, &FROZEN));
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    let phys = bed.alloc(3 * G as usize).unwrap();
+    let iovas: Vec<u64> = (0..3)
+        .map(|i| space.map_buffer(&mut drv, phys + i * G, G, rw).unwrap())
+        .collect();
+    for &i in &iovas {
+        space.unmap_buffer(&mut drv, i).unwrap();
+    }
+    assert_eq!(space.pending_unmaps(), 3);
+    // The middle granule again: revived, out of the queue.
+    let b = space.map_buffer(&mut drv, phys + G, G, rw).unwrap();
+    assert_eq!(b, iovas[1]);
+    assert_eq!((space.maps, space.pending_unmaps()), (3, 2));
+    let (reqs, notes) = (requests(&drv), notifications(&drv));
+    assert_eq!(space.flush(&mut drv), Ok(2), "two UNMAPs in the batch");
+    assert_eq!((requests(&drv), notifications(&drv)), (reqs + 2, notes + 1));
+    assert_eq!(space.unmaps, 2);
+    assert!(!reachable(&bed, iovas[0]) && !reachable(&bed, iovas[2]));
+    assert!(reachable(&bed, b), "the revived buffer stays mapped");
+    assert_eq!(space.live_mappings(), 1);
+    space.unmap_buffer(&mut drv, b).unwrap();
+    assert_eq!(space.flush(&mut drv), Ok(1));
+    assert!(!reachable(&bed, b));
+    assert_eq!(space.iova_allocator().unwrap().live_allocations(), 0);
+}
+
+static REV_IOMMU: Mutex<Option<Iommu>> = Mutex::new(None);
+static REV_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
+virtio_iommu_driver::dma_context! {
+    /// The context of the `Hal` revival test.
+    struct ReviveDma { inner: TestHal, iommu: REV_IOMMU, space: REV_DMA }
+}
+
+#[test]
+fn the_hal_adapter_revives_a_reshared_buffer_of_the_same_direction() {
+    let bed = bed_with(FaultPlan::new());
+    let (drv, space) = setup(&bed, lazy(8, u64::MAX, &FROZEN));
+    *REV_IOMMU.lock() = Some(drv);
+    *REV_DMA.lock() = Some(space);
+    type H = IommuHal<ReviveDma>;
+    let reqs = || REV_IOMMU.lock().as_ref().map_or(0, requests);
+    let mut buf = [0u8; 64];
+    let d2d = BufferDirection::DeviceToDriver;
+    // SAFETY: (every share/unshare below) `buf` lives and is untouched while shared, and
+    // each unshare passes the address its share returned.
+    let a = unsafe { H::share(NonNull::from(&mut buf[..]), d2d) };
+    // SAFETY: as above.
+    unsafe { H::unshare(a, NonNull::from(&mut buf[..]), d2d) };
+    let before = reqs();
+    // SAFETY: as above.
+    let b = unsafe { H::share(NonNull::from(&mut buf[..]), d2d) };
+    assert_eq!((b, reqs()), (a, before), "same address, no request");
+    let dma = bed.dma_endpoint(EP).unwrap();
+    dma.write(b, b"again").unwrap();
+    // SAFETY: as above.
+    unsafe { H::unshare(b, NonNull::from(&mut buf[..]), d2d) };
+    assert_eq!(&buf[..5], b"again", "copied back");
+    // Another direction means other permissions: a new MAP.
+    let c = unsafe { H::share(NonNull::from(&mut buf[..]), BufferDirection::DriverToDevice) };
+    assert_ne!(c, a);
+    assert_eq!(reqs(), before + 1);
+    // SAFETY: as above.
+    unsafe {
+        H::unshare(
+            c,
+            NonNull::from(&mut buf[..]),
+            BufferDirection::DriverToDevice,
+        )
+    };
+    let mut space = REV_DMA.lock().take().unwrap();
+    let mut drv = REV_IOMMU.lock().take().unwrap();
+    assert_eq!(space.flush_stats().revived, 1);
+    assert_eq!(space.flush(&mut drv), Ok(2));
+    assert!(!reachable(&bed, a) && !reachable(&bed, c));
+    assert_eq!((space.live_mappings(), space.failures), (0, 0));
 }

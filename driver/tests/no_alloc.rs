@@ -15,7 +15,7 @@
 //! - `IovaAllocator` alloc/free churn and `DmaSpace::map_buffer`/`unmap_buffer`;
 //! - a lazy `DmaSpace` (`UnmapPolicy::Lazy`) on the real driver: deferred UNMAPs, flushes by the
 //!   size and the time bound and explicit ones (the flush queue is allocated by
-//!   `set_unmap_policy`, before counting);
+//!   `set_unmap_policy`, before counting), and revived pending mappings;
 //! - the interrupt side: `submit_nb_many`, `handle_interrupt` (ack, completions, fault
 //!   reports), `poll_nb`, `poll_event`, `discard_nb` — what an interrupt handler may call.
 
@@ -358,6 +358,52 @@ fn lazy_unmapping_and_its_flushes_do_not_allocate() {
     let s = space.flush_stats();
     assert!(s.by_size > 0 && s.by_age > 0, "{s:?}");
     assert_eq!((space.maps, space.unmaps, space.failures), (1200, 1200, 0));
+    assert_eq!(space.live_mappings(), 0);
+}
+
+/// A clock that stays at 0: only the size bound flushes.
+struct Still;
+
+impl virtio_iommu_driver::dma::Clock for Still {
+    fn now_ns(&self) -> u64 {
+        0
+    }
+}
+
+#[test]
+fn reviving_pending_mappings_does_not_allocate() {
+    static CLOCK: Still = Still;
+    let dev = FakeDevice::new();
+    let mut drv = dev.driver();
+    let mut space = DmaSpace::attach_strict(&mut drv, 1, 8, &[]).unwrap();
+    space
+        .set_unmap_policy(virtio_iommu_driver::dma::UnmapPolicy::Lazy {
+            max_pending: 8,
+            max_age_ns: u64::MAX,
+            clock: &CLOCK,
+        })
+        .unwrap();
+    // A virtio-blk-like request: header, data, status, shared again and again.
+    let bufs = [
+        (0x4000_0010u64, 16u64, MapFlags::READ),
+        (0x4000_1000, 0x1_0000, MapFlags::WRITE),
+        (0x4000_0100, 1, MapFlags::WRITE),
+    ];
+    let mut at = [0u64; 3];
+    let (n, ()) = allocations(|| {
+        for _ in 0..100 {
+            for (slot, &(p, len, f)) in at.iter_mut().zip(&bufs) {
+                *slot = space.map_buffer(&mut drv, p, len, f).unwrap();
+            }
+            for &a in &at {
+                space.unmap_buffer(&mut drv, a).unwrap();
+            }
+        }
+        space.flush(&mut drv).unwrap();
+    });
+    assert_eq!(n, 0, "heap allocations while reviving");
+    assert_eq!(space.flush_stats().revived, 297);
+    assert_eq!((space.maps, space.unmaps, space.failures), (3, 3, 0));
     assert_eq!(space.live_mappings(), 0);
 }
 

@@ -92,6 +92,16 @@ pub(crate) fn pump(
     pipe: impl Read + Send + 'static,
     to_stderr: bool,
 ) -> thread::JoinHandle<String> {
+    pump_lines(pipe, to_stderr, |_| {})
+}
+
+/// [`pump`], also handing each line (lossy UTF-8, with its newline) to `on_line` after it was
+/// copied.
+pub(crate) fn pump_lines(
+    pipe: impl Read + Send + 'static,
+    to_stderr: bool,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut all = Vec::new();
@@ -108,6 +118,7 @@ pub(crate) fn pump(
                         print!("{text}");
                         let _ = io::stdout().flush();
                     }
+                    on_line(&text);
                     all.extend_from_slice(&line);
                 }
             }
@@ -159,6 +170,33 @@ pub(crate) struct QemuRun {
     pub(crate) duration: Duration,
     /// Whether it was killed because the watcher said so (not because of the deadline).
     pub(crate) cut_short: bool,
+}
+
+impl QemuRun {
+    /// The [`RunOutcome`] of this run: its console and stderr, `exit_code`, the disk it was
+    /// given, QEMU's binary and arguments, `duration` (the run's own, or a longer one such as
+    /// server start to server exit) and our server's report, if any.
+    pub(crate) fn outcome(
+        self,
+        exit_code: i32,
+        disk: DiskImage,
+        qemu: PathBuf,
+        args: Vec<String>,
+        duration: Duration,
+        server: Option<ServerReport>,
+    ) -> RunOutcome {
+        RunOutcome {
+            exit_code,
+            output: self.output,
+            stderr: self.stderr,
+            disk_sha256: disk.sha256,
+            disk: disk.path,
+            qemu,
+            args,
+            duration,
+            server,
+        }
+    }
 }
 
 /// How long QEMU may run on once the watcher of [`run_qemu_watched`] reported trouble.
@@ -286,17 +324,8 @@ pub fn run(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             output: ran.output,
         });
     };
-    Ok(RunOutcome {
-        exit_code: exit_code(status),
-        output: ran.output,
-        stderr: ran.stderr,
-        disk_sha256: disk.sha256,
-        disk: disk.path,
-        qemu,
-        args,
-        duration: ran.duration,
-        server: None,
-    })
+    let duration = ran.duration;
+    Ok(ran.outcome(exit_code(status), disk, qemu, args, duration, None))
 }
 
 #[cfg(test)]

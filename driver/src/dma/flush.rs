@@ -15,13 +15,33 @@
 //!   [`DmaSpace::unmap_all`](super::DmaSpace::unmap_all) runs.
 //!
 //! A pending range stays allocated (IOVAs, mapping slot, bounce granules) until its UNMAP
-//! returned `S_OK`: no IOVA is handed out again while the device may still reach it. A failed
+//! returned `S_OK`: no IOVA is handed out again for other memory while the device may still
+//! reach it (the same memory may revive it: below). A failed
 //! UNMAP of a flush keeps its range as after a failed strict UNMAP (counted in
 //! [`DmaSpace::leaked`](super::DmaSpace::leaked) and
 //! [`DmaSpace::failures`](super::DmaSpace::failures), retried by `unmap_all`), and the flush
 //! reports it: [`FlushError`] from an explicit flush, [`DmaSpace::take_flush_error`](super::DmaSpace::take_flush_error)
 //! for flushes that ran inside the `Hal` (which cannot return errors), and
 //! [`FlushStats::failed_unmaps`].
+//!
+//! # Reviving a pending mapping
+//!
+//! A `share` (or [`DmaSpace::map_buffer`](super::DmaSpace::map_buffer)) whose buffer covers
+//! exactly the granules of a pending range, with the same permissions, takes that range out of
+//! the queue instead of sending a MAP: the buffer gets the same IOVA (plus its own offset in
+//! the first granule), its UNMAP is not sent by the next flush, and its `unshare` queues it
+//! again with a fresh place in the queue. Recurring buffers (virtio-blk's per-request header
+//! and status, a reused data buffer) then cost no request at all. Only direct maps are revived:
+//! a range with bounce granules (isolated strict) or of an isolated `dma_alloc` never is, nor
+//! is a buffer that needs bounce granules; the strict policy never revives (it has nothing
+//! pending). The lookup scans the queue from its newest entry, at most `max_pending`
+//! comparisons, no allocation ([`FlushStats::revived`] counts the hits). The oldest entry's
+//! time is kept when entries are revived: the time bound may then fire early, never late.
+//!
+//! This does not widen the exposure: a revived range is what the device could reach anyway
+//! (pending, so still mapped), and it is live again — the driver has handed the same memory to
+//! the device. After its next `unshare` it is bounded by `max_pending` and `max_age_ns` as any
+//! pending range.
 //!
 //! # Security trade-off
 //!
@@ -144,6 +164,9 @@ pub struct FlushStats {
     pub by_age: u64,
     /// Deferred UNMAPs that failed (each also counted in `DmaSpace::failures`).
     pub failed_unmaps: u64,
+    /// Pending ranges revived by a `share` of the same granules with the same permissions
+    /// (taken out of the queue, no MAP sent; see the [module documentation](self)).
+    pub revived: u64,
 }
 
 /// Why a flush runs.
@@ -154,14 +177,15 @@ pub(super) enum Trigger {
     Explicit,
 }
 
-/// The pending ranges: `(first IOVA, bytes)`, in unshare order; never more than
-/// `max_pending`, allocated once.
+/// The pending ranges: `(first IOVA, bytes, physical address of the first granule)`, in
+/// unshare order; never more than `max_pending`, allocated once.
 pub(super) struct FlushQueue {
     max_pending: usize,
     max_age_ns: u64,
     clock: &'static dyn Clock,
-    pending: Vec<(u64, u64)>,
-    /// Time of the oldest pending entry.
+    pending: Vec<(u64, u64, u64)>,
+    /// Time of the oldest pending entry (kept when entries are revived: the age bound may then
+    /// fire early, never late).
     oldest_ns: u64,
     /// Batch and outcome buffers, `max_pending` each, allocated once.
     ops: Vec<BatchOp>,
@@ -223,18 +247,36 @@ impl FlushQueue {
         self.pending.len() < self.max_pending
     }
 
-    /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0). Returns `false`
-    /// (nothing queued) when full.
-    pub(super) fn push(&mut self, start: u64, len: u64) -> bool {
+    /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0) of the mapping of
+    /// physical `phys..phys + len`. Returns `false` (nothing queued) when full.
+    pub(super) fn push(&mut self, start: u64, len: u64, phys: u64) -> bool {
         if !self.has_room() {
             return false;
         }
         if self.pending.is_empty() {
             self.oldest_ns = self.clock.now_ns();
         }
-        self.pending.push((start, len));
+        self.pending.push((start, len, phys));
         self.stats.deferred += 1;
         true
+    }
+
+    /// Takes out of the queue the newest pending range mapping physical `phys..phys + len`
+    /// (`len` bytes) for which `accept(first IOVA)` holds, and returns its first IOVA; its
+    /// UNMAP is then not sent. At most `max_pending` comparisons, no allocation.
+    pub(super) fn revive(
+        &mut self,
+        phys: u64,
+        len: u64,
+        mut accept: impl FnMut(u64) -> bool,
+    ) -> Option<u64> {
+        let i = self
+            .pending
+            .iter()
+            .rposition(|&(s, l, p)| p == phys && l == len && accept(s))?;
+        let (start, _, _) = self.pending.remove(i);
+        self.stats.revived += 1;
+        Some(start)
     }
 
     /// Whether a bound is reached: the size bound first.
@@ -265,7 +307,7 @@ impl FlushQueue {
         }
         self.ops.clear();
         self.ops
-            .extend(self.pending.iter().map(|&(start, len)| BatchOp::Unmap {
+            .extend(self.pending.iter().map(|&(start, len, _)| BatchOp::Unmap {
                 domain,
                 virt_start: start,
                 virt_end: start + (len - 1),
@@ -283,7 +325,7 @@ impl FlushQueue {
             Trigger::Explicit => {}
         }
         let mut error: Option<FlushError> = None;
-        for (&(start, _), &r) in self.pending.iter().zip(&self.results) {
+        for (&(start, _, _), &r) in self.pending.iter().zip(&self.results) {
             if let Err(e) = r {
                 self.stats.failed_unmaps += 1;
                 match &mut error {

@@ -815,6 +815,61 @@ mod tests {
     }
 
     #[test]
+    fn lazy_isolated_revives_only_direct_maps_of_whole_granules() {
+        fn zero() -> u64 {
+            0
+        }
+        static ZERO: crate::dma::FnClock = crate::dma::FnClock(zero);
+        let mut heap = Aligned::new(3 * G64K as usize, G64K as usize);
+        let (iommu, mut space) = isolated_space(8);
+        let lazy = crate::dma::UnmapPolicy::Lazy {
+            max_pending: 8,
+            max_age_ns: u64::MAX,
+            clock: &ZERO,
+        };
+        space.set_unmap_policy(lazy).unwrap();
+        install(iommu, space);
+        let dir = BufferDirection::DeviceToDriver;
+        let counts = || state(|_, s| (s.maps, s.bounced, s.pending_unmaps()));
+        // A whole granule: a direct map, revived by the same buffer again.
+        let whole = heap.slice(G64K as usize, G64K as usize);
+        // SAFETY: (every share/unshare below) the slices stay valid while shared, and each
+        // unshare passes what its share returned.
+        let a = unsafe { InPlace::share(whole, dir) };
+        // SAFETY: as above.
+        unsafe { InPlace::unshare(a, whole, dir) };
+        assert_eq!(counts(), (1, 0, 1));
+        // SAFETY: as above.
+        let b = unsafe { InPlace::share(whole, dir) };
+        assert_eq!((b, counts()), (a, (1, 0, 0)), "revived: same IOVA, no MAP");
+        // SAFETY: as above.
+        unsafe { InPlace::unshare(b, whole, dir) };
+        // A part of that pending granule needs a bounce granule: never revived (that would
+        // expose the rest of the granule), a bounced MAP instead.
+        let part = heap.slice(G64K as usize + 0x345, 16);
+        // SAFETY: as above.
+        let c = unsafe { InPlace::share(part, dir) };
+        assert_eq!(counts(), (2, 1, 1));
+        let part_phys = heap.addr() + G64K + 0x345;
+        state(|iommu, _| {
+            assert!(iommu.translate(1, c).is_some_and(|(p, _)| p != part_phys));
+        });
+        // SAFETY: as above.
+        unsafe { InPlace::unshare(c, part, dir) };
+        // A bounced pending range is never revived either.
+        // SAFETY: as above.
+        let d = unsafe { InPlace::share(part, dir) };
+        assert_eq!(counts(), (3, 2, 2));
+        // SAFETY: as above.
+        unsafe { InPlace::unshare(d, part, dir) };
+        let (mut iommu, mut space) = uninstall();
+        assert_eq!(space.flush_stats().revived, 1);
+        assert_eq!(space.flush(&mut iommu), Ok(3));
+        assert!(iommu.maps.is_empty());
+        assert_eq!((space.live_mappings(), space.bounce_granules().0), (0, 0));
+    }
+
+    #[test]
     fn isolated_dma_alloc_maps_only_its_own_aligned_granules() {
         let (iommu, space) = isolated_space(2);
         install(iommu, space);

@@ -39,7 +39,9 @@
 //!   bounded flush queue sent as one batch (one notification) when it holds `max_pending`
 //!   ranges, when its oldest entry is `max_age_ns` old (checked at every `share`/`unshare` and
 //!   [`DmaSpace::flush_if_due`]), or on [`DmaSpace::flush`]. The IOVAs stay allocated until
-//!   their UNMAP returned S_OK, so none is handed out twice. Exposes, **on top of strict, every
+//!   their UNMAP returned S_OK, so none is handed out for other memory; a `share` of exactly
+//!   the granules of a pending direct map with the same permissions revives it instead of a
+//!   MAP (same IOVA, taken out of the queue, no request). Exposes, **on top of strict, every
 //!   buffer unshared since the last flush** — memory that is the driver's again and may hold
 //!   other data by then — as Linux's `iommu.strict=0`: a device that keeps using addresses it
 //!   was given can corrupt or read reused memory until the flush. `dma_dealloc` stays strict.

@@ -61,6 +61,8 @@ struct LiveMapping {
     phys_base: u64,
     /// Bytes (whole granules) of IOVA space.
     len: u64,
+    /// The permissions it was mapped with.
+    flags: MapFlags,
     /// Bounce granules of the first and the last granule (isolated strict), or `NO_SLOT`.
     head: u32,
     tail: u32,
@@ -588,8 +590,10 @@ impl DmaSpace {
     /// Never returns 0 nor an address in the fault window.
     ///
     /// Strict: the buffer, widened to whole granules, is MAPped with `flags` at a fresh IOVA
-    /// range. Isolated strict: the same, but only for buffers made of whole granules (this
-    /// method has no buffer to bounce; `IommuHal::share` bounces). Identity: returns `phys`
+    /// range — under the lazy [`UnmapPolicy`], a pending (unshared, not yet UNMAPped) direct
+    /// map of exactly these granules with these `flags` is revived instead: same IOVA, no
+    /// request (see [`super::flush`]). Isolated strict: the same, but only for buffers made of
+    /// whole granules (this method has no buffer to bounce; `IommuHal::share` bounces). Identity: returns `phys`
     /// after checking the buffer lies inside one identity-mapped range (resp. outside every
     /// reserved region, the fault window and address 0); no request is sent.
     ///
@@ -743,6 +747,32 @@ impl DmaSpace {
                 granule: g,
             });
         }
+        if !(head || tail) && alloc.is_none() {
+            // Lazy: a pending UNMAP of a direct map of exactly these granules with these
+            // permissions is revived instead of a new MAP (see `super::flush`).
+            let revived = self.flush.as_mut().and_then(|q| {
+                q.revive(phys_base, span, |key| {
+                    live.floor(key).is_some_and(|(b, m)| {
+                        b == key
+                            && m.deferred
+                            && !m.stale
+                            && !m.unmapped
+                            && m.flags == flags
+                            && m.head == NO_SLOT
+                            && m.tail == NO_SLOT
+                            && m.alloc_pages == 0
+                    })
+                })
+            });
+            if let Some(at) = revived {
+                if let Some(m) = live.get_mut(at) {
+                    m.deferred = false;
+                    m.offset = offset;
+                    m.buf_len = len;
+                }
+                return Ok(at + offset);
+            }
+        }
         let mut head_slot = None;
         let mut tail_slot = None;
         if let Some(pool) = bounce.as_mut() {
@@ -790,6 +820,7 @@ impl DmaSpace {
         let entry = LiveMapping {
             phys_base,
             len: span,
+            flags,
             head: head_slot.map_or(NO_SLOT, |(i, _)| i),
             tail: tail_slot.map_or(NO_SLOT, |(i, _)| i),
             offset,
@@ -906,8 +937,12 @@ impl DmaSpace {
             return Err(IommuError::InvalidRange);
         }
         // A full queue (not flushed by the caller) falls back to a strict UNMAP.
-        let deferred =
-            defer && !m.unmapped && self.flush.as_mut().is_some_and(|q| q.push(base, m.len));
+        let deferred = defer
+            && !m.unmapped
+            && self
+                .flush
+                .as_mut()
+                .is_some_and(|q| q.push(base, m.len, m.phys_base));
         if deferred {
             if let Some(entry) = live.get_mut(base) {
                 entry.deferred = true;

@@ -354,16 +354,9 @@ pub fn run_linux(config: &LinuxConfig) -> Result<LinuxOutcome> {
         });
     };
     Ok(LinuxOutcome {
-        run: RunOutcome {
-            exit_code: exit_code(status),
-            output: ran.output,
-            stderr: ran.stderr,
-            disk_sha256: disk.sha256,
-            disk: disk.path,
-            qemu,
-            args,
-            duration: ran.duration,
-            server: None,
+        run: {
+            let duration = ran.duration;
+            ran.outcome(exit_code(status), disk, qemu, args, duration, None)
         },
         guest,
         prepare,

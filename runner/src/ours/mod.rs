@@ -332,17 +332,7 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
             report.exit_code,
             WATCH_GRACE.as_secs()
         );
-        return Ok(RunOutcome {
-            exit_code: 128 + 9,
-            output: ran.output,
-            stderr: ran.stderr,
-            disk_sha256: disk.sha256,
-            disk: disk.path,
-            qemu,
-            args,
-            duration: started.elapsed(),
-            server: Some(report),
-        });
+        return Ok(ran.outcome(128 + 9, disk, qemu, args, started.elapsed(), Some(report)));
     }
     let Some(status) = ran.status else {
         let report = server.kill();
@@ -378,17 +368,14 @@ pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
     }
     print_checker(&report, &ran.output);
     drop(work);
-    Ok(RunOutcome {
-        exit_code: exit_code(status),
-        output: ran.output,
-        stderr: ran.stderr,
-        disk_sha256: disk.sha256,
-        disk: disk.path,
+    Ok(ran.outcome(
+        exit_code(status),
+        disk,
         qemu,
         args,
-        duration: started.elapsed(),
-        server: Some(report),
-    })
+        started.elapsed(),
+        Some(report),
+    ))
 }
 
 #[cfg(test)]

@@ -218,26 +218,10 @@ fn pump_stdout(
     pipe: impl Read + Send + 'static,
     listening: mpsc::Sender<()>,
 ) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut reader = BufReader::new(pipe);
-        let mut all = Vec::new();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let text = String::from_utf8_lossy(&line);
-                    print!("{text}");
-                    let _ = io::stdout().flush();
-                    if text.trim() == LISTENING_LINE {
-                        let _ = listening.send(());
-                    }
-                    all.extend_from_slice(&line);
-                }
-            }
+    crate::boot::pump_lines(pipe, false, move |text| {
+        if text.trim() == LISTENING_LINE {
+            let _ = listening.send(());
         }
-        String::from_utf8_lossy(&all).into_owned()
     })
 }
 
