@@ -95,14 +95,15 @@ fn qemu_that_cannot_connect_ends_the_run_and_the_server() {
     assert!(report.killed);
     let found = problems(&outcome, true);
     assert!(found.iter().any(|p| p.contains("killed")), "{found:#?}");
-    // The arguments follow the contract; endpoint IDs are the requester IDs.
+    // The arguments follow the contract; endpoint IDs are the requester IDs; the driver
+    // checker is on.
     let args = recorded(&server, "args");
     let dir = socket_dir(&server);
     assert_eq!(
         args.trim(),
         format!(
             "--iommu {0}/iommu.sock --blk {0}/blk.sock --disk {0}/disk.img --blk-endpoint 16 \
-             --edu {0}/edu.sock --edu-endpoint 24",
+             --edu {0}/edu.sock --edu-endpoint 24 --checker",
             dir.display()
         )
     );
