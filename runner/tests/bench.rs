@@ -300,10 +300,14 @@ fn blk_bench_strict_lazy_identity() {
     assert_eq!(field(strict, "maps"), 3.0 * ios);
     assert_eq!(field(strict, "unmaps"), 3.0 * ios);
     assert_eq!(field(strict, "iommu_notifications"), 6.0 * ios);
-    // Lazy: the same MAPs; the UNMAPs go out in batches (the last ones at teardown).
-    assert_eq!(field(lazy, "maps"), 3.0 * ios);
+    // Lazy: the UNMAPs go out in batches (the last ones at teardown), and a buffer shared again
+    // on the granules of a pending UNMAP revives that mapping: virtio-blk's header, data and
+    // status buffers recur, so nearly every MAP and UNMAP disappears (measured: 0.01 per I/O).
+    assert!(field(lazy, "maps") > 0.0, "{lazy:?}");
+    assert!(field(lazy, "maps") < 0.1 * ios, "{lazy:?}");
+    assert!(field(lazy, "unmaps") <= field(lazy, "maps"), "{lazy:?}");
     assert!(field(lazy, "flushes") > 0.0);
-    assert!(field(lazy, "iommu_notifications") < 3.5 * ios, "{lazy:?}");
+    assert!(field(lazy, "iommu_notifications") < 0.1 * ios, "{lazy:?}");
     // Identity: no request per buffer.
     assert_eq!(field(identity, "maps") + field(identity, "unmaps"), 0.0);
     for line in outcome.output.lines().filter(|l| l.contains("/identity:")) {
