@@ -127,6 +127,28 @@ pub(crate) fn pump_lines(
     })
 }
 
+/// `command.spawn()`, retried for up to about a second while it fails with ETXTBSY ("text file
+/// busy"): an executable just written (a fake server or QEMU in the tests, a binary cargo just
+/// linked) stays "busy" while any process still holds a descriptor open for writing to it — such
+/// as a child forked by another thread that has not reached its `exec` yet. Cargo retries the
+/// same way for build scripts.
+///
+/// # Errors
+/// The last spawn error.
+pub(crate) fn spawn(command: &mut Command) -> io::Result<Child> {
+    const ETXTBSY: i32 = 26;
+    let mut tries = 0;
+    loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && tries < 50 => {
+                tries += 1;
+                thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Exit code of a finished process (128 + signal number when killed by a signal).
 pub(crate) fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
@@ -222,12 +244,13 @@ pub(crate) fn run_qemu_watched(
     let mut watching = true;
     let mut cut_short = false;
     let mut guard = ChildGuard(Some(io_context(
-        Command::new(qemu)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn(),
+        spawn(
+            Command::new(qemu)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        ),
         || format!("cannot start {}", qemu.display()),
     )?));
     let (stdout, stderr) = match guard.child() {

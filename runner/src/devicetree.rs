@@ -421,7 +421,7 @@ pub fn dump(qemu: &Path, args: &[String]) -> Result<Vec<u8>> {
 /// killed at the timeout) and stderr.
 fn run_bounded(command: &mut Command, timeout: Duration) -> Result<(Option<ExitStatus>, String)> {
     let display = format!("{command:?}");
-    let mut guard = boot::ChildGuard(Some(io_context(command.spawn(), || {
+    let mut guard = boot::ChildGuard(Some(io_context(boot::spawn(command), || {
         format!("cannot run `{display}`")
     })?));
     let reader = guard.child().and_then(|c| c.stderr.take()).map(|mut pipe| {

@@ -182,7 +182,9 @@ pub fn query_qtree(qemu: &Path, args: &[String]) -> Result<String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let display = format!("{command:?}");
-    let child = io_context(command.spawn(), || format!("cannot run `{display}`"))?;
+    let child = io_context(crate::boot::spawn(&mut command), || {
+        format!("cannot run `{display}`")
+    })?;
     // Killed and reaped on every way out, an error of `try_wait` included.
     let mut guard = crate::boot::ChildGuard(Some(child));
     let Some(child) = guard.child() else {

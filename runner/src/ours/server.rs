@@ -235,12 +235,13 @@ impl ServerProcess {
     /// before listening or does not listen in time (it is killed then).
     pub fn start(program: &Path, spec: &ServerSpec, listen_timeout: Duration) -> Result<Self> {
         let child = io_context(
-            Command::new(program)
-                .args(spec.args())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn(),
+            crate::boot::spawn(
+                Command::new(program)
+                    .args(spec.args())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            ),
             || format!("cannot start {}", program.display()),
         )?;
         let mut server = Self {
