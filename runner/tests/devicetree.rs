@@ -226,3 +226,68 @@ fn failed_dump_names_qemus_complaint() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A `/reserved-memory` node (Devicetree Specification v0.4 §3.5) added to QEMU's tree reaches
+/// the firmware: its reserved-region case (issue #10 item 6) reads both children, `no-map` and
+/// a plain pool, from the tree QEMU hands over, and every case still passes (both regions lie
+/// above the firmware's heap).
+#[test]
+fn reserved_memory_nodes_reach_the_firmware() {
+    use virtio_iommu_runner::devicetree::{cells, Node};
+    let qemu = qemu_111();
+    let config = RunConfig {
+        qemu: QemuChoice::Debian111,
+        ..RunConfig::default()
+    };
+    let disk = prepare_disk(None).expect("disk");
+    let blob = dump(&qemu, &qemu_args(&config, firmware(), &disk.path)).expect("dumpdtb");
+    let mut tree = DeviceTree::parse(&blob).expect("parse");
+    let mut reserved = Node::new("reserved-memory");
+    reserved.set_property("#address-cells", cells(&[2]));
+    reserved.set_property("#size-cells", cells(&[2]));
+    reserved.set_property("ranges", Vec::new());
+    let mut firmware_area = Node::new("firmware@5f000000");
+    firmware_area.set_property("reg", cells(&[0, 0x5f00_0000, 0, 0x10_0000]));
+    firmware_area.set_property("no-map", Vec::new());
+    reserved.add_child(firmware_area).expect("child");
+    let mut pool = Node::new("pool@5e000000");
+    pool.set_property("reg", cells(&[0, 0x5e00_0000, 0, 0x20_0000]));
+    reserved.add_child(pool).expect("child");
+    tree.root.add_child(reserved).expect("/reserved-memory");
+    let dir = std::env::temp_dir().join(format!("viommu-dt-resv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dtb = dir.join("virt.dtb");
+    std::fs::write(&dtb, tree.to_dtb().expect("serialize")).expect("write dtb");
+    let outcome = run(
+        &RunConfig {
+            extra_args: vec!["-dtb".into(), dtb.to_string_lossy().into_owned()],
+            ..config
+        },
+        firmware(),
+    )
+    .expect("boot");
+    let _ = std::fs::remove_dir_all(&dir);
+    let found = problems(&outcome, true);
+    assert!(found.is_empty(), "{found:#?}\n{}", outcome.output);
+    let lines: Vec<&str> = outcome.output.lines().map(str::trim_end).collect();
+    assert!(
+        lines.contains(&"# /reserved-memory: 2 region(s)"),
+        "{}",
+        outcome.output
+    );
+    let node = |path: &str, no_map: bool| {
+        lines
+            .iter()
+            .any(|l| l.contains(path) && l.ends_with(&format!("no-map {no_map}")))
+    };
+    assert!(
+        node("/reserved-memory/firmware@5f000000", true),
+        "{}",
+        outcome.output
+    );
+    assert!(
+        node("/reserved-memory/pool@5e000000", false),
+        "{}",
+        outcome.output
+    );
+}
