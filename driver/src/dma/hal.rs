@@ -105,18 +105,13 @@ macro_rules! dma_context {
         iommu: $iommu:path,
         space: $space:path $(,)?
     }) => {
-        $(#[$attr])*
-        $vis struct $name;
-
-        impl $crate::dma::DmaContext for $name {
-            type Inner = $inner;
-            fn with<R>(
-                f: impl FnOnce(
-                    &mut dyn $crate::dma::IommuMapper,
-                    &mut $crate::dma::DmaSpace,
-                ) -> ::core::result::Result<R, $crate::IommuError>,
-            ) -> ::core::result::Result<R, $crate::IommuError> {
-                $crate::dma::with_locked(&$iommu, &$space, f)
+        // Without `irq`: the same, masking nothing.
+        $crate::dma_context! {
+            $(#[$attr])* $vis struct $name {
+                inner: $inner,
+                iommu: $iommu,
+                space: $space,
+                irq: $crate::irq::NoInterruptControl,
             }
         }
     };
