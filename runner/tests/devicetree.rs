@@ -39,6 +39,45 @@ fn machine(extra: &[&str]) -> Vec<String> {
     .collect()
 }
 
+/// QEMU 11.1's own tree for `config`'s boot (its `-dumpdtb`), parsed.
+fn qemu_tree(config: &RunConfig) -> DeviceTree {
+    let disk = prepare_disk(None).expect("disk");
+    let blob = dump(&qemu_111(), &qemu_args(config, firmware(), &disk.path)).expect("dumpdtb");
+    DeviceTree::parse(&blob).expect("parse")
+}
+
+/// Boots the firmware as `config` says with `tree` given as `-dtb`; the run must show no
+/// problem (every case passing, disk SHA-256 equal).
+fn boot_with_tree(
+    config: RunConfig,
+    tree: &DeviceTree,
+    what: &str,
+) -> virtio_iommu_runner::RunOutcome {
+    let dir = std::env::temp_dir().join(format!("viommu-dt-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dtb = dir.join("virt.dtb");
+    std::fs::write(&dtb, tree.to_dtb().expect("serialize")).expect("write dtb");
+    let mut extra_args = config.extra_args.clone();
+    extra_args.extend(["-dtb".into(), dtb.to_string_lossy().into_owned()]);
+    let outcome = run(
+        &RunConfig {
+            extra_args,
+            ..config
+        },
+        firmware(),
+    )
+    .expect("boot");
+    let _ = std::fs::remove_dir_all(&dir);
+    let found = problems(&outcome, true);
+    assert!(
+        found.is_empty(),
+        "{what}: {found:#?}\n--- output ---\n{}\n--- stderr ---\n{}",
+        outcome.output,
+        outcome.stderr
+    );
+    outcome
+}
+
 #[test]
 fn dumped_trees_round_trip() {
     let qemu = qemu_111();
@@ -68,37 +107,16 @@ fn dumped_trees_round_trip() {
 
 #[test]
 fn qemu_11_1_own_iommu_with_rewritten_dtb() {
-    let qemu = qemu_111();
     let config = RunConfig {
         qemu: QemuChoice::Debian111,
         ..RunConfig::default()
     };
-    let disk = prepare_disk(None).expect("disk");
-    let blob = dump(&qemu, &qemu_args(&config, firmware(), &disk.path)).expect("dumpdtb");
-    let tree = DeviceTree::parse(&blob).expect("parse");
+    let tree = qemu_tree(&config);
     assert!(
         !tree.find_compatible("virtio,pci-iommu").is_empty(),
         "QEMU describes its virtio-iommu-pci"
     );
-    let dir = std::env::temp_dir().join(format!("viommu-dt-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let dtb = dir.join("virt.dtb");
-    std::fs::write(&dtb, tree.to_dtb().expect("serialize")).expect("write dtb");
-    let outcome = run(
-        &RunConfig {
-            extra_args: vec!["-dtb".into(), dtb.to_string_lossy().into_owned()],
-            ..config
-        },
-        firmware(),
-    )
-    .expect("boot");
-    let _ = std::fs::remove_dir_all(&dir);
-    let found = problems(&outcome, true);
-    assert!(
-        found.is_empty(),
-        "-dtb boot: {found:#?}\n--- stderr ---\n{}",
-        outcome.stderr
-    );
+    let outcome = boot_with_tree(config, &tree, "rewritten");
     let (passed, failed) = summary(&outcome.output).expect("summary");
     assert!(
         passed > 30 && failed == 0,
@@ -234,14 +252,11 @@ fn failed_dump_names_qemus_complaint() {
 #[test]
 fn reserved_memory_nodes_reach_the_firmware() {
     use virtio_iommu_runner::devicetree::{cells, Node};
-    let qemu = qemu_111();
     let config = RunConfig {
         qemu: QemuChoice::Debian111,
         ..RunConfig::default()
     };
-    let disk = prepare_disk(None).expect("disk");
-    let blob = dump(&qemu, &qemu_args(&config, firmware(), &disk.path)).expect("dumpdtb");
-    let mut tree = DeviceTree::parse(&blob).expect("parse");
+    let mut tree = qemu_tree(&config);
     let mut reserved = Node::new("reserved-memory");
     reserved.set_property("#address-cells", cells(&[2]));
     reserved.set_property("#size-cells", cells(&[2]));
@@ -254,21 +269,7 @@ fn reserved_memory_nodes_reach_the_firmware() {
     pool.set_property("reg", cells(&[0, 0x5e00_0000, 0, 0x20_0000]));
     reserved.add_child(pool).expect("child");
     tree.root.add_child(reserved).expect("/reserved-memory");
-    let dir = std::env::temp_dir().join(format!("viommu-dt-resv-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let dtb = dir.join("virt.dtb");
-    std::fs::write(&dtb, tree.to_dtb().expect("serialize")).expect("write dtb");
-    let outcome = run(
-        &RunConfig {
-            extra_args: vec!["-dtb".into(), dtb.to_string_lossy().into_owned()],
-            ..config
-        },
-        firmware(),
-    )
-    .expect("boot");
-    let _ = std::fs::remove_dir_all(&dir);
-    let found = problems(&outcome, true);
-    assert!(found.is_empty(), "{found:#?}\n{}", outcome.output);
+    let outcome = boot_with_tree(config, &tree, "reserved-memory");
     let lines: Vec<&str> = outcome.output.lines().map(str::trim_end).collect();
     assert!(
         lines.contains(&"# /reserved-memory: 2 region(s)"),
