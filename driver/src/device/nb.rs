@@ -63,8 +63,8 @@ impl From<BatchOp> for NbRequest {
 /// Names one non-blocking request of one driver (slot and generation). Collect its outcome
 /// with [`VirtIOIommu::poll_nb`] or [`VirtIOIommu::wait_nb`], or give it up with
 /// [`VirtIOIommu::discard_nb`]; once collected or discarded it is
-/// [`IommuError::UnknownToken`]. Dropping it without either keeps its slot taken (see the
-/// module documentation of [`VirtIOIommu::reclaim_nb`]).
+/// [`IommuError::UnknownToken`]. Dropping it without either keeps its slot taken until
+/// [`VirtIOIommu::reclaim_nb`] frees it.
 #[must_use = "a dropped token keeps its slot until discard_nb or reclaim_nb"]
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct NbToken {
@@ -374,7 +374,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// ([`Self::process_completions`]). `None` while the request is in flight. `Some` frees the
     /// slot: the token is unknown afterwards.
     ///
-    /// Outcomes: `Ok(())` for S_OK; the device status ([`IommuError::Status`],
+    /// # Errors
+    ///
+    /// `Some(Err(..))`: the device status ([`IommuError::Status`],
     /// [`IommuError::UnknownStatus`]); [`IommuError::NoResponse`] (used length 0),
     /// [`IommuError::BadUsedLength`] (not 4), [`IommuError::NotWritten`] (tail unwritten:
     /// fatal); [`IommuError::UnknownToken`]; an error of [`Self::process_completions`] (fatal);

@@ -52,7 +52,7 @@ impl AliasGroup {
     pub fn len(&self) -> usize {
         self.requester_ids
             .iter()
-            .map(|r| usize::from(r.last - r.first) + 1)
+            .map(|r| usize::from(r.last.saturating_sub(r.first)) + 1)
             .sum()
     }
 
