@@ -184,11 +184,23 @@ fn a_discarded_request_frees_its_slot_when_the_device_returns_it() {
     assert!(drv.discard_nb(c));
     assert_eq!(drv.poll_nb(&c), Some(Err(IommuError::UnknownToken)));
     // The slot's generation moved on: a token of an earlier use of a slot never reads a later
-    // request's result.
+    // request's result. Every other slot is taken first, so `d` lands in `c`'s slot whatever
+    // order the driver picks free slots in.
+    dev.state().behaviour = Behaviour::Hold;
+    let fillers: Vec<NbToken> = (0..NB_SLOTS as u64 - 1)
+        .map(|i| drv.submit_nb(map(10 + i)).unwrap())
+        .collect();
     let d = drv.submit_nb(map(3)).unwrap();
+    assert_eq!(drv.nb_in_flight(), NB_SLOTS);
     assert_ne!(c, d);
     assert_eq!(drv.poll_nb(&c), Some(Err(IommuError::UnknownToken)));
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.poll_nb(&c), Some(Err(IommuError::UnknownToken)));
     assert_eq!(drv.poll_nb(&d), Some(Ok(())));
+    for t in &fillers {
+        assert_eq!(drv.poll_nb(t), Some(Ok(())));
+    }
+    assert_eq!(drv.nb_in_flight(), 0);
 }
 
 #[test]
