@@ -184,8 +184,9 @@ fn a_discarded_request_frees_its_slot_when_the_device_returns_it() {
     assert!(drv.discard_nb(c));
     assert_eq!(drv.poll_nb(&c), Some(Err(IommuError::UnknownToken)));
     // The slot's generation moved on: a token of an earlier use of a slot never reads a later
-    // request's result. Every other slot is taken first, so `d` lands in `c`'s slot whatever
-    // order the driver picks free slots in.
+    // request's result. All 32 slots are taken again, so one of these requests reuses `c`'s
+    // slot whatever order the driver picks free slots in, and every one of them must get its
+    // own outcome while `c` stays unknown.
     dev.state().behaviour = Behaviour::Hold;
     let fillers: Vec<NbToken> = (0..NB_SLOTS as u64 - 1)
         .map(|i| drv.submit_nb(map(10 + i)).unwrap())
