@@ -270,20 +270,40 @@ impl<V: Weight> AvlPool<V> {
         (self.rebalance(i), min)
     }
 
-    /// The entry with the greatest key `<= key`.
-    pub(crate) fn floor(&self, key: u64) -> Option<(u64, V)> {
+    /// Index of the node with the greatest key `<= key`, or `NIL`.
+    fn floor_index(&self, key: u64) -> u32 {
         let mut i = self.root;
-        let mut best = None;
+        let mut best = NIL;
         while i != NIL {
             let n = self.node(i);
             if n.key <= key {
-                best = Some((n.key, n.val));
+                best = i;
                 i = n.right;
             } else {
                 i = n.left;
             }
         }
         best
+    }
+
+    /// The entry with the greatest key `<= key`.
+    pub(crate) fn floor(&self, key: u64) -> Option<(u64, V)> {
+        match self.floor_index(key) {
+            NIL => None,
+            i => Some((self.node(i).key, self.node(i).val)),
+        }
+    }
+
+    /// The entry with the greatest key `<= key`, its value mutable: one descent for a lookup
+    /// and an update. The caller must not change its weight (as [`Self::get_mut`]).
+    pub(crate) fn floor_mut(&mut self, key: u64) -> Option<(u64, &mut V)> {
+        match self.floor_index(key) {
+            NIL => None,
+            i => {
+                let n = self.node_mut(i);
+                Some((n.key, &mut n.val))
+            }
+        }
     }
 
     /// The value of `key`, mutable. The caller must not change its weight (subtree maxima are
@@ -303,17 +323,17 @@ impl<V: Weight> AvlPool<V> {
     /// The entry with the smallest key `>= key`.
     pub(crate) fn ceil(&self, key: u64) -> Option<(u64, V)> {
         let mut i = self.root;
-        let mut best = None;
+        let mut best = NIL;
         while i != NIL {
             let n = self.node(i);
             if n.key >= key {
-                best = Some((n.key, n.val));
+                best = i;
                 i = n.left;
             } else {
                 i = n.right;
             }
         }
-        best
+        (best != NIL).then(|| (self.node(best).key, self.node(best).val))
     }
 
     /// The entry with the smallest key whose weight is at least `weight`.

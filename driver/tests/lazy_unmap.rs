@@ -562,3 +562,48 @@ fn the_hal_adapter_revives_a_reshared_buffer_of_the_same_direction() {
     assert!(!reachable(&bed, a) && !reachable(&bed, c));
     assert_eq!((space.live_mappings(), space.failures), (0, 0));
 }
+
+/// A clock the test sets by hand that counts its reads.
+struct CountingClock {
+    now: AtomicU64,
+    reads: AtomicU64,
+}
+
+impl Clock for CountingClock {
+    fn now_ns(&self) -> u64 {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.now.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_revived_share_reads_no_clock_and_the_next_unshare_applies_the_time_bound() {
+    static CLOCK: CountingClock = CountingClock {
+        now: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+    };
+    let bed = bed_with(FaultPlan::new());
+    let (mut drv, mut space) = setup(&bed, lazy(8, 1_000, &CLOCK));
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    let phys = bed.alloc(2 * G as usize).unwrap();
+    let a = space.map_buffer(&mut drv, phys, G, rw).unwrap();
+    let b = space.map_buffer(&mut drv, phys + G, G, rw).unwrap();
+    space.unmap_buffer(&mut drv, a).unwrap();
+    space.unmap_buffer(&mut drv, b).unwrap();
+    assert_eq!(space.pending_unmaps(), 2);
+    // Past the time bound, but the share revives `a`: no clock read, no request, `b` still
+    // pending (the bound is checked at the next unshare, share that MAPs, or flush_if_due).
+    CLOCK.now.store(5_000, Ordering::SeqCst);
+    let (reads, reqs) = (CLOCK.reads.load(Ordering::SeqCst), requests(&drv));
+    assert_eq!(space.map_buffer(&mut drv, phys, G, rw), Ok(a));
+    assert_eq!(CLOCK.reads.load(Ordering::SeqCst), reads, "a revival reads no clock");
+    assert_eq!(requests(&drv), reqs, "and sends nothing");
+    assert_eq!(space.pending_unmaps(), 1);
+    assert!(reachable(&bed, b), "b's UNMAP is still deferred");
+    // The next unshare sees the age bound passed and flushes both.
+    space.unmap_buffer(&mut drv, a).unwrap();
+    assert!(CLOCK.reads.load(Ordering::SeqCst) > reads, "the unshare reads the clock");
+    assert_eq!(space.pending_unmaps(), 0);
+    assert!(!reachable(&bed, a) && !reachable(&bed, b));
+    assert_eq!(space.live_mappings(), 0);
+}

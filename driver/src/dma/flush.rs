@@ -7,9 +7,10 @@
 //! one notification when `max_pending` ≤ half the request queue) when
 //!
 //! - the queue is full (`max_pending` ranges: the size bound),
-//! - its oldest entry is older than `max_age_ns` (the time bound, checked on every `share`,
-//!   `unshare` and [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due), which an
-//!   embedder may call from a timer: without activity nothing is flushed on its own),
+//! - its oldest entry is older than `max_age_ns` (the time bound, checked on every `unshare`,
+//!   every `share` that sends a MAP — a revived `share`, below, takes its range out of the
+//!   queue and reads no clock — and [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due),
+//!   which an embedder may call from a timer: without activity nothing is flushed on its own),
 //! - [`DmaSpace::flush`](super::DmaSpace::flush) is called, or a new buffer finds no free IOVA
 //!   or mapping slot while UNMAPs are pending (flush, then one retry), or
 //!   [`DmaSpace::unmap_all`](super::DmaSpace::unmap_all) runs.
@@ -35,8 +36,11 @@
 //! a range with bounce granules (isolated strict) or of an isolated `dma_alloc` never is, nor
 //! is a buffer that needs bounce granules; the strict policy never revives (it has nothing
 //! pending). The lookup scans the queue from its newest entry, at most `max_pending`
-//! comparisons, no allocation ([`FlushStats::revived`] counts the hits). The oldest entry's
-//! time is kept when entries are revived: the time bound may then fire early, never late.
+//! comparisons and one live-mapping lookup per candidate, no allocation and no clock read
+//! ([`FlushStats::revived`] counts the hits); it runs before the `share`'s check of the
+//! bounds, so a revived `share` costs about what an identity-mode one does. The oldest
+//! entry's time is kept when entries are revived: the time bound may then fire early, never
+//! late.
 //!
 //! This does not widen the exposure: a revived range is what the device could reach anyway
 //! (pending, so still mapped), and it is live again — the driver has handed the same memory to
@@ -248,17 +252,20 @@ impl FlushQueue {
     }
 
     /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0) of the mapping of
-    /// physical `phys..phys + len`. Returns `false` (nothing queued) when full.
-    pub(super) fn push(&mut self, start: u64, len: u64, phys: u64) -> bool {
+    /// physical `phys..phys + len`. Returns `None` (nothing queued) when full, otherwise
+    /// whether the queue was empty: its age was then just read as 0, so only the size bound
+    /// can be due ([`Self::due_by_size`]).
+    pub(super) fn push(&mut self, start: u64, len: u64, phys: u64) -> Option<bool> {
         if !self.has_room() {
-            return false;
+            return None;
         }
-        if self.pending.is_empty() {
+        let started = self.pending.is_empty();
+        if started {
             self.oldest_ns = self.clock.now_ns();
         }
         self.pending.push((start, len, phys));
         self.stats.deferred += 1;
-        true
+        Some(started)
     }
 
     /// Takes out of the queue the newest pending range mapping physical `phys..phys + len`
@@ -277,6 +284,11 @@ impl FlushQueue {
         let (start, _, _) = self.pending.remove(i);
         self.stats.revived += 1;
         Some(start)
+    }
+
+    /// Whether the size bound is reached (no clock read).
+    pub(super) fn due_by_size(&self) -> Option<Trigger> {
+        (!self.pending.is_empty() && self.pending.len() >= self.max_pending).then_some(Trigger::Size)
     }
 
     /// Whether a bound is reached: the size bound first.

@@ -387,7 +387,7 @@ unsafe impl<C: DmaContext> Hal for IommuHal<C> {
                 unsafe { space.copy_back(&taken, buffer.as_ptr() as *mut u8) };
             }
             space.release(&taken);
-            space.flush_if_due(iommu);
+            space.flush_after(iommu, &taken);
             taken.unmapped
         });
         if let Err(e) = r {

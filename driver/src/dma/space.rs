@@ -121,6 +121,9 @@ pub(super) struct Taken {
     pub(super) alloc: Option<(u64, usize, usize)>,
     /// The UNMAP was deferred into the flush queue: [`DmaSpace::release`] keeps everything.
     deferred: bool,
+    /// The deferred UNMAP started an empty flush queue (whose age is then 0): only its size
+    /// bound can be due ([`DmaSpace::flush_after`]).
+    fresh: bool,
 }
 
 /// Per-endpoint DMA state of [`IommuHal`](super::IommuHal): the domain the endpoint is
@@ -669,6 +672,11 @@ impl DmaSpace {
         src: Option<*const u8>,
         alloc: Option<(u64, usize, usize)>,
     ) -> Result<u64, IommuError> {
+        if alloc.is_none() {
+            if let Some(at) = self.revive(iommu.granule(), phys, len, flags) {
+                return Ok(at);
+            }
+        }
         self.flush_if_due(iommu);
         let mut result = self.map_inner(iommu, phys, len, flags, src, alloc);
         if result == Err(IommuError::DmaAlloc) && self.pending_unmaps() > 0 {
@@ -680,6 +688,51 @@ impl DmaSpace {
             self.failures += 1;
         }
         result
+    }
+
+    /// The lazy policy's fast path of a `share`/[`Self::map_buffer`] (see `super::flush`): a
+    /// pending UNMAP of a direct map of exactly the granules of `phys..phys + len` (bytes,
+    /// `g` the IOMMU's granule) with `flags` is taken out of the queue and its mapping is live
+    /// again; returns the buffer's device address. `None` — nothing changed — under the strict
+    /// policy, in identity modes, with nothing pending or nothing matching, and for a buffer
+    /// that would need bounce granules (isolated strict); the caller then maps as usual. One
+    /// live-mapping lookup per candidate, no clock read, no request.
+    fn revive(&mut self, g: u64, phys: u64, len: u64, flags: MapFlags) -> Option<u64> {
+        let queue = self.flush.as_mut().filter(|q| q.len() > 0)?;
+        let Mode::Strict { iova, live, bounce } = &mut self.mode else {
+            return None;
+        };
+        if g != iova.granule() {
+            return None;
+        }
+        let last = phys.checked_add(len.max(1) - 1)?;
+        let phys_base = phys & !(g - 1);
+        let offset = phys - phys_base;
+        // A buffer ending on the last byte of the address space is never revived: its span
+        // does not fit in u64 (`map_inner` handles it).
+        let span = (last | (g - 1)).checked_add(1)? - phys_base;
+        if bounce.is_some() && (offset != 0 || last & (g - 1) != g - 1) {
+            // Isolated strict: a partial head or tail granule goes through a bounce granule.
+            return None;
+        }
+        let at = queue.revive(phys_base, span, |key| {
+            live.get_mut(key).is_some_and(|m| {
+                let fits = m.deferred
+                    && !m.stale
+                    && !m.unmapped
+                    && m.flags == flags
+                    && m.head == NO_SLOT
+                    && m.tail == NO_SLOT
+                    && m.alloc_pages == 0;
+                if fits {
+                    m.deferred = false;
+                    m.offset = offset;
+                    m.buf_len = len;
+                }
+                fits
+            })
+        })?;
+        Some(at + offset)
     }
 
     fn map_inner(
@@ -746,32 +799,6 @@ impl DmaSpace {
                 value: phys,
                 granule: g,
             });
-        }
-        if !(head || tail) && alloc.is_none() {
-            // Lazy: a pending UNMAP of a direct map of exactly these granules with these
-            // permissions is revived instead of a new MAP (see `super::flush`).
-            let revived = self.flush.as_mut().and_then(|q| {
-                q.revive(phys_base, span, |key| {
-                    live.floor(key).is_some_and(|(b, m)| {
-                        b == key
-                            && m.deferred
-                            && !m.stale
-                            && !m.unmapped
-                            && m.flags == flags
-                            && m.head == NO_SLOT
-                            && m.tail == NO_SLOT
-                            && m.alloc_pages == 0
-                    })
-                })
-            });
-            if let Some(at) = revived {
-                if let Some(m) = live.get_mut(at) {
-                    m.deferred = false;
-                    m.offset = offset;
-                    m.buf_len = len;
-                }
-                return Ok(at + offset);
-            }
         }
         let mut head_slot = None;
         let mut tail_slot = None;
@@ -923,38 +950,38 @@ impl DmaSpace {
                     unmapped: Ok(()),
                     alloc: None,
                     deferred: false,
+                    fresh: false,
                 })
             }
             Mode::Strict { live, .. } => live,
         };
-        let Some((base, m)) = live.floor(addr).filter(|(b, m)| addr - b < m.len) else {
+        let Some((base, entry)) = live.floor_mut(addr).filter(|(b, m)| addr - *b < m.len) else {
             self.failures += 1;
             return Err(IommuError::InvalidRange);
         };
-        if m.deferred {
+        if entry.deferred {
             // Released already: a second unshare of the same buffer.
             self.failures += 1;
             return Err(IommuError::InvalidRange);
         }
         // A full queue (not flushed by the caller) falls back to a strict UNMAP.
-        let deferred = defer
-            && !m.unmapped
-            && self
-                .flush
-                .as_mut()
-                .is_some_and(|q| q.push(base, m.len, m.phys_base));
-        if deferred {
-            if let Some(entry) = live.get_mut(base) {
-                entry.deferred = true;
-            }
+        let queued = match (&mut self.flush, defer && !entry.unmapped) {
+            (Some(q), true) => q.push(base, entry.len, entry.phys_base),
+            _ => None,
+        };
+        if let Some(fresh) = queued {
+            entry.deferred = true;
+            let m = *entry;
             return Ok(Taken {
                 phys: m.phys_base + (addr - base),
                 key: Some(base),
                 unmapped: Ok(()),
                 alloc: (m.alloc_pages != 0).then_some((m.alloc_phys, m.alloc_vaddr, m.alloc_pages)),
                 deferred: true,
+                fresh,
             });
         }
+        let m = *entry;
         let unmapped = if m.unmapped {
             // Already UNMAPped by `unmap_all`.
             Ok(())
@@ -971,6 +998,7 @@ impl DmaSpace {
             unmapped,
             alloc: (m.alloc_pages != 0).then_some((m.alloc_phys, m.alloc_vaddr, m.alloc_pages)),
             deferred: false,
+            fresh: false,
         })
     }
 
@@ -1091,7 +1119,7 @@ impl DmaSpace {
     ) -> Result<u64, IommuError> {
         let taken = self.take(iommu, addr, true)?;
         self.release(&taken);
-        self.flush_if_due(iommu);
+        self.flush_after(iommu, &taken);
         taken.unmapped.map(|()| taken.phys)
     }
 
@@ -1298,6 +1326,18 @@ impl DmaSpace {
     /// [`Self::take_flush_error`] and counted.
     pub fn flush_if_due(&mut self, iommu: &mut dyn IommuMapper) {
         if let Some(trigger) = self.flush.as_ref().and_then(FlushQueue::due) {
+            let _ = self.flush_with(iommu, trigger);
+        }
+    }
+
+    /// [`Self::flush_if_due`] after [`Self::take`] and [`Self::release`] of `taken`: when its
+    /// UNMAP started an empty queue the age was read as 0 just now, so only the size bound is
+    /// checked (no second clock read).
+    pub(super) fn flush_after(&mut self, iommu: &mut dyn IommuMapper, taken: &Taken) {
+        if !taken.fresh {
+            return self.flush_if_due(iommu);
+        }
+        if let Some(trigger) = self.flush.as_ref().and_then(FlushQueue::due_by_size) {
             let _ = self.flush_with(iommu, trigger);
         }
     }
