@@ -12,10 +12,12 @@
 //!   [`IommuHal`](virtio_iommu_driver::dma::IommuHal), in strict, isolated strict,
 //!   identity-bypass and identity-mapped mode, data verified; TAP output like the cases.
 //! - `blk-bench` ([`blk_throughput::run`]): virtio-blk read throughput (sequential 64 KiB,
-//!   random 4 KiB) in strict, lazy-unmap and identity mode in one run, with the ratios to
-//!   identity; TAP output.
+//!   random 4 KiB) in strict, lazy-unmap and identity mode in one run, one virtio-blk device
+//!   per mode, with the ratios to identity and the bookkeeping profile ([`bookkeeping`]); TAP
+//!   output.
 
 pub mod blk_throughput;
+pub mod bookkeeping;
 pub mod dma_modes;
 
 use alloc::format;

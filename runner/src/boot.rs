@@ -42,8 +42,9 @@ pub fn machine_args(elf: &Path) -> Vec<String> {
 }
 
 /// QEMU's arguments for booting `elf` with `disk` against QEMU's own devices
-/// ([`DeviceChoice::Qemu`]): [`machine_args`], `virtio-iommu-pci`, `virtio-blk-pci` on `disk`,
-/// `edu`, then `config.extra_args`.
+/// ([`DeviceChoice::Qemu`]): [`machine_args`], `virtio-iommu-pci`, `virtio-blk-pci` on `disk`
+/// (and `config.blk_devices - 1` more on read-only views of it), `edu`, then
+/// `config.extra_args`.
 ///
 /// The drive is opened with `snapshot=on`: the firmware's writes go to a temporary overlay, so
 /// the image (shared by runs in parallel) stays exactly what the host hashed.
@@ -61,6 +62,19 @@ pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
         "virtio-blk-pci,drive=disk0,iommu_platform=on,disable-legacy=on",
         config.blk_addr.as_ref(),
     ));
+    // Further virtio-blk devices (`blk_devices`): read-only views of the same image, each its
+    // own drive (a drive serves one device), in QEMU's choice of slots.
+    for i in 1..config.blk_devices {
+        args.push("-drive".into());
+        args.push(format!(
+            "if=none,id=disk{i},format=raw,readonly=on,file={}",
+            qemu_option_value(&disk.to_string_lossy())
+        ));
+        args.push("-device".into());
+        args.push(format!(
+            "virtio-blk-pci,drive=disk{i},iommu_platform=on,disable-legacy=on"
+        ));
+    }
     args.push("-device".into());
     args.push(with_addr(
         "edu,dma_mask=0xffffffffffffffff",

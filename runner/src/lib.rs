@@ -21,6 +21,7 @@
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
 //! | `VIOMMU_IOMMU` | `pci` (default): QEMU's `virtio-iommu-pci`; `mmio`: its virtio-mmio `virtio-iommu-device` described in a `-dtb` tree ([`IommuKind`], needs QEMU 11.1: an unset `VIOMMU_QEMU` becomes `11.1`) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
+//! | `VIOMMU_BLK_DEVICES` | virtio-blk devices on the disk, 1 (default) to 8: the further ones are read-only views of the same image, in QEMU's choice of slots (`qemu --blk-devices N` sets it too; QEMU's devices only) |
 //! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it (with `ours`: devicetree dump, server and QEMU together, both killed) |
 //! | `VIOMMU_DEVICE` | `qemu` (default): QEMU's virtio-iommu-pci, virtio-blk-pci and edu; `ours`: our device through our vfio-user server and QEMU 11.1's `vfio-user-pci` ([`DeviceChoice`], [`ours`]) |
 //! | `VIOMMU_SERVER` | (`ours`) a prebuilt `virtio-iommu-vfio-user` instead of building it |
@@ -254,6 +255,12 @@ pub struct RunConfig {
     pub blk_addr: Option<String>,
     /// PCI `addr=` of the edu device.
     pub edu_addr: Option<String>,
+    /// virtio-blk devices on the disk (`VIOMMU_BLK_DEVICES`, `qemu --blk-devices N`; default
+    /// 1): the first as always (`disk0`, writes to a temporary overlay), each further one a
+    /// read-only view of the same image, all behind the IOMMU (`cargo qemu-blk-bench` uses 3:
+    /// one per mode, so the modes interleave). Firmware boots with [`DeviceChoice::Qemu`] only
+    /// (`ours` refuses another number); the Linux guest always has one.
+    pub blk_devices: usize,
     /// Wall-clock limit for the QEMU run (with [`DeviceChoice::Ours`]: for devicetree,
     /// server and QEMU together).
     pub timeout: Duration,
@@ -276,6 +283,7 @@ impl Default for RunConfig {
             iommu_addr: None,
             blk_addr: None,
             edu_addr: None,
+            blk_devices: 1,
             timeout: DEFAULT_TIMEOUT,
             device: DeviceChoice::Qemu,
             server: None,
@@ -301,6 +309,13 @@ impl RunConfig {
             })?),
         };
         let iommu = IommuKind::from_env()?;
+        let blk_devices = match env_string("VIOMMU_BLK_DEVICES") {
+            None => 1,
+            Some(v) => parse_blk_devices(&v).map_err(|reason| Error::InvalidEnv {
+                name: "VIOMMU_BLK_DEVICES",
+                reason,
+            })?,
+        };
         Ok(Self {
             qemu: iommu.qemu_choice(QemuChoice::from_env()),
             disk: std::env::var_os("VIOMMU_DISK")
@@ -313,6 +328,7 @@ impl RunConfig {
             iommu_addr: env_string("VIOMMU_IOMMU_ADDR"),
             blk_addr: env_string("VIOMMU_BLK_ADDR"),
             edu_addr: env_string("VIOMMU_EDU_ADDR"),
+            blk_devices,
             timeout,
             device: DeviceChoice::from_env()?,
             server: std::env::var_os("VIOMMU_SERVER")
@@ -320,6 +336,18 @@ impl RunConfig {
                 .map(PathBuf::from),
             server_log_level: env_string("VIOMMU_SERVER_LOG"),
         })
+    }
+}
+
+/// The number of virtio-blk devices in `text` (1 to 8).
+///
+/// # Errors
+///
+/// Why it is not one, for the caller's error.
+pub fn parse_blk_devices(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n @ 1..=8) => Ok(n),
+        _ => Err(format!("`{text}` is not a number of virtio-blk devices from 1 to 8")),
     }
 }
 
@@ -568,6 +596,21 @@ mod tests {
             "-device virtio-blk-pci,drive=disk0,iommu_platform=on,disable-legacy=on -device edu,"
         ));
         assert!(joined.ends_with("-M virt,highmem=off"));
+        assert!(!joined.contains("disk1"));
+        let three = RunConfig {
+            blk_devices: 3,
+            ..RunConfig::default()
+        };
+        let joined = qemu_args(&three, Path::new("/fw.elf"), Path::new("/d.img")).join(" ");
+        for i in 1..3 {
+            assert!(joined.contains(&format!(
+                "-drive if=none,id=disk{i},format=raw,readonly=on,file=/d.img \
+                 -device virtio-blk-pci,drive=disk{i},iommu_platform=on,disable-legacy=on"
+            )));
+        }
+        assert!(!joined.contains("disk3"));
+        assert_eq!(parse_blk_devices(" 3 "), Ok(3));
+        assert!(parse_blk_devices("0").is_err() && parse_blk_devices("9").is_err());
     }
 
     #[test]

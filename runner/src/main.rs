@@ -1,4 +1,4 @@
-//! `virtio-iommu-runner qemu [--device qemu|ours] [extra QEMU arguments...]`
+//! `virtio-iommu-runner qemu [--device qemu|ours] [--blk-devices N] [extra QEMU arguments...]`
 //! `virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]`
 //! `virtio-iommu-runner install-qemu`
 //! `virtio-iommu-runner qemu-linux [extra QEMU arguments...]`
@@ -16,6 +16,8 @@
 //!   against our device through our vfio-user server under QEMU 11.1 (the server is built
 //!   first, release, into `target/vfio-user/`, unless `VIOMMU_SERVER` names one). The exit
 //!   status is then QEMU's, or 1 when QEMU's is 0 but the server did not end cleanly.
+//! - `--blk-devices N` (behind `cargo qemu-blk-bench`: 3) is `VIOMMU_BLK_DEVICES=N`: N
+//!   virtio-blk devices on the disk, the further ones read-only views of it.
 //! - `install-qemu`: installs or fetches the three QEMUs the tests use (10.0, 7.2, 11.1).
 
 use std::path::PathBuf;
@@ -25,7 +27,7 @@ use virtio_iommu_runner::{BuildOutput, DeviceChoice, QemuChoice};
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
     let Some(first) = args.next() else {
-        eprintln!("usage: virtio-iommu-runner qemu [--device qemu|ours] [extra QEMU arguments...]");
+        eprintln!("usage: virtio-iommu-runner qemu [--device qemu|ours] [--blk-devices N] [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner <firmware.elf> [extra QEMU arguments...]");
         eprintln!("       virtio-iommu-runner install-qemu");
         eprintln!("       virtio-iommu-runner qemu-linux [extra QEMU arguments...]");
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut device = None;
+    let mut blk_devices = None;
     let elf = if first == "qemu" {
         if args.peek().is_some_and(|a| a == "--device") {
             args.next();
@@ -71,6 +74,17 @@ fn main() -> ExitCode {
                         "runner: --device {}: neither `qemu` nor `ours`",
                         value.unwrap_or_default()
                     );
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        if args.peek().is_some_and(|a| a == "--blk-devices") {
+            args.next();
+            let value = args.next().map(|v| v.to_string_lossy().into_owned());
+            match virtio_iommu_runner::parse_blk_devices(value.as_deref().unwrap_or_default()) {
+                Ok(n) => blk_devices = Some(n),
+                Err(e) => {
+                    eprintln!("runner: --blk-devices: {e}");
                     return ExitCode::from(2);
                 }
             }
@@ -98,6 +112,9 @@ fn main() -> ExitCode {
     };
     if let Some(device) = device {
         config.device = device;
+    }
+    if let Some(n) = blk_devices {
+        config.blk_devices = n;
     }
     config
         .extra_args

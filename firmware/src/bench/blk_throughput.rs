@@ -7,19 +7,28 @@
 //! - **identity**: identity mappings of all RAM made once (identity-mapped mode): no request
 //!   per buffer — the baseline.
 //!
-//! Each mode reads the disk sequentially in 64 KiB requests ([`SEQ_PASSES`] passes) and at
-//! random 4 KiB-aligned offsets ([`RANDOM_READS`] reads, the same offsets in every mode), one
-//! request in flight (virtio-drivers' `VirtIOBlk` as `blkio::io` drives it). The modes run in
-//! [`ROUNDS`] interleaved rounds so a slow phase of the host affects all alike; rates are
-//! those of each mode's fastest round (the host is shared), totals are over all rounds. Per mode it
-//! prints MiB/s, IOPS, MAP/UNMAP requests and IOMMU notifications per I/O, one
-//! `blk-bench-result:` line per mode; then the ratios strict/identity and lazy/identity, each
-//! the median over the rounds of that round's ratio (the modes of a round ran back to back)
-//! and, for reference, the ratio of the fastest rounds, judged against the goal
-//! (strict ≥ 90 %, lazy ≥ 98 %) by the medians, one `blk-bench-ratio:` line per mode; the data read must be the same in every mode (a
-//! checksum). TAP cases: set-up, each mode's reads, data equal; the goal itself is reported,
-//! not a case (see BENCHMARKS.md for the measured outcome).
+//! Three virtio-blk devices on the same image (the runner's `--blk-devices 3`), each an
+//! endpoint in its own domain, run one mode each, and the modes interleave in small batches
+//! ([`SEQ_BATCH`] sequential 64 KiB reads, [`RAND_BATCH`] random 4 KiB reads: about a
+//! millisecond each), so a slow phase of the shared host hits every mode alike. The modes
+//! rotate over the devices each round and the batch order rotates each batch. Per round each
+//! mode reads the disk once sequentially and [`RANDOM_READS`] times at random 4 KiB-aligned
+//! offsets (the same offsets in every mode and round), one request in flight (virtio-drivers'
+//! `VirtIOBlk` as `blkio::io` drives it). Only the reads are timed (the checksum of the data
+//! is not).
+//!
+//! Per mode it prints MiB/s, IOPS, MAP/UNMAP requests and IOMMU notifications per I/O, one
+//! `blk-bench-result:` line per mode; then strict/identity and lazy/identity — the ratio of the
+//! total times, judged against the goal (strict ≥ 90 %, lazy ≥ 98 %), and the median
+//! of the per-batch ratios — one `blk-bench-ratio:` line each; then where the time goes
+//! (inside the `Hal` adapter, inside IOMMU requests) and the bookkeeping profile
+//! ([`super::bookkeeping`]). The data read must be the same in every mode (a checksum). TAP
+//! cases: set-up, each mode's reads, data equal; the goal itself is reported, not a case (see
+//! BENCHMARKS.md for the measured outcome). `blk-bench-calibrate=<mode>` on the command line
+//! runs every device in one mode under the three roles: an A/A run whose ratios show how far
+//! the bench itself is from 100 %.
 
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -40,35 +49,41 @@ use crate::hal::IdentityHal;
 use crate::pci::PciBus;
 use crate::timer;
 
-/// DMA state of the virtio-blk device under test.
-static BENCH_DMA: Mutex<Option<DmaSpace>> = Mutex::new(None);
+/// Devices under test: one per mode.
+const SLOTS: usize = 3;
 
-/// Generic-timer ticks spent inside the `Hal` adapter's state (MAP/UNMAP requests and the
-/// space's bookkeeping), and the number of entries: where the time of an I/O goes.
-static HAL_TICKS: AtomicU64 = AtomicU64::new(0);
-static HAL_CALLS: AtomicU64 = AtomicU64::new(0);
-/// Ticks of those spent in IOMMU requests (MAP, UNMAP, batches): the rest is the adapter's
-/// own bookkeeping (IOVA allocator, live mappings, locks).
-static REQ_TICKS: AtomicU64 = AtomicU64::new(0);
+/// DMA state of each virtio-blk device under test.
+static SPACES: [Mutex<Option<DmaSpace>>; SLOTS] = [const { Mutex::new(None) }; SLOTS];
 
-/// An [`IommuMapper`] that times the requests of the one it wraps into [`REQ_TICKS`].
-struct Timed<'a>(&'a mut dyn IommuMapper);
+/// Per device: generic-timer ticks spent inside the `Hal` adapter's state (MAP/UNMAP requests
+/// and the space's bookkeeping), the number of entries, and of those ticks the ones in IOMMU
+/// requests (MAP, UNMAP, batches): the rest is the adapter's own bookkeeping (IOVA allocator,
+/// live mappings, locks).
+static HAL_TICKS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+static HAL_CALLS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+static REQ_TICKS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
+
+/// An [`IommuMapper`] that times the requests of the one it wraps into `REQ_TICKS[slot]`.
+struct Timed<'a> {
+    inner: &'a mut dyn IommuMapper,
+    slot: usize,
+}
 
 impl Timed<'_> {
     fn time<R>(&mut self, f: impl FnOnce(&mut dyn IommuMapper) -> R) -> R {
         let start = timer::now_ticks();
-        let r = f(&mut *self.0);
-        REQ_TICKS.fetch_add(timer::now_ticks().wrapping_sub(start), Ordering::Relaxed);
+        let r = f(&mut *self.inner);
+        REQ_TICKS[self.slot].fetch_add(timer::now_ticks().wrapping_sub(start), Ordering::Relaxed);
         r
     }
 }
 
 impl IommuMapper for Timed<'_> {
     fn granule(&self) -> u64 {
-        self.0.granule()
+        self.inner.granule()
     }
     fn input_range(&self) -> (u64, u64) {
-        self.0.input_range()
+        self.inner.input_range()
     }
     fn map(&mut self, d: u32, s: u64, e: u64, p: u64, f: MapFlags) -> Result<(), IommuError> {
         self.time(|i| i.map(d, s, e, p, f))
@@ -85,30 +100,66 @@ impl IommuMapper for Timed<'_> {
     }
 }
 
-/// `IommuHal<BenchDma>`: the benchmarked virtio-blk device's buffers, through [`IOMMU`] and
-/// [`BENCH_DMA`] ([`with_locked`], as `dma_context!` writes it), timed.
-pub struct BenchDma;
+/// `IommuHal<BenchDma<S>>`: the buffers of device `S`, through [`IOMMU`] and `SPACES[S]`
+/// ([`with_locked`], as `dma_context!` writes it), timed.
+pub struct BenchDma<const S: usize>;
 
-impl DmaContext for BenchDma {
+impl<const S: usize> DmaContext for BenchDma<S> {
     type Inner = IdentityHal;
     fn with<R>(
         f: impl FnOnce(&mut dyn IommuMapper, &mut DmaSpace) -> Result<R, IommuError>,
     ) -> Result<R, IommuError> {
         let start = timer::now_ticks();
-        let r = with_locked(&IOMMU, &BENCH_DMA, |iommu, space| {
-            f(&mut Timed(iommu), space)
+        let r = with_locked(&IOMMU, &SPACES[S], |iommu, space| {
+            f(
+                &mut Timed {
+                    inner: iommu,
+                    slot: S,
+                },
+                space,
+            )
         });
-        HAL_TICKS.fetch_add(timer::now_ticks().wrapping_sub(start), Ordering::Relaxed);
-        HAL_CALLS.fetch_add(1, Ordering::Relaxed);
+        HAL_TICKS[S].fetch_add(timer::now_ticks().wrapping_sub(start), Ordering::Relaxed);
+        HAL_CALLS[S].fetch_add(1, Ordering::Relaxed);
         r
     }
 }
 
-type Blk = VirtIOBlk<IommuHal<BenchDma>, AccessPlatform<PciTransport>>;
+type Blk<const S: usize> = VirtIOBlk<IommuHal<BenchDma<S>>, AccessPlatform<PciTransport>>;
+
+/// A device under test, whatever its slot.
+trait Reader {
+    /// Capacity in sectors.
+    fn capacity(&self) -> u64;
+    /// One read of `len` bytes at `sector` into `buf` ([`crate::blkio::io`]).
+    fn read(&mut self, sector: u64, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, String>;
+}
+
+impl<const S: usize> Reader for Blk<S> {
+    fn capacity(&self) -> u64 {
+        VirtIOBlk::capacity(self)
+    }
+    fn read(&mut self, sector: u64, buf: Box<[u8]>, len: usize) -> Result<Box<[u8]>, String> {
+        crate::blkio::io(self, sector, buf, len, false)
+    }
+}
 
 /// Size bound of the lazy flush queue (ranges), unless `lazy-max-pending=N` is on the kernel
 /// command line; capped at half the request queue so that a flush is one notification.
 pub const LAZY_MAX_PENDING: usize = 32;
+
+/// `blk-bench-calibrate=<mode>` on the kernel command line: every device runs that mode while
+/// the report keeps the three roles (strict, lazy, identity), so the ratios show the bench's
+/// own bias and noise (an A/A run); 0 = off, else 1 + the mode's index.
+static CALIBRATE: AtomicU64 = AtomicU64::new(0);
+
+/// The mode device role `role` really runs (see [`CALIBRATE`]).
+fn effective(role: Bench) -> Bench {
+    match CALIBRATE.load(Ordering::Relaxed) {
+        0 => role,
+        n => Bench::ALL[(n as usize - 1) % SLOTS],
+    }
+}
 
 /// The lazy size bound in use (see [`LAZY_MAX_PENDING`]).
 static MAX_PENDING: AtomicU64 = AtomicU64::new(LAZY_MAX_PENDING as u64);
@@ -118,17 +169,19 @@ pub const LAZY_MAX_AGE_NS: u64 = 10_000_000;
 const SEQ: usize = 64 * 1024;
 /// Random request size in bytes.
 const RANDOM: usize = 4096;
-/// Whole-disk sequential passes per mode and round.
-const SEQ_PASSES: usize = 1;
 /// Random reads per mode and round.
 const RANDOM_READS: usize = 256;
-/// Interleaved rounds.
-const ROUNDS: usize = 16;
+/// Sequential reads per mode and batch.
+const SEQ_BATCH: usize = 4;
+/// Random reads per mode and batch.
+const RAND_BATCH: usize = 16;
+/// Rounds; the modes rotate over the devices each round (a multiple of [`SLOTS`]).
+const ROUNDS: usize = 6;
 
-/// The generic timer as the flush queue's clock. It is read on every `share` and `unshare`
-/// while UNMAPs are pending, so it avoids the 128-bit division of `now_ns` (a library call,
-/// about a microsecond under TCG) when the counter period is a whole number of nanoseconds
-/// (16 ns at QEMU's 62.5 MHz).
+/// The generic timer as the flush queue's clock. It is read on `unshare` while UNMAPs are
+/// pending, so it avoids the 128-bit division of `now_ns` (a library call, about a
+/// microsecond under TCG) when the counter period is a whole number of nanoseconds (16 ns at
+/// QEMU's 62.5 MHz).
 struct GenericTimer;
 
 /// Nanoseconds per counter tick when whole (0: not known yet; `u64::MAX`: not whole).
@@ -154,17 +207,6 @@ impl Clock for GenericTimer {
 
 static TIMER: GenericTimer = GenericTimer;
 
-/// A clock that reads no counter (always 0): the profile's lazy run without clock reads.
-struct Frozen;
-
-impl Clock for Frozen {
-    fn now_ns(&self) -> u64 {
-        0
-    }
-}
-
-static FROZEN: Frozen = Frozen;
-
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 enum Bench {
     Strict,
@@ -181,34 +223,38 @@ impl Bench {
             Bench::Identity => "identity",
         }
     }
+    fn index(self) -> usize {
+        self as usize
+    }
+    /// The mode of device `slot` in round `round`.
+    fn of(slot: usize, round: usize) -> Bench {
+        Bench::ALL[(slot + round) % SLOTS]
+    }
 }
 
 /// What one mode measured, summed over the rounds.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Sums {
     seq_bytes: u64,
-    seq_us: u64,
-    /// The fastest round's sequential and random times (the machine is shared: the best
-    /// round is the least disturbed one).
-    best_seq_us: u64,
-    best_rand_us: u64,
-    /// Each round's sequential and random times, in round order.
-    round_seq_us: [u64; ROUNDS],
-    round_rand_us: [u64; ROUNDS],
-    rounds: u64,
     seq_ios: u64,
+    /// Ticks of the sequential and random reads alone.
+    seq_ticks: u64,
     rand_ios: u64,
-    rand_us: u64,
+    rand_ticks: u64,
+    /// Each batch's ticks, in batch order (the batches of all modes line up).
+    seq_batches: Vec<u64>,
+    rand_batches: Vec<u64>,
     maps: u64,
     unmaps: u64,
     notifications: u64,
     flushes: u64,
-    /// Microseconds inside the `Hal` adapter's state during the reads, and its entries.
-    hal_us: u64,
+    /// Ticks inside the `Hal` adapter's state during the reads, its entries, and of those
+    /// ticks the ones in IOMMU requests.
+    hal_ticks: u64,
     hal_calls: u64,
-    /// Of `hal_us`, microseconds in IOMMU requests.
-    req_us: u64,
-    /// Checksums of the sequential and random data (equal across modes).
+    req_ticks: u64,
+    /// Checksums of the sequential and random data of the first round (equal in every mode
+    /// and round).
     seq_sum: u64,
     rand_sum: u64,
 }
@@ -219,6 +265,8 @@ fn fnv(mut h: u64, data: &[u8]) -> u64 {
     }
     h
 }
+
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
 fn ratio_pct(a: u64, b: u64) -> u64 {
     a.saturating_mul(100).checked_div(b).unwrap_or(0)
@@ -241,41 +289,53 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     if let Some(n) = super::bootarg(dtb, "lazy-max-pending").and_then(|v| v.parse().ok()) {
         MAX_PENDING.store(n, Ordering::Relaxed);
     }
+    if let Some(v) = super::bootarg(dtb, "blk-bench-calibrate") {
+        match Bench::ALL.iter().position(|m| m.name() == v) {
+            Some(i) => CALIBRATE.store(i as u64 + 1, Ordering::Relaxed),
+            None => {
+                case(
+                    "blk-bench: blk-bench-calibrate names a mode",
+                    Err(format!("`{v}`: not strict, lazy or identity")),
+                );
+                println!("1..{n}");
+                return (n - failed, failed);
+            }
+        }
+    }
     let prepared = prepare(dtb, pci);
-    let (ram, ep, mut domain, last_domain) = match prepared {
+    let (ram, eps, mut domain, last_domain) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            case("blk-bench: virtio-iommu and a virtio-blk endpoint", Err(e));
+            case(
+                "blk-bench: virtio-iommu and 3 virtio-blk endpoints",
+                Err(e),
+            );
             println!("1..{n}");
             return (n - failed, failed);
         }
     };
-    case("blk-bench: virtio-iommu and a virtio-blk endpoint", Ok(()));
-    let mut sums = [Sums::default(); 3];
+    case("blk-bench: virtio-iommu and 3 virtio-blk endpoints", Ok(()));
+    let mut sums: [Sums; 3] = Default::default();
     let mut errors: [Option<String>; 3] = [None, None, None];
     for round in 0..ROUNDS {
-        for (i, mode) in Bench::ALL.into_iter().enumerate() {
-            if errors[i].is_some() {
-                continue;
+        if let Err((mode, e)) = run_round(pci, &ram, &eps, &mut domain, last_domain, round, &mut sums)
+        {
+            for m in Bench::ALL {
+                errors[m.index()] = Some(match m == mode {
+                    true => format!("round {round}: {e}"),
+                    false => format!("stopped in round {round}: {} failed", mode.name()),
+                });
             }
-            if domain > last_domain {
-                errors[i] = Some("domain_range exhausted".into());
-                continue;
-            }
-            let r = measure(pci, &ram, &ep, domain, mode, &mut sums[i]);
-            domain += 1;
-            if let Err(e) = r {
-                errors[i] = Some(format!("round {round}: {e}"));
-            }
+            break;
         }
     }
-    for (i, mode) in Bench::ALL.into_iter().enumerate() {
+    for mode in Bench::ALL {
         case(
             &format!(
                 "blk-bench {}: sequential 64 KiB and random 4 KiB reads",
                 mode.name()
             ),
-            errors[i].clone().map_or(Ok(()), Err),
+            errors[mode.index()].clone().map_or(Ok(()), Err),
         );
     }
     let all_ok = errors.iter().all(Option::is_none);
@@ -292,23 +352,29 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     );
     if all_ok {
         report(&sums);
-        bookkeeping_profile();
+        super::bookkeeping::run(&TIMER, MAX_PENDING.load(Ordering::Relaxed) as usize);
     }
     println!("1..{n}");
     (n - failed, failed)
 }
 
-type Prepared = (Vec<PhysRange>, Endpoint, u32, u32);
+type Prepared = (Vec<PhysRange>, Vec<Endpoint>, u32, u32);
 
 fn prepare(dtb: &'static [u8], pci: &mut PciBus) -> Result<Prepared, String> {
     let (_, endpoints) = setup(pci)?;
-    let ep = endpoints
-        .iter()
-        .find(|e| {
+    let eps: Vec<Endpoint> = endpoints
+        .into_iter()
+        .filter(|e| {
             e.function.vendor_id == 0x1af4 && [0x1042, 0x1001].contains(&e.function.device_id)
         })
-        .cloned()
-        .ok_or("no virtio-blk behind the IOMMU")?;
+        .take(SLOTS)
+        .collect();
+    if eps.len() < SLOTS {
+        return Err(format!(
+            "{} virtio-blk behind the IOMMU, 3 needed (one per mode: the runner's --blk-devices 3, as `cargo qemu-blk-bench` passes)",
+            eps.len()
+        ));
+    }
     let fdt = fdt::Fdt::new(dtb).map_err(|_| "devicetree")?;
     let ram: Vec<PhysRange> = crate::heap::ram_regions(&fdt)
         .filter_map(|(start, size)| PhysRange::from_start_size(start, size))
@@ -316,86 +382,78 @@ fn prepare(dtb: &'static [u8], pci: &mut PciBus) -> Result<Prepared, String> {
     let guard = IOMMU.lock();
     let iommu = guard.as_ref().ok_or("no IOMMU")?;
     let c = *iommu.config();
+    let ids: Vec<String> = eps.iter().map(|e| format!("{:#x}", e.id)).collect();
     println!(
-        "# blk-bench: endpoint {:#x}, granule {:#x}, requestq {} descriptors, features {:?}",
-        ep.id,
+        "# blk-bench: endpoints {}, granule {:#x}, requestq {} descriptors, features {:?}",
+        ids.join(" "),
         c.granule,
         iommu.requestq_size(),
         iommu.features()
     );
-    Ok((ram, ep, c.domain_range.0, c.domain_range.1))
+    Ok((ram, eps, c.domain_range.0, c.domain_range.1))
 }
 
-/// One mode, one round: attach, create the device, read, drop, check, tear down.
-fn measure(
-    pci: &mut PciBus,
-    ram: &[PhysRange],
-    ep: &Endpoint,
-    domain: u32,
+/// Attaches device `slot`'s endpoint to a fresh `domain` in role `mode` (its [`effective`]
+/// mode) and installs its space.
+fn install(
+    slot: usize,
     mode: Bench,
-    sums: &mut Sums,
+    domain: u32,
+    ep: &Endpoint,
+    ram: &[PhysRange],
 ) -> Result<(), String> {
-    {
-        let mut guard = IOMMU.lock();
-        let iommu = guard.as_mut().ok_or("no IOMMU")?;
-        let mut space = match mode {
-            Bench::Strict | Bench::Lazy => {
-                DmaSpace::attach_strict(iommu, domain, ep.id, &ep.reserved)
-            }
-            Bench::Identity => iommu
-                .attach(domain, ep.id)
-                .and_then(|()| DmaSpace::identity_mapped(iommu, domain, ram, &ep.reserved)),
-        }
-        .map_err(|e| format!("set-up: {e}"))?;
-        if mode == Bench::Lazy {
-            let want = MAX_PENDING.load(Ordering::Relaxed) as usize;
-            let max_pending = want.min(iommu.requestq_size() / 2).max(1);
-            space
-                .set_unmap_policy(UnmapPolicy::Lazy {
-                    max_pending,
-                    max_age_ns: LAZY_MAX_AGE_NS,
-                    clock: &TIMER,
-                })
-                .map_err(|e| format!("lazy policy: {e}"))?;
-        }
-        *BENCH_DMA.lock() = Some(space);
+    let mode = effective(mode);
+    let mut guard = IOMMU.lock();
+    let iommu = guard.as_mut().ok_or("no IOMMU")?;
+    let mut space = match mode {
+        Bench::Strict | Bench::Lazy => DmaSpace::attach_strict(iommu, domain, ep.id, &ep.reserved),
+        Bench::Identity => iommu
+            .attach(domain, ep.id)
+            .and_then(|()| DmaSpace::identity_mapped(iommu, domain, ram, &ep.reserved)),
     }
+    .map_err(|e| format!("set-up: {e}"))?;
+    if mode == Bench::Lazy {
+        let want = MAX_PENDING.load(Ordering::Relaxed) as usize;
+        let max_pending = want.min(iommu.requestq_size() / 2).max(1);
+        space
+            .set_unmap_policy(UnmapPolicy::Lazy {
+                max_pending,
+                max_age_ns: LAZY_MAX_AGE_NS,
+                clock: &TIMER,
+            })
+            .map_err(|e| format!("lazy policy: {e}"))?;
+    }
+    *SPACES[slot].lock() = Some(space);
+    Ok(())
+}
+
+fn open_slot<const S: usize>(pci: &mut PciBus, ep: &Endpoint) -> Result<Box<dyn Reader>, String> {
     let root = &mut pci.roots[ep.function.host_bridge];
-    let transport = PciTransport::new::<IommuHal<BenchDma>, _>(root, ep.function.device_function)
-        .map_err(|e| format!("PCI transport: {e:?}"))?;
-    let mut blk =
-        Blk::new(AccessPlatform::new(transport)).map_err(|e| format!("VirtIOBlk: {e}"))?;
-    let counts = || {
-        let n = IOMMU
-            .lock()
-            .as_ref()
-            .map_or(0, |i| i.request_stats().notifications);
-        let s = BENCH_DMA.lock();
-        let (m, u) = s.as_ref().map_or((0, 0), |s| (s.maps, s.unmaps));
-        let t = HAL_TICKS.load(Ordering::Relaxed);
-        let q = REQ_TICKS.load(Ordering::Relaxed);
-        (m, u, n, t, HAL_CALLS.load(Ordering::Relaxed), q)
-    };
-    let before = counts();
-    let r = reads(&mut blk, sums);
-    let after = counts();
-    if let Err(e) = r {
-        // The device may still own buffers: keep everything.
-        core::mem::forget(blk);
-        return Err(e);
+    let transport =
+        PciTransport::new::<IommuHal<BenchDma<S>>, _>(root, ep.function.device_function)
+            .map_err(|e| format!("PCI transport: {e:?}"))?;
+    let blk: Blk<S> =
+        VirtIOBlk::new(AccessPlatform::new(transport)).map_err(|e| format!("VirtIOBlk: {e}"))?;
+    Ok(Box::new(blk))
+}
+
+/// Creates device `slot`'s `VirtIOBlk` over its installed space.
+fn open(slot: usize, pci: &mut PciBus, ep: &Endpoint) -> Result<Box<dyn Reader>, String> {
+    match slot {
+        0 => open_slot::<0>(pci, ep),
+        1 => open_slot::<1>(pci, ep),
+        _ => open_slot::<2>(pci, ep),
     }
-    sums.maps += after.0 - before.0;
-    sums.unmaps += after.1 - before.1;
-    sums.notifications += after.2 - before.2;
-    sums.hal_us += timer::ticks_to_us(after.3.wrapping_sub(before.3));
-    sums.hal_calls += after.4 - before.4;
-    sums.req_us += timer::ticks_to_us(after.5.wrapping_sub(before.5));
-    drop(blk);
-    let mut space = BENCH_DMA.lock().take().ok_or("no DMA state")?;
+}
+
+/// Flushes, checks and removes device `slot`'s space (expected in role `mode`'s
+/// [`effective`] mode), then detaches its
+/// endpoint; returns the space's flush count.
+fn teardown(slot: usize, mode: Bench, ep: &Endpoint) -> Result<u64, String> {
+    let mut space = SPACES[slot].lock().take().ok_or("no DMA state")?;
     let mut guard = IOMMU.lock();
     let iommu = guard.as_mut().ok_or("no IOMMU")?;
     space.flush(iommu).map_err(|e| format!("flush: {e}"))?;
-    sums.flushes += space.flush_stats().flushes;
     if space.failures != 0 || space.leaked != 0 || space.live_mappings() != 0 {
         return Err(format!(
             "{} failures, {} kept after a failed UNMAP, {} live mappings",
@@ -404,115 +462,222 @@ fn measure(
             space.live_mappings()
         ));
     }
-    let expect = match mode {
+    let expect = match effective(mode) {
         Bench::Identity => DmaMode::IdentityMapped,
         _ => DmaMode::Strict,
     };
     if space.mode() != expect {
         return Err(format!("mode {:?}", space.mode()));
     }
+    let flushes = space.flush_stats().flushes;
     space
         .unmap_all(iommu)
         .map_err(|e| format!("unmap_all: {e}"))?;
     iommu
         .detach(space.domain(), ep.id)
-        .map_err(|e| format!("DETACH: {e}"))
+        .map_err(|e| format!("DETACH: {e}"))?;
+    Ok(flushes)
 }
 
-/// The sequential passes and the random reads.
-fn reads(blk: &mut Blk, sums: &mut Sums) -> Result<(), String> {
-    let sectors = blk.capacity();
+/// Device `slot`'s counters: MAPs, UNMAPs, adapter ticks, adapter entries, request ticks.
+fn counters(slot: usize) -> [u64; 5] {
+    let s = SPACES[slot].lock();
+    let (m, u) = s.as_ref().map_or((0, 0), |s| (s.maps, s.unmaps));
+    [
+        m,
+        u,
+        HAL_TICKS[slot].load(Ordering::Relaxed),
+        HAL_CALLS[slot].load(Ordering::Relaxed),
+        REQ_TICKS[slot].load(Ordering::Relaxed),
+    ]
+}
+
+fn notifications() -> u64 {
+    IOMMU
+        .lock()
+        .as_ref()
+        .map_or(0, |i| i.request_stats().notifications)
+}
+
+/// One round: every device in its mode of the round ([`Bench::of`]), created, read in
+/// interleaved batches, dropped, checked and torn down. An error names the mode it hit.
+fn run_round(
+    pci: &mut PciBus,
+    ram: &[PhysRange],
+    eps: &[Endpoint],
+    domain: &mut u32,
+    last_domain: u32,
+    round: usize,
+    sums: &mut [Sums; 3],
+) -> Result<(), (Bench, String)> {
+    let modes: [Bench; SLOTS] = core::array::from_fn(|slot| Bench::of(slot, round));
+    for (slot, (&mode, ep)) in modes.iter().zip(eps).enumerate() {
+        if *domain > last_domain {
+            return Err((mode, "domain_range exhausted".into()));
+        }
+        install(slot, mode, *domain, ep, ram).map_err(|e| (mode, e))?;
+        *domain += 1;
+    }
+    let mut devs: Vec<Box<dyn Reader>> = Vec::with_capacity(SLOTS);
+    for (slot, (&mode, ep)) in modes.iter().zip(eps).enumerate() {
+        devs.push(open(slot, pci, ep).map_err(|e| (mode, e))?);
+    }
+    let before: [[u64; 5]; SLOTS] = core::array::from_fn(counters);
+    if let Err(e) = reads(&mut devs, &modes, sums) {
+        // The devices may still own buffers: keep everything.
+        core::mem::forget(devs);
+        return Err(e);
+    }
+    for (slot, &mode) in modes.iter().enumerate() {
+        let after = counters(slot);
+        let s = &mut sums[mode.index()];
+        let d = |k: usize| after[k].wrapping_sub(before[slot][k]);
+        s.maps += d(0);
+        s.unmaps += d(1);
+        s.hal_ticks += d(2);
+        s.hal_calls += d(3);
+        s.req_ticks += d(4);
+    }
+    drop(devs);
+    for (slot, (&mode, ep)) in modes.iter().zip(eps).enumerate() {
+        sums[mode.index()].flushes += teardown(slot, mode, ep).map_err(|e| (mode, e))?;
+    }
+    Ok(())
+}
+
+/// The reads of one round: the disk sequentially in batches of [`SEQ_BATCH`] 64 KiB reads,
+/// then [`RANDOM_READS`] random 4 KiB reads in batches of [`RAND_BATCH`], each batch read by
+/// every device in turn (the order rotating), only the reads timed.
+fn reads(
+    devs: &mut [Box<dyn Reader>],
+    modes: &[Bench; SLOTS],
+    sums: &mut [Sums; 3],
+) -> Result<(), (Bench, String)> {
+    let sectors = devs[0].capacity();
+    if let Some(i) = devs.iter().position(|d| d.capacity() != sectors) {
+        return Err((modes[i], "the devices' capacities differ".into()));
+    }
     let bytes = sectors.saturating_mul(SECTOR_SIZE as u64);
     if bytes < SEQ as u64 {
-        return Err(format!("disk of {bytes} bytes is too small"));
+        return Err((modes[0], format!("disk of {bytes} bytes is too small")));
     }
-    let mut buf = vec![0u8; SEQ].into_boxed_slice();
-    let mut seq_sum = 0xcbf2_9ce4_8422_2325;
-    let start = timer::now_ticks();
-    for _ in 0..SEQ_PASSES {
-        let mut sector = 0u64;
-        while sector < sectors {
-            let n = ((sectors - sector) as usize * SECTOR_SIZE).min(SEQ);
-            buf = crate::blkio::io(blk, sector, buf, n, false)?;
-            seq_sum = fnv(seq_sum, &buf[..n]);
-            sums.seq_bytes += n as u64;
-            sums.seq_ios += 1;
-            sector += (n / SECTOR_SIZE) as u64;
+    let mut bufs: Vec<Box<[u8]>> = (0..SLOTS)
+        .map(|_| vec![0u8; SEQ].into_boxed_slice())
+        .collect();
+    let mut seq_sum = [FNV_START; SLOTS];
+    let mut rand_sum = [FNV_START; SLOTS];
+    let mut batch = 0usize;
+    let mut first = 0u64;
+    while first < sectors {
+        let mut next = first;
+        for k in 0..SLOTS {
+            let slot = (k + batch) % SLOTS;
+            let mode = modes[slot];
+            let n0 = notifications();
+            let (mut sector, mut ticks) = (first, 0u64);
+            for _ in 0..SEQ_BATCH {
+                if sector >= sectors {
+                    break;
+                }
+                let n = ((sectors - sector) as usize * SECTOR_SIZE).min(SEQ);
+                let buf = core::mem::take(&mut bufs[slot]);
+                let t0 = timer::now_ticks();
+                bufs[slot] = devs[slot].read(sector, buf, n).map_err(|e| (mode, e))?;
+                ticks += timer::now_ticks().wrapping_sub(t0);
+                seq_sum[slot] = fnv(seq_sum[slot], &bufs[slot][..n]);
+                let s = &mut sums[mode.index()];
+                s.seq_bytes += n as u64;
+                s.seq_ios += 1;
+                sector += (n / SECTOR_SIZE) as u64;
+            }
+            let s = &mut sums[mode.index()];
+            s.seq_ticks += ticks;
+            s.seq_batches.push(ticks);
+            s.notifications += notifications().wrapping_sub(n0);
+            next = sector;
         }
+        first = next;
+        batch += 1;
     }
-    let seq_us = timer::ticks_to_us(timer::now_ticks().wrapping_sub(start));
-    // Random 4 KiB-aligned offsets from a fixed xorshift sequence: the same in every mode.
+    // Random 4 KiB-aligned offsets from a fixed xorshift sequence: the same in every mode and
+    // round.
     let blocks = bytes / RANDOM as u64;
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rand_sum = 0xcbf2_9ce4_8422_2325;
-    let mut small = vec![0u8; RANDOM].into_boxed_slice();
-    let start = timer::now_ticks();
-    for _ in 0..RANDOM_READS {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let sector = (x % blocks) * (RANDOM / SECTOR_SIZE) as u64;
-        small = crate::blkio::io(blk, sector, small, RANDOM, false)?;
-        rand_sum = fnv(rand_sum, &small);
-        sums.rand_ios += 1;
-    }
-    let rand_us = timer::ticks_to_us(timer::now_ticks().wrapping_sub(start));
-    sums.seq_us += seq_us;
-    sums.rand_us += rand_us;
-    let best = |b: &mut u64, t: u64| {
-        *b = if *b == 0 {
-            t.max(1)
-        } else {
-            (*b).min(t.max(1))
+    for (b, _) in (0..RANDOM_READS).step_by(RAND_BATCH).enumerate() {
+        let offsets: [u64; RAND_BATCH] = core::array::from_fn(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % blocks) * (RANDOM / SECTOR_SIZE) as u64
+        });
+        for k in 0..SLOTS {
+            let slot = (k + batch + b) % SLOTS;
+            let mode = modes[slot];
+            let n0 = notifications();
+            let mut ticks = 0u64;
+            for &sector in &offsets {
+                let buf = core::mem::take(&mut bufs[slot]);
+                let t0 = timer::now_ticks();
+                bufs[slot] = devs[slot].read(sector, buf, RANDOM).map_err(|e| (mode, e))?;
+                ticks += timer::now_ticks().wrapping_sub(t0);
+                rand_sum[slot] = fnv(rand_sum[slot], &bufs[slot][..RANDOM]);
+            }
+            let s = &mut sums[mode.index()];
+            s.rand_ios += RAND_BATCH as u64;
+            s.rand_ticks += ticks;
+            s.rand_batches.push(ticks);
+            s.notifications += notifications().wrapping_sub(n0);
         }
-    };
-    best(&mut sums.best_seq_us, seq_us);
-    best(&mut sums.best_rand_us, rand_us);
-    if let Some(r) = usize::try_from(sums.rounds).ok().filter(|&r| r < ROUNDS) {
-        sums.round_seq_us[r] = seq_us.max(1);
-        sums.round_rand_us[r] = rand_us.max(1);
     }
-    sums.rounds += 1;
     // Equal across rounds too: keep the first round's, and fail on a difference.
-    for (kept, now) in [(&mut sums.seq_sum, seq_sum), (&mut sums.rand_sum, rand_sum)] {
-        if *kept == 0 {
-            *kept = now;
-        } else if *kept != now {
-            return Err("data differs between rounds".into());
+    for (slot, &mode) in modes.iter().enumerate() {
+        let s = &mut sums[mode.index()];
+        for (kept, now) in [(&mut s.seq_sum, seq_sum[slot]), (&mut s.rand_sum, rand_sum[slot])] {
+            if *kept == 0 {
+                *kept = now;
+            } else if *kept != now {
+                return Err((mode, "data differs between rounds".into()));
+            }
         }
     }
     Ok(())
 }
 
-/// The median over the rounds of identity's time over the mode's time (the mode's throughput
-/// in percent of identity's, round by round: the modes of a round ran back to back, so a slow
-/// phase of the host hits both sides of each ratio); the lower median for an even count.
-fn median_ratio(mode_us: &[u64; ROUNDS], identity_us: &[u64; ROUNDS]) -> u64 {
-    let mut r = [0u64; ROUNDS];
-    for (out, (&m, &id)) in r.iter_mut().zip(mode_us.iter().zip(identity_us)) {
-        *out = ratio_pct(id, m);
-    }
+/// The median over the batches of identity's ticks over the mode's (the mode's throughput in
+/// percent of identity's, batch by batch); the lower median for an even count.
+fn median_ratio(mode: &[u64], identity: &[u64]) -> u64 {
+    let mut r: Vec<u64> = mode
+        .iter()
+        .zip(identity)
+        .map(|(&m, &id)| ratio_pct(id, m))
+        .collect();
     r.sort_unstable();
-    r[(ROUNDS - 1) / 2]
+    r.get(r.len().saturating_sub(1) / 2).copied().unwrap_or(0)
 }
 
-/// MiB/s ×100 and IOPS of `s`'s fastest round.
+/// MiB/s ×100 and IOPS of `s` over all rounds.
 fn rates(s: &Sums) -> (u64, u64) {
-    let rounds = s.rounds.max(1);
-    let (bytes, ios) = (s.seq_bytes / rounds, s.rand_ios / rounds);
-    let mibps_x100 =
-        (u128::from(bytes) * 100 * 1_000_000 / (u128::from(s.best_seq_us.max(1)) << 20)) as u64;
-    let iops = (u128::from(ios) * 1_000_000 / u128::from(s.best_rand_us.max(1))) as u64;
+    let hz = u128::from(timer::ticks_per_second());
+    let mibps_x100 = (u128::from(s.seq_bytes) * 100 * hz
+        / (u128::from(s.seq_ticks.max(1)) << 20)) as u64;
+    let iops = (u128::from(s.rand_ios) * hz / u128::from(s.rand_ticks.max(1))) as u64;
     (mibps_x100, iops)
 }
 
 fn report(sums: &[Sums; 3]) {
     let ios = |s: &Sums| (s.seq_ios + s.rand_ios).max(1);
+    let us = timer::ticks_to_us;
     println!(
-        "# blk-bench: {ROUNDS} rounds x ({SEQ_PASSES} sequential passes of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, rates of each mode's fastest round; lazy: max_pending {}, max_age {} ms",
+        "# blk-bench: 3 virtio-blk devices, one per mode (rotated each round), {ROUNDS} rounds x (1 sequential pass of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, interleaved in batches of {SEQ_BATCH} / {RAND_BATCH} reads, the reads alone timed; lazy: max_pending {}, max_age {} ms",
         MAX_PENDING.load(Ordering::Relaxed),
         LAZY_MAX_AGE_NS / 1_000_000
     );
+    if CALIBRATE.load(Ordering::Relaxed) != 0 {
+        println!(
+            "# blk-bench: CALIBRATION (A/A): every device runs {} mode; the rows and ratios are the roles' and show the bench's own bias and noise",
+            effective(Bench::Strict).name()
+        );
+    }
     println!("# | mode | seq 64 KiB MiB/s | rand 4 KiB IOPS | MAP/IO | UNMAP/IO | IOMMU notifications/IO | flushes |");
     for (s, mode) in sums.iter().zip(Bench::ALL) {
         let (mibps, iops) = rates(s);
@@ -532,214 +697,72 @@ fn report(sums: &[Sums; 3]) {
             s.flushes
         );
         println!(
-            "blk-bench-result: mode={} seq_mibps_x100={mibps} rand_iops={iops} seq_ios={} rand_ios={} seq_us={} rand_us={} best_seq_us={} best_rand_us={} maps={} unmaps={} iommu_notifications={} flushes={}",
+            "blk-bench-result: mode={} seq_mibps_x100={mibps} rand_iops={iops} seq_ios={} rand_ios={} seq_us={} rand_us={} maps={} unmaps={} iommu_notifications={} flushes={}",
             mode.name(),
             s.seq_ios,
             s.rand_ios,
-            s.seq_us,
-            s.rand_us,
-            s.best_seq_us,
-            s.best_rand_us,
+            us(s.seq_ticks),
+            us(s.rand_ticks),
             s.maps,
             s.unmaps,
             s.notifications,
             s.flushes
         );
     }
-    let (id_seq, id_rand) = rates(&sums[2]);
-    for (i, goal) in [(0usize, 90u64), (1, 98)] {
-        let (seq, rand) = rates(&sums[i]);
-        let (ps, pr) = (ratio_pct(seq, id_seq), ratio_pct(rand, id_rand));
-        let (ms, mr) = (
-            median_ratio(&sums[i].round_seq_us, &sums[2].round_seq_us),
-            median_ratio(&sums[i].round_rand_us, &sums[2].round_rand_us),
+    let id = &sums[Bench::Identity.index()];
+    for (mode, goal) in [(Bench::Strict, 90u64), (Bench::Lazy, 98)] {
+        let s = &sums[mode.index()];
+        let (ts, tr) = (
+            ratio_pct(id.seq_ticks, s.seq_ticks),
+            ratio_pct(id.rand_ticks, s.rand_ticks),
         );
-        let verdict = if ms >= goal && mr >= goal {
+        let (ms, mr) = (
+            median_ratio(&s.seq_batches, &id.seq_batches),
+            median_ratio(&s.rand_batches, &id.rand_batches),
+        );
+        let verdict = if ts >= goal && tr >= goal {
             "met"
         } else {
             "missed"
         };
         println!(
-            "# blk-bench: {}/identity: median of the {ROUNDS} per-round ratios: sequential {ms} %, random {mr} % (goal >= {goal} %): {verdict}; fastest rounds: sequential {ps} %, random {pr} %",
-            Bench::ALL[i].name()
+            "# blk-bench: {}/identity: sequential {ts} %, random {tr} % (goal >= {goal} %): {verdict}; median of the {} / {} per-batch ratios: sequential {ms} %, random {mr} %",
+            mode.name(),
+            s.seq_batches.len(),
+            s.rand_batches.len(),
         );
         println!(
-            "blk-bench-ratio: mode={} median_seq_pct={ms} median_rand_pct={mr} fastest_seq_pct={ps} fastest_rand_pct={pr} goal_pct={goal} verdict={verdict}",
-            Bench::ALL[i].name()
+            "blk-bench-ratio: mode={} seq_pct={ts} rand_pct={tr} median_seq_pct={ms} median_rand_pct={mr} goal_pct={goal} verdict={verdict}",
+            mode.name()
         );
     }
     for (s, mode) in sums.iter().zip(Bench::ALL) {
-        let total = (s.seq_us + s.rand_us).max(1);
+        let total = us(s.seq_ticks + s.rand_ticks).max(1);
+        let (hal, req) = (us(s.hal_ticks), us(s.req_ticks));
         println!(
-            "# blk-bench: {}: {} us of {total} us ({} %) inside the Hal adapter's state ({} entries, {} ns each), of which {} us in {} IOMMU requests ({} ns each, {} ns per notification)",
+            "# blk-bench: {}: {hal} us of {total} us ({} %) inside the Hal adapter's state ({} entries, {} ns each), of which {req} us in {} IOMMU requests ({} ns each, {} ns per notification)",
             mode.name(),
-            s.hal_us,
-            s.hal_us * 100 / total,
+            hal * 100 / total,
             s.hal_calls,
-            s.hal_us * 1000 / s.hal_calls.max(1),
-            s.req_us,
+            hal * 1000 / s.hal_calls.max(1),
             s.maps + s.unmaps,
-            s.req_us * 1000 / (s.maps + s.unmaps).max(1),
-            s.req_us * 1000 / s.notifications.max(1),
+            req * 1000 / (s.maps + s.unmaps).max(1),
+            req * 1000 / s.notifications.max(1),
         );
     }
-    // Where the time goes: the extra time per IOMMU request over identity.
-    for i in 0..2 {
-        let s = &sums[i];
-        let id = &sums[2];
-        let extra_us = (s.seq_us + s.rand_us).saturating_sub(id.seq_us + id.rand_us);
-        let reqs = (s.maps + s.unmaps).max(1);
+    // Where the time goes: the extra time per I/O over identity, and inside the adapter.
+    for mode in [Bench::Strict, Bench::Lazy] {
+        let s = &sums[mode.index()];
+        let extra = us(s.seq_ticks + s.rand_ticks).saturating_sub(us(id.seq_ticks + id.rand_ticks));
+        let extra_hal = us(s.hal_ticks).saturating_sub(us(id.hal_ticks));
         println!(
-            "# blk-bench: {}: {} us more than identity over {} MAP/UNMAP requests and {} IOMMU notifications: {} ns per request, {} ns per notification",
-            Bench::ALL[i].name(),
-            extra_us,
+            "# blk-bench: {}: {extra} us more than identity over {} I/Os ({} ns per I/O), of which {extra_hal} us inside the Hal adapter ({} ns per I/O); {} MAP/UNMAP requests, {} IOMMU notifications",
+            mode.name(),
+            ios(s),
+            extra * 1000 / ios(s),
+            extra_hal * 1000 / ios(s),
             s.maps + s.unmaps,
             s.notifications,
-            extra_us * 1000 / reqs,
-            extra_us * 1000 / s.notifications.max(1)
         );
-    }
-}
-
-/// A mapper that accepts every request without sending it: what remains is the space's own
-/// bookkeeping.
-struct Accept(u64);
-
-impl IommuMapper for Accept {
-    fn granule(&self) -> u64 {
-        self.0
-    }
-    fn map(&mut self, _: u32, _: u64, _: u64, _: u64, _: MapFlags) -> Result<(), IommuError> {
-        Ok(())
-    }
-    fn unmap(&mut self, _: u32, _: u64, _: u64) -> Result<(), IommuError> {
-        Ok(())
-    }
-}
-
-/// Map+unmap pairs per profile run.
-const PAIRS: u64 = 3000;
-/// Profile runs per variant, interleaved; the fastest counts (the host is shared).
-const PROFILE_RUNS: usize = 7;
-
-/// `PAIRS` alloc + free pairs of the IOVA allocator alone (sizes of a virtio-blk request's
-/// buffers); nanoseconds per pair.
-fn iova_pairs() -> Option<u64> {
-    let granule = 0x1000;
-    let mut iova = virtio_iommu_driver::dma::IovaAllocator::new(0, (1 << 48) - 1, granule).ok()?;
-    let sizes = [0x1000u64, 0x1_1000, 0x1000];
-    let start = timer::now_ticks();
-    for _ in 0..PAIRS / 3 {
-        let mut at = [0u64; 3];
-        for (slot, len) in at.iter_mut().zip(sizes) {
-            *slot = iova.alloc(len).ok()?;
-        }
-        for (a, len) in at.into_iter().zip(sizes) {
-            iova.free(a, len).ok()?;
-        }
-    }
-    Some(timer::ticks_to_us(timer::now_ticks().wrapping_sub(start)) * 1000 / PAIRS)
-}
-
-/// How [`space_pairs`] builds its space and picks its buffers.
-#[derive(Clone, Copy)]
-enum Profile {
-    /// Strict space; strict policy, or lazy with the clock; buffers at 64 places in turn.
-    Strict(Option<&'static dyn Clock>),
-    /// Lazy space with the clock; the same 3 buffers every time (revived, as virtio-blk's).
-    Recurring(&'static dyn Clock),
-    /// Identity-mapped space over the buffers' RAM; the same 3 buffers every time.
-    Identity,
-}
-
-/// `PAIRS` `map_buffer` + `unmap_buffer` pairs of a space ([`Profile`]) on a mapper that
-/// sends nothing, with the 3 buffers of a virtio-blk request (16 bytes, 64 KiB, 1 byte);
-/// nanoseconds per pair.
-fn space_pairs(profile: Profile) -> Option<u64> {
-    let granule = 0x1000;
-    let mut m = Accept(granule);
-    let (mut space, clock, places) = match profile {
-        Profile::Identity => {
-            let ram = [PhysRange::from_start_size(0x4000_0000, 0x1000_0000)?];
-            let space = DmaSpace::identity_mapped(&mut m, 1, &ram, &[]).ok()?;
-            (space, None, 1)
-        }
-        Profile::Strict(clock) => {
-            let iova =
-                virtio_iommu_driver::dma::IovaAllocator::new(0, (1 << 48) - 1, granule).ok()?;
-            (DmaSpace::new(1, iova).ok()?, clock, 64)
-        }
-        Profile::Recurring(clock) => {
-            let iova =
-                virtio_iommu_driver::dma::IovaAllocator::new(0, (1 << 48) - 1, granule).ok()?;
-            (DmaSpace::new(1, iova).ok()?, Some(clock), 1)
-        }
-    };
-    if let Some(clock) = clock {
-        let policy = UnmapPolicy::Lazy {
-            max_pending: MAX_PENDING.load(Ordering::Relaxed) as usize,
-            max_age_ns: LAZY_MAX_AGE_NS,
-            clock,
-        };
-        space.set_unmap_policy(policy).ok()?;
-    }
-    let rw = MapFlags::READ | MapFlags::WRITE;
-    let start = timer::now_ticks();
-    for i in 0..PAIRS / 3 {
-        let base = 0x4100_0000 + (i % places) * 0x20000;
-        let bufs = [(base, 16), (base + 0x1000, 0x1_0000), (base + 0x1_2000, 1)];
-        let mut at = [0u64; 3];
-        for (slot, &(p, len)) in at.iter_mut().zip(&bufs) {
-            *slot = space.map_buffer(&mut m, p, len, rw).ok()?;
-        }
-        for a in at {
-            space.unmap_buffer(&mut m, a).ok()?;
-        }
-    }
-    space.flush(&mut m).ok()?;
-    Some(timer::ticks_to_us(timer::now_ticks().wrapping_sub(start)) * 1000 / PAIRS)
-}
-
-/// The cost of the bookkeeping alone, without requests, locks or the `Hal`: the IOVA
-/// allocator, and a strict space's `map_buffer` + `unmap_buffer` (IOVA allocator and
-/// live-mapping tree) under the strict and the lazy policy (the latter also with a clock that
-/// reads no counter), each the fastest of [`PROFILE_RUNS`] interleaved runs.
-fn bookkeeping_profile() {
-    let variants: [(&str, Option<Profile>); 7] = [
-        ("IovaAllocator alloc + free", None),
-        ("strict map_buffer + unmap_buffer", Some(Profile::Strict(None))),
-        (
-            "lazy map_buffer + unmap_buffer",
-            Some(Profile::Strict(Some(&TIMER))),
-        ),
-        (
-            "lazy map_buffer + unmap_buffer, clock not read",
-            Some(Profile::Strict(Some(&FROZEN))),
-        ),
-        (
-            "lazy map_buffer + unmap_buffer, recurring buffers (revived)",
-            Some(Profile::Recurring(&TIMER)),
-        ),
-        (
-            "lazy map_buffer + unmap_buffer, recurring buffers (revived), clock not read",
-            Some(Profile::Recurring(&FROZEN)),
-        ),
-        (
-            "identity-mapped map_buffer + unmap_buffer",
-            Some(Profile::Identity),
-        ),
-    ];
-    let mut best = [u64::MAX; 7];
-    for _ in 0..PROFILE_RUNS {
-        for (b, (_, v)) in best.iter_mut().zip(&variants) {
-            let ns = match v {
-                None => iova_pairs(),
-                Some(p) => space_pairs(*p),
-            };
-            *b = (*b).min(ns.unwrap_or(u64::MAX));
-        }
-    }
-    for (b, (name, _)) in best.iter().zip(&variants) {
-        println!("# blk-bench: bookkeeping alone, no requests: {name}: {b} ns per pair (fastest of {PROFILE_RUNS})");
     }
 }

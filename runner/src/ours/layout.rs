@@ -26,9 +26,18 @@ impl Layout {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidEnv`] naming the variable when an address does not parse, or when two
-    /// devices share one.
+    /// [`Error::InvalidEnv`] naming the variable when an address does not parse, when two
+    /// devices share one, or when `config.blk_devices` is not 1.
     pub fn from_config(config: &RunConfig) -> Result<Self> {
+        if config.blk_devices != 1 {
+            return Err(Error::InvalidEnv {
+                name: "VIOMMU_BLK_DEVICES",
+                reason: format!(
+                    "{}: our device serves one virtio-blk (its endpoint table is fixed)",
+                    config.blk_devices
+                ),
+            });
+        }
         let parse = |value: Option<&String>, name: &'static str, default: u8| {
             match value {
             None => Ok(PciAddr {
