@@ -596,13 +596,20 @@ fn a_revived_share_reads_no_clock_and_the_next_unshare_applies_the_time_bound() 
     CLOCK.now.store(5_000, Ordering::SeqCst);
     let (reads, reqs) = (CLOCK.reads.load(Ordering::SeqCst), requests(&drv));
     assert_eq!(space.map_buffer(&mut drv, phys, G, rw), Ok(a));
-    assert_eq!(CLOCK.reads.load(Ordering::SeqCst), reads, "a revival reads no clock");
+    assert_eq!(
+        CLOCK.reads.load(Ordering::SeqCst),
+        reads,
+        "a revival reads no clock"
+    );
     assert_eq!(requests(&drv), reqs, "and sends nothing");
     assert_eq!(space.pending_unmaps(), 1);
     assert!(reachable(&bed, b), "b's UNMAP is still deferred");
     // The next unshare sees the age bound passed and flushes both.
     space.unmap_buffer(&mut drv, a).unwrap();
-    assert!(CLOCK.reads.load(Ordering::SeqCst) > reads, "the unshare reads the clock");
+    assert!(
+        CLOCK.reads.load(Ordering::SeqCst) > reads,
+        "the unshare reads the clock"
+    );
     assert_eq!(space.pending_unmaps(), 0);
     assert!(!reachable(&bed, a) && !reachable(&bed, b));
     assert_eq!(space.live_mappings(), 0);

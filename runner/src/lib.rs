@@ -347,7 +347,9 @@ impl RunConfig {
 pub fn parse_blk_devices(text: &str) -> std::result::Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(n @ 1..=8) => Ok(n),
-        _ => Err(format!("`{text}` is not a number of virtio-blk devices from 1 to 8")),
+        _ => Err(format!(
+            "`{text}` is not a number of virtio-blk devices from 1 to 8"
+        )),
     }
 }
 

@@ -356,19 +356,27 @@ fn blk_bench_calibration_roles_agree() {
     let name = "blk-bench calibrate";
     let config = RunConfig {
         qemu: QemuChoice::System,
-        extra_args: vec!["-append".into(), "blk-bench blk-bench-calibrate=lazy".into()],
+        extra_args: vec![
+            "-append".into(),
+            "blk-bench blk-bench-calibrate=lazy".into(),
+        ],
         blk_devices: 3,
         ..RunConfig::default()
     };
     let outcome = boot(name, config);
     let found = problems(&outcome, false);
     assert!(found.is_empty(), "{name}: {found:#?}\n{}", outcome.output);
-    assert!(outcome.output.contains("CALIBRATION (A/A): every device runs lazy mode"));
+    assert!(outcome
+        .output
+        .contains("CALIBRATION (A/A): every device runs lazy mode"));
     let rows = blk_results(&outcome.output);
     for role in ["strict", "lazy", "identity"] {
         let r = &rows[role];
         let ios = field(r, "seq_ios") + field(r, "rand_ios");
-        assert!(field(r, "maps") < 0.1 * ios, "{role} does not run lazy: {r:?}");
+        assert!(
+            field(r, "maps") < 0.1 * ios,
+            "{role} does not run lazy: {r:?}"
+        );
     }
     for line in outcome
         .output

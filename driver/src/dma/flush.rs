@@ -61,6 +61,7 @@
 use super::mapper::IommuMapper;
 use crate::device::BatchOp;
 use crate::error::IommuError;
+use crate::wire::MapFlags;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -181,13 +182,26 @@ pub(super) enum Trigger {
     Explicit,
 }
 
-/// The pending ranges: `(first IOVA, bytes, physical address of the first granule)`, in
-/// unshare order; never more than `max_pending`, allocated once.
+/// One pending UNMAP: the range, and what a revival must match.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// First IOVA.
+    start: u64,
+    /// Bytes.
+    len: u64,
+    /// Physical address of the first granule.
+    phys: u64,
+    /// The mapping's permissions.
+    flags: MapFlags,
+}
+
+/// The pending ranges ([`Pending`]), in unshare order; never more than `max_pending`,
+/// allocated once.
 pub(super) struct FlushQueue {
     max_pending: usize,
     max_age_ns: u64,
     clock: &'static dyn Clock,
-    pending: Vec<(u64, u64, u64)>,
+    pending: Vec<Pending>,
     /// Time of the oldest pending entry (kept when entries are revived: the age bound may then
     /// fire early, never late).
     oldest_ns: u64,
@@ -252,10 +266,16 @@ impl FlushQueue {
     }
 
     /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0) of the mapping of
-    /// physical `phys..phys + len`. Returns `None` (nothing queued) when full, otherwise
+    /// physical `phys..phys + len` with `flags`. Returns `None` (nothing queued) when full, otherwise
     /// whether the queue was empty: its age was then just read as 0, so only the size bound
     /// can be due ([`Self::due_by_size`]).
-    pub(super) fn push(&mut self, start: u64, len: u64, phys: u64) -> Option<bool> {
+    pub(super) fn push(
+        &mut self,
+        start: u64,
+        len: u64,
+        phys: u64,
+        flags: MapFlags,
+    ) -> Option<bool> {
         if !self.has_room() {
             return None;
         }
@@ -263,32 +283,39 @@ impl FlushQueue {
         if started {
             self.oldest_ns = self.clock.now_ns();
         }
-        self.pending.push((start, len, phys));
+        self.pending.push(Pending {
+            start,
+            len,
+            phys,
+            flags,
+        });
         self.stats.deferred += 1;
         Some(started)
     }
 
     /// Takes out of the queue the newest pending range mapping physical `phys..phys + len`
-    /// (`len` bytes) for which `accept(first IOVA)` holds, and returns its first IOVA; its
+    /// (`len` bytes) with `flags` for which `accept(first IOVA)` holds, and returns its first IOVA; its
     /// UNMAP is then not sent. At most `max_pending` comparisons, no allocation.
     pub(super) fn revive(
         &mut self,
         phys: u64,
         len: u64,
+        flags: MapFlags,
         mut accept: impl FnMut(u64) -> bool,
     ) -> Option<u64> {
         let i = self
             .pending
             .iter()
-            .rposition(|&(s, l, p)| p == phys && l == len && accept(s))?;
-        let (start, _, _) = self.pending.remove(i);
+            .rposition(|e| e.phys == phys && e.len == len && e.flags == flags && accept(e.start))?;
+        let start = self.pending.remove(i).start;
         self.stats.revived += 1;
         Some(start)
     }
 
     /// Whether the size bound is reached (no clock read).
     pub(super) fn due_by_size(&self) -> Option<Trigger> {
-        (!self.pending.is_empty() && self.pending.len() >= self.max_pending).then_some(Trigger::Size)
+        (!self.pending.is_empty() && self.pending.len() >= self.max_pending)
+            .then_some(Trigger::Size)
     }
 
     /// Whether a bound is reached: the size bound first.
@@ -318,12 +345,15 @@ impl FlushQueue {
             return 0;
         }
         self.ops.clear();
-        self.ops
-            .extend(self.pending.iter().map(|&(start, len, _)| BatchOp::Unmap {
-                domain,
-                virt_start: start,
-                virt_end: start + (len - 1),
-            }));
+        self.ops.extend(
+            self.pending
+                .iter()
+                .map(|&Pending { start, len, .. }| BatchOp::Unmap {
+                    domain,
+                    virt_start: start,
+                    virt_end: start + (len - 1),
+                }),
+        );
         self.results.clear();
         self.results.resize(n, Ok(()));
         if let Err(e) = iommu.submit_batch(&self.ops, &mut self.results) {
@@ -337,7 +367,7 @@ impl FlushQueue {
             Trigger::Explicit => {}
         }
         let mut error: Option<FlushError> = None;
-        for (&(start, _, _), &r) in self.pending.iter().zip(&self.results) {
+        for (&Pending { start, .. }, &r) in self.pending.iter().zip(&self.results) {
             if let Err(e) = r {
                 self.stats.failed_unmaps += 1;
                 match &mut error {

@@ -715,7 +715,7 @@ impl DmaSpace {
             // Isolated strict: a partial head or tail granule goes through a bounce granule.
             return None;
         }
-        let at = queue.revive(phys_base, span, |key| {
+        let at = queue.revive(phys_base, span, flags, |key| {
             live.get_mut(key).is_some_and(|m| {
                 let fits = m.deferred
                     && !m.stale
@@ -966,7 +966,7 @@ impl DmaSpace {
         }
         // A full queue (not flushed by the caller) falls back to a strict UNMAP.
         let queued = match (&mut self.flush, defer && !entry.unmapped) {
-            (Some(q), true) => q.push(base, entry.len, entry.phys_base),
+            (Some(q), true) => q.push(base, entry.len, entry.phys_base, entry.flags),
             _ => None,
         };
         if let Some(fresh) = queued {

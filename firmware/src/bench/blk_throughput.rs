@@ -11,7 +11,8 @@
 //! endpoint in its own domain, run one mode each, and the modes interleave in small batches
 //! ([`SEQ_BATCH`] sequential 64 KiB reads, [`RAND_BATCH`] random 4 KiB reads: about a
 //! millisecond each), so a slow phase of the shared host hits every mode alike. The modes
-//! rotate over the devices each round and the batch order rotates each batch. Per round each
+//! rotate over the devices each round, and the order of the modes in a batch goes through all
+//! six permutations ([`ORDERS`]), so no mode always follows the same one. Per round each
 //! mode reads the disk once sequentially and [`RANDOM_READS`] times at random 4 KiB-aligned
 //! offsets (the same offsets in every mode and round), one request in flight (virtio-drivers'
 //! `VirtIOBlk` as `blkio::io` drives it). Only the reads are timed (the checksum of the data
@@ -177,6 +178,15 @@ const SEQ_BATCH: usize = 4;
 const RAND_BATCH: usize = 16;
 /// Rounds; the modes rotate over the devices each round (a multiple of [`SLOTS`]).
 const ROUNDS: usize = 6;
+/// The orders of the roles (indices into [`Bench::ALL`]) in a batch, used in turn: all six.
+const ORDERS: [[usize; SLOTS]; 6] = [
+    [0, 1, 2],
+    [1, 2, 0],
+    [2, 0, 1],
+    [2, 1, 0],
+    [1, 0, 2],
+    [0, 2, 1],
+];
 
 /// The generic timer as the flush queue's clock. It is read on `unshare` while UNMAPs are
 /// pending, so it avoids the 128-bit division of `now_ns` (a library call, about a
@@ -303,13 +313,10 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
         }
     }
     let prepared = prepare(dtb, pci);
-    let (ram, eps, mut domain, last_domain) = match prepared {
+    let (ram, eps, first_domain, last_domain) = match prepared {
         Ok(p) => p,
         Err(e) => {
-            case(
-                "blk-bench: virtio-iommu and 3 virtio-blk endpoints",
-                Err(e),
-            );
+            case("blk-bench: virtio-iommu and 3 virtio-blk endpoints", Err(e));
             println!("1..{n}");
             return (n - failed, failed);
         }
@@ -317,9 +324,22 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     case("blk-bench: virtio-iommu and 3 virtio-blk endpoints", Ok(()));
     let mut sums: [Sums; 3] = Default::default();
     let mut errors: [Option<String>; 3] = [None, None, None];
+    let mut batches = 0;
+    let mut domains = Domains {
+        next: first_domain,
+        last: last_domain,
+    };
     for round in 0..ROUNDS {
-        if let Err((mode, e)) = run_round(pci, &ram, &eps, &mut domain, last_domain, round, &mut sums)
-        {
+        let r = run_round(
+            pci,
+            &ram,
+            &eps,
+            &mut domains,
+            round,
+            &mut batches,
+            &mut sums,
+        );
+        if let Err((mode, e)) = r {
             for m in Bench::ALL {
                 errors[m.index()] = Some(match m == mode {
                     true => format!("round {round}: {e}"),
@@ -359,6 +379,12 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
 }
 
 type Prepared = (Vec<PhysRange>, Vec<Endpoint>, u32, u32);
+
+/// The domain IDs still free for the rounds' attachments: `next..=last`.
+struct Domains {
+    next: u32,
+    last: u32,
+}
 
 fn prepare(dtb: &'static [u8], pci: &mut PciBus) -> Result<Prepared, String> {
     let (_, endpoints) = setup(pci)?;
@@ -505,25 +531,25 @@ fn run_round(
     pci: &mut PciBus,
     ram: &[PhysRange],
     eps: &[Endpoint],
-    domain: &mut u32,
-    last_domain: u32,
+    domains: &mut Domains,
     round: usize,
+    batches: &mut usize,
     sums: &mut [Sums; 3],
 ) -> Result<(), (Bench, String)> {
     let modes: [Bench; SLOTS] = core::array::from_fn(|slot| Bench::of(slot, round));
     for (slot, (&mode, ep)) in modes.iter().zip(eps).enumerate() {
-        if *domain > last_domain {
+        if domains.next > domains.last {
             return Err((mode, "domain_range exhausted".into()));
         }
-        install(slot, mode, *domain, ep, ram).map_err(|e| (mode, e))?;
-        *domain += 1;
+        install(slot, mode, domains.next, ep, ram).map_err(|e| (mode, e))?;
+        domains.next += 1;
     }
     let mut devs: Vec<Box<dyn Reader>> = Vec::with_capacity(SLOTS);
     for (slot, (&mode, ep)) in modes.iter().zip(eps).enumerate() {
         devs.push(open(slot, pci, ep).map_err(|e| (mode, e))?);
     }
     let before: [[u64; 5]; SLOTS] = core::array::from_fn(counters);
-    if let Err(e) = reads(&mut devs, &modes, sums) {
+    if let Err(e) = reads(&mut devs, &modes, batches, sums) {
         // The devices may still own buffers: keep everything.
         core::mem::forget(devs);
         return Err(e);
@@ -547,10 +573,12 @@ fn run_round(
 
 /// The reads of one round: the disk sequentially in batches of [`SEQ_BATCH`] 64 KiB reads,
 /// then [`RANDOM_READS`] random 4 KiB reads in batches of [`RAND_BATCH`], each batch read by
-/// every device in turn (the order rotating), only the reads timed.
+/// every device in turn (in the next of [`ORDERS`]; `batches` counts the batches of the whole
+/// run), only the reads timed.
 fn reads(
     devs: &mut [Box<dyn Reader>],
     modes: &[Bench; SLOTS],
+    batches: &mut usize,
     sums: &mut [Sums; 3],
 ) -> Result<(), (Bench, String)> {
     let sectors = devs[0].capacity();
@@ -566,12 +594,21 @@ fn reads(
         .collect();
     let mut seq_sum = [FNV_START; SLOTS];
     let mut rand_sum = [FNV_START; SLOTS];
-    let mut batch = 0usize;
+    // The device of each role, and the order of the roles in a batch: every permutation in
+    // turn, so each role runs first, second and last, and after each other role, equally often
+    // (a fixed cyclic order made lazy always follow strict, whose requests leave the host's
+    // caches colder: an A/A run showed the follower about 3 % slower).
+    let slot_of: [usize; SLOTS] =
+        core::array::from_fn(|role| modes.iter().position(|m| m.index() == role).unwrap_or(role));
+    let mut order = || {
+        let o = ORDERS[*batches % ORDERS.len()].map(|role| slot_of[role]);
+        *batches += 1;
+        o
+    };
     let mut first = 0u64;
     while first < sectors {
         let mut next = first;
-        for k in 0..SLOTS {
-            let slot = (k + batch) % SLOTS;
+        for slot in order() {
             let mode = modes[slot];
             let n0 = notifications();
             let (mut sector, mut ticks) = (first, 0u64);
@@ -597,28 +634,28 @@ fn reads(
             next = sector;
         }
         first = next;
-        batch += 1;
     }
     // Random 4 KiB-aligned offsets from a fixed xorshift sequence: the same in every mode and
     // round.
     let blocks = bytes / RANDOM as u64;
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for (b, _) in (0..RANDOM_READS).step_by(RAND_BATCH).enumerate() {
+    for _ in (0..RANDOM_READS).step_by(RAND_BATCH) {
         let offsets: [u64; RAND_BATCH] = core::array::from_fn(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             (x % blocks) * (RANDOM / SECTOR_SIZE) as u64
         });
-        for k in 0..SLOTS {
-            let slot = (k + batch + b) % SLOTS;
+        for slot in order() {
             let mode = modes[slot];
             let n0 = notifications();
             let mut ticks = 0u64;
             for &sector in &offsets {
                 let buf = core::mem::take(&mut bufs[slot]);
                 let t0 = timer::now_ticks();
-                bufs[slot] = devs[slot].read(sector, buf, RANDOM).map_err(|e| (mode, e))?;
+                bufs[slot] = devs[slot]
+                    .read(sector, buf, RANDOM)
+                    .map_err(|e| (mode, e))?;
                 ticks += timer::now_ticks().wrapping_sub(t0);
                 rand_sum[slot] = fnv(rand_sum[slot], &bufs[slot][..RANDOM]);
             }
@@ -632,7 +669,10 @@ fn reads(
     // Equal across rounds too: keep the first round's, and fail on a difference.
     for (slot, &mode) in modes.iter().enumerate() {
         let s = &mut sums[mode.index()];
-        for (kept, now) in [(&mut s.seq_sum, seq_sum[slot]), (&mut s.rand_sum, rand_sum[slot])] {
+        for (kept, now) in [
+            (&mut s.seq_sum, seq_sum[slot]),
+            (&mut s.rand_sum, rand_sum[slot]),
+        ] {
             if *kept == 0 {
                 *kept = now;
             } else if *kept != now {
@@ -658,8 +698,8 @@ fn median_ratio(mode: &[u64], identity: &[u64]) -> u64 {
 /// MiB/s ×100 and IOPS of `s` over all rounds.
 fn rates(s: &Sums) -> (u64, u64) {
     let hz = u128::from(timer::ticks_per_second());
-    let mibps_x100 = (u128::from(s.seq_bytes) * 100 * hz
-        / (u128::from(s.seq_ticks.max(1)) << 20)) as u64;
+    let mibps_x100 =
+        (u128::from(s.seq_bytes) * 100 * hz / (u128::from(s.seq_ticks.max(1)) << 20)) as u64;
     let iops = (u128::from(s.rand_ios) * hz / u128::from(s.rand_ticks.max(1))) as u64;
     (mibps_x100, iops)
 }

@@ -5,7 +5,9 @@
 //! accepts everything. Printed as `# blk-bench: bookkeeping alone` lines after the throughput
 //! report (see BENCHMARKS.md).
 
-use virtio_iommu_driver::dma::{Clock, DmaSpace, IommuMapper, IovaAllocator, PhysRange, UnmapPolicy};
+use virtio_iommu_driver::dma::{
+    Clock, DmaSpace, IommuMapper, IovaAllocator, PhysRange, UnmapPolicy,
+};
 use virtio_iommu_driver::wire::MapFlags;
 use virtio_iommu_driver::IommuError;
 
@@ -120,7 +122,10 @@ fn space_pairs(profile: Profile, max_pending: usize) -> Option<u64> {
 pub fn run(clock: &'static dyn Clock, max_pending: usize) {
     let variants: [(&str, Option<Profile>); 7] = [
         ("IovaAllocator alloc + free", None),
-        ("strict map_buffer + unmap_buffer", Some(Profile::Strict(None))),
+        (
+            "strict map_buffer + unmap_buffer",
+            Some(Profile::Strict(None)),
+        ),
         (
             "lazy map_buffer + unmap_buffer",
             Some(Profile::Strict(Some(clock))),
