@@ -19,9 +19,9 @@
 //! is not).
 //!
 //! Per mode it prints MiB/s, IOPS, MAP/UNMAP requests and IOMMU notifications per I/O, one
-//! `blk-bench-result:` line per mode; then strict/identity and lazy/identity — the ratio of the
-//! total times, judged against the goal (strict ≥ 90 %, lazy ≥ 98 %), and the median
-//! of the per-batch ratios — one `blk-bench-ratio:` line each; then where the time goes
+//! `blk-bench-result:` line per mode; then strict/identity and lazy/identity — the median of
+//! the per-batch ratios, judged against the goal (strict ≥ 90 %, lazy ≥ 98 %), and the
+//! ratio of the total times — one `blk-bench-ratio:` line each; then where the time goes
 //! (inside the `Hal` adapter, inside IOMMU requests) and the bookkeeping profile
 //! ([`super::bookkeeping`]). The data read must be the same in every mode (a checksum). TAP
 //! cases: set-up, each mode's reads, data equal; the goal itself is reported, not a case (see
@@ -760,13 +760,15 @@ fn report(sums: &[Sums; 3]) {
             median_ratio(&s.seq_batches, &id.seq_batches),
             median_ratio(&s.rand_batches, &id.rand_batches),
         );
-        let verdict = if ts >= goal && tr >= goal {
+        // Judged by the medians: in A/A runs (`blk-bench-calibrate`) they stay within a few
+        // points of 100 % where the totals swing by twice as much (BENCHMARKS.md).
+        let verdict = if ms >= goal && mr >= goal {
             "met"
         } else {
             "missed"
         };
         println!(
-            "# blk-bench: {}/identity: sequential {ts} %, random {tr} % (goal >= {goal} %): {verdict}; median of the {} / {} per-batch ratios: sequential {ms} %, random {mr} %",
+            "# blk-bench: {}/identity: median of the {} / {} per-batch ratios: sequential {ms} %, random {mr} % (goal >= {goal} %): {verdict}; ratio of the total times: sequential {ts} %, random {tr} %",
             mode.name(),
             s.seq_batches.len(),
             s.rand_batches.len(),
