@@ -614,3 +614,27 @@ fn a_revived_share_reads_no_clock_and_the_next_unshare_applies_the_time_bound() 
     assert!(!reachable(&bed, a) && !reachable(&bed, b));
     assert_eq!(space.live_mappings(), 0);
 }
+
+#[test]
+fn an_unshare_that_starts_the_queue_still_honours_a_full_queue_or_a_zero_time_bound() {
+    let rw = MapFlags::READ | MapFlags::WRITE;
+    // max_pending 1, and max_age_ns 0 with a clock that never advances: either bound is due
+    // at the very unshare that starts the queue, which reads no second clock value.
+    for policy in [lazy(1, u64::MAX, &FROZEN), lazy(8, 0, &FROZEN)] {
+        let bed = bed_with(FaultPlan::new());
+        let (mut drv, mut space) = setup(&bed, policy);
+        let phys = bed.alloc(G as usize).unwrap();
+        for round in 0..3 {
+            // The same buffer again and again: nothing is pending at its share, so it is
+            // MAPped afresh, and its UNMAP leaves at its unshare.
+            let a = space.map_buffer(&mut drv, phys, G, rw).unwrap();
+            assert!(reachable(&bed, a));
+            space.unmap_buffer(&mut drv, a).unwrap();
+            assert_eq!(space.pending_unmaps(), 0, "{policy:?} round {round}");
+            assert!(!reachable(&bed, a), "{policy:?} round {round}");
+        }
+        assert_eq!(space.flush_stats().revived, 0);
+        assert_eq!((space.maps, space.unmaps), (3, 3), "{policy:?}");
+        assert_eq!(space.live_mappings(), 0);
+    }
+}

@@ -42,11 +42,10 @@ pub fn machine_args(elf: &Path) -> Vec<String> {
 }
 
 /// QEMU's arguments for booting `elf` with `disk` against QEMU's own devices
-/// ([`DeviceChoice::Qemu`]): [`machine_args`], `virtio-iommu-pci`, `virtio-blk-pci` on `disk`
-/// (and `config.blk_devices - 1` more on read-only views of it), `edu`, then
-/// `config.extra_args`.
+/// ([`DeviceChoice::Qemu`]): [`machine_args`], `virtio-iommu-pci`, `virtio-blk-pci` on `disk`,
+/// `edu`, `config.blk_devices - 1` more `virtio-blk-pci` on `disk`, then `config.extra_args`.
 ///
-/// The drive is opened with `snapshot=on`: the firmware's writes go to a temporary overlay, so
+/// The drives are opened with `snapshot=on`: the firmware's writes go to a temporary overlay, so
 /// the image (shared by runs in parallel) stays exactly what the host hashed.
 pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
     let mut args = machine_args(elf);
@@ -62,12 +61,18 @@ pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
         "virtio-blk-pci,drive=disk0,iommu_platform=on,disable-legacy=on",
         config.blk_addr.as_ref(),
     ));
-    // Further virtio-blk devices (`blk_devices`): read-only views of the same image, each its
-    // own drive (a drive serves one device), in QEMU's choice of slots.
+    args.push("-device".into());
+    args.push(with_addr(
+        "edu,dma_mask=0xffffffffffffffff",
+        config.edu_addr.as_ref(),
+    ));
+    // Further virtio-blk devices (`blk_devices`) on the same image, each its own drive (a drive
+    // serves one device) with its own temporary overlay as `disk0`, so all are the same kind of
+    // device; after edu, so they never take a slot `VIOMMU_EDU_ADDR` names.
     for i in 1..config.blk_devices {
         args.push("-drive".into());
         args.push(format!(
-            "if=none,id=disk{i},format=raw,readonly=on,file={}",
+            "if=none,id=disk{i},format=raw,snapshot=on,file={}",
             qemu_option_value(&disk.to_string_lossy())
         ));
         args.push("-device".into());
@@ -75,11 +80,6 @@ pub fn qemu_args(config: &RunConfig, elf: &Path, disk: &Path) -> Vec<String> {
             "virtio-blk-pci,drive=disk{i},iommu_platform=on,disable-legacy=on"
         ));
     }
-    args.push("-device".into());
-    args.push(with_addr(
-        "edu,dma_mask=0xffffffffffffffff",
-        config.edu_addr.as_ref(),
-    ));
     args.extend(config.extra_args.iter().cloned());
     args
 }

@@ -21,7 +21,7 @@
 //! | `VIOMMU_QEMU_ARGS` | extra QEMU arguments, split on whitespace, appended last (a later `-M virt,...` is merged into the first by QEMU) |
 //! | `VIOMMU_IOMMU` | `pci` (default): QEMU's `virtio-iommu-pci`; `mmio`: its virtio-mmio `virtio-iommu-device` described in a `-dtb` tree ([`IommuKind`], needs QEMU 11.1: an unset `VIOMMU_QEMU` becomes `11.1`) |
 //! | `VIOMMU_IOMMU_ADDR`, `VIOMMU_BLK_ADDR`, `VIOMMU_EDU_ADDR` | PCI `addr=` (slot\[.function\]) of the virtio-iommu, virtio-blk and edu devices |
-//! | `VIOMMU_BLK_DEVICES` | virtio-blk devices on the disk, 1 (default) to 8: the further ones are read-only views of the same image, in QEMU's choice of slots (`qemu --blk-devices N` sets it too; QEMU's devices only) |
+//! | `VIOMMU_BLK_DEVICES` | virtio-blk devices on the disk, 1 (default) to 8, each with its own temporary overlay; the further ones after edu, in QEMU's choice of slots (`qemu --blk-devices N` sets it too; QEMU's devices only) |
 //! | `VIOMMU_TIMEOUT_SECS` | wall-clock limit for one QEMU run (default 300); QEMU is killed after it (with `ours`: devicetree dump, server and QEMU together, both killed) |
 //! | `VIOMMU_DEVICE` | `qemu` (default): QEMU's virtio-iommu-pci, virtio-blk-pci and edu; `ours`: our device through our vfio-user server and QEMU 11.1's `vfio-user-pci` ([`DeviceChoice`], [`ours`]) |
 //! | `VIOMMU_SERVER` | (`ours`) a prebuilt `virtio-iommu-vfio-user` instead of building it |
@@ -256,8 +256,8 @@ pub struct RunConfig {
     /// PCI `addr=` of the edu device.
     pub edu_addr: Option<String>,
     /// virtio-blk devices on the disk (`VIOMMU_BLK_DEVICES`, `qemu --blk-devices N`; default
-    /// 1): the first as always (`disk0`, writes to a temporary overlay), each further one a
-    /// read-only view of the same image, all behind the IOMMU (`cargo qemu-blk-bench` uses 3:
+    /// 1): each its own drive on the same image with its own temporary overlay (`snapshot=on`,
+    /// as `disk0`), the further ones after edu, all behind the IOMMU (`cargo qemu-blk-bench` uses 3:
     /// one per mode, so the modes interleave). Firmware boots with [`DeviceChoice::Qemu`] only
     /// (`ours` refuses another number); the Linux guest always has one.
     pub blk_devices: usize,
@@ -606,7 +606,7 @@ mod tests {
         let joined = qemu_args(&three, Path::new("/fw.elf"), Path::new("/d.img")).join(" ");
         for i in 1..3 {
             assert!(joined.contains(&format!(
-                "-drive if=none,id=disk{i},format=raw,readonly=on,file=/d.img \
+                "-drive if=none,id=disk{i},format=raw,snapshot=on,file=/d.img \
                  -device virtio-blk-pci,drive=disk{i},iommu_platform=on,disable-legacy=on"
             )));
         }

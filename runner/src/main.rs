@@ -17,7 +17,7 @@
 //!   first, release, into `target/vfio-user/`, unless `VIOMMU_SERVER` names one). The exit
 //!   status is then QEMU's, or 1 when QEMU's is 0 but the server did not end cleanly.
 //! - `--blk-devices N` (behind `cargo qemu-blk-bench`: 3) is `VIOMMU_BLK_DEVICES=N`: N
-//!   virtio-blk devices on the disk, the further ones read-only views of it.
+//!   virtio-blk devices on the disk, each with its own temporary overlay of the image.
 //! - `install-qemu`: installs or fetches the three QEMUs the tests use (10.0, 7.2, 11.1).
 
 use std::path::PathBuf;
@@ -60,32 +60,33 @@ fn main() -> ExitCode {
     let mut device = None;
     let mut blk_devices = None;
     let elf = if first == "qemu" {
-        if args.peek().is_some_and(|a| a == "--device") {
+        // The runner's own flags, in any order, before the QEMU arguments.
+        while let Some(f @ ("--device" | "--blk-devices")) = args.peek().and_then(|a| a.to_str()) {
+            let flag = f.to_string();
             args.next();
             let value = args.next().map(|v| v.to_string_lossy().into_owned());
-            match DeviceChoice::parse(value.as_deref()) {
-                Ok(choice) if value.is_some() => device = Some(choice),
-                Ok(_) => {
-                    eprintln!("runner: --device needs a value: qemu or ours");
-                    return ExitCode::from(2);
+            if flag == "--device" {
+                match DeviceChoice::parse(value.as_deref()) {
+                    Ok(choice) if value.is_some() => device = Some(choice),
+                    Ok(_) => {
+                        eprintln!("runner: --device needs a value: qemu or ours");
+                        return ExitCode::from(2);
+                    }
+                    Err(_) => {
+                        eprintln!(
+                            "runner: --device {}: neither `qemu` nor `ours`",
+                            value.unwrap_or_default()
+                        );
+                        return ExitCode::from(2);
+                    }
                 }
-                Err(_) => {
-                    eprintln!(
-                        "runner: --device {}: neither `qemu` nor `ours`",
-                        value.unwrap_or_default()
-                    );
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        if args.peek().is_some_and(|a| a == "--blk-devices") {
-            args.next();
-            let value = args.next().map(|v| v.to_string_lossy().into_owned());
-            match virtio_iommu_runner::parse_blk_devices(value.as_deref().unwrap_or_default()) {
-                Ok(n) => blk_devices = Some(n),
-                Err(e) => {
-                    eprintln!("runner: --blk-devices: {e}");
-                    return ExitCode::from(2);
+            } else {
+                match virtio_iommu_runner::parse_blk_devices(value.as_deref().unwrap_or_default()) {
+                    Ok(n) => blk_devices = Some(n),
+                    Err(e) => {
+                        eprintln!("runner: --blk-devices: {e}");
+                        return ExitCode::from(2);
+                    }
                 }
             }
         }

@@ -107,9 +107,10 @@ pub enum UnmapPolicy {
         /// Size bound: the queue is flushed when it holds this many ranges, 1 ..=
         /// [`MAX_PENDING`].
         max_pending: usize,
-        /// Time bound in nanoseconds: the queue is flushed at the first `share`/`unshare`/
-        /// [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due) that finds its oldest
-        /// entry at least this old.
+        /// Time bound in nanoseconds: the queue is flushed at the first `unshare`, `share`
+        /// that sends a MAP, or [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due) that
+        /// finds its oldest entry at least this old (a `share` that revives a pending mapping
+        /// reads no clock; 0 flushes at every `unshare`: no UNMAP is deferred past it).
         max_age_ns: u64,
         /// Where the time comes from.
         clock: &'static dyn Clock,
@@ -266,9 +267,9 @@ impl FlushQueue {
     }
 
     /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0) of the mapping of
-    /// physical `phys..phys + len` with `flags`. Returns `None` (nothing queued) when full, otherwise
-    /// whether the queue was empty: its age was then just read as 0, so only the size bound
-    /// can be due ([`Self::due_by_size`]).
+    /// physical `phys..phys + len` with `flags`. Returns `None` (nothing queued) when full,
+    /// otherwise whether the queue was empty: its age was then just read as 0, so only the
+    /// size bound or a time bound of 0 can be due ([`Self::due_after_start`]).
     pub(super) fn push(
         &mut self,
         start: u64,
@@ -312,10 +313,19 @@ impl FlushQueue {
         Some(start)
     }
 
-    /// Whether the size bound is reached (no clock read).
-    pub(super) fn due_by_size(&self) -> Option<Trigger> {
-        (!self.pending.is_empty() && self.pending.len() >= self.max_pending)
-            .then_some(Trigger::Size)
+    /// Whether a bound is reached just after a push that started the queue: the size bound,
+    /// or the time bound when it is 0 (the age, read as 0 at that push, is then already due).
+    /// No clock read.
+    pub(super) fn due_after_start(&self) -> Option<Trigger> {
+        if self.pending.is_empty() {
+            None
+        } else if self.pending.len() >= self.max_pending {
+            Some(Trigger::Size)
+        } else if self.max_age_ns == 0 {
+            Some(Trigger::Age)
+        } else {
+            None
+        }
     }
 
     /// Whether a bound is reached: the size bound first.

@@ -1331,13 +1331,13 @@ impl DmaSpace {
     }
 
     /// [`Self::flush_if_due`] after [`Self::take`] and [`Self::release`] of `taken`: when its
-    /// UNMAP started an empty queue the age was read as 0 just now, so only the size bound is
-    /// checked (no second clock read).
+    /// UNMAP started an empty queue the age was read as 0 just now, so only the size bound and
+    /// a time bound of 0 are checked (no second clock read).
     pub(super) fn flush_after(&mut self, iommu: &mut dyn IommuMapper, taken: &Taken) {
         if !taken.fresh {
             return self.flush_if_due(iommu);
         }
-        if let Some(trigger) = self.flush.as_ref().and_then(FlushQueue::due_by_size) {
+        if let Some(trigger) = self.flush.as_ref().and_then(FlushQueue::due_after_start) {
             let _ = self.flush_with(iommu, trigger);
         }
     }

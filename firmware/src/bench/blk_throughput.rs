@@ -20,8 +20,8 @@
 //!
 //! Per mode it prints MiB/s, IOPS, MAP/UNMAP requests and IOMMU notifications per I/O, one
 //! `blk-bench-result:` line per mode; then strict/identity and lazy/identity — the median of
-//! the per-batch ratios, judged against the goal (strict ≥ 90 %, lazy ≥ 98 %), and the
-//! ratio of the total times — one `blk-bench-ratio:` line each; then where the time goes
+//! the per-batch ratios and the ratio of the total times, judged against the goal
+//! (strict ≥ 90 %, lazy ≥ 98 %: met when both meet it) — one `blk-bench-ratio:` line each; then where the time goes
 //! (inside the `Hal` adapter, inside IOMMU requests) and the bookkeeping profile
 //! ([`super::bookkeeping`]). The data read must be the same in every mode (a checksum). TAP
 //! cases: set-up, each mode's reads, data equal; the goal itself is reported, not a case (see
@@ -474,9 +474,11 @@ fn open(slot: usize, pci: &mut PciBus, ep: &Endpoint) -> Result<Box<dyn Reader>,
 
 /// Flushes, checks and removes device `slot`'s space (expected in role `mode`'s
 /// [`effective`] mode), then detaches its
-/// endpoint; returns the space's flush count.
+/// endpoint; returns the flushes the space made before the teardown (during the reads).
 fn teardown(slot: usize, mode: Bench, ep: &Endpoint) -> Result<u64, String> {
     let mut space = SPACES[slot].lock().take().ok_or("no DMA state")?;
+    // The reads' flushes, counted like the reads' requests (not the teardown's one below).
+    let flushes = space.flush_stats().flushes;
     let mut guard = IOMMU.lock();
     let iommu = guard.as_mut().ok_or("no IOMMU")?;
     space.flush(iommu).map_err(|e| format!("flush: {e}"))?;
@@ -495,7 +497,6 @@ fn teardown(slot: usize, mode: Bench, ep: &Endpoint) -> Result<u64, String> {
     if space.mode() != expect {
         return Err(format!("mode {:?}", space.mode()));
     }
-    let flushes = space.flush_stats().flushes;
     space
         .unmap_all(iommu)
         .map_err(|e| format!("unmap_all: {e}"))?;
@@ -548,6 +549,10 @@ fn run_round(
     for (slot, (&mode, ep)) in modes.iter().zip(eps).enumerate() {
         devs.push(open(slot, pci, ep).map_err(|e| (mode, e))?);
     }
+    // Each round starts one further through the orders, whatever the number of batches in a
+    // round (with the 8 MiB disk 48, a multiple of 6, so that every round would otherwise run
+    // the same sequence of orders).
+    *batches += 1;
     let before: [[u64; 5]; SLOTS] = core::array::from_fn(counters);
     if let Err(e) = reads(&mut devs, &modes, batches, sums) {
         // The devices may still own buffers: keep everything.
@@ -760,15 +765,17 @@ fn report(sums: &[Sums; 3]) {
             median_ratio(&s.seq_batches, &id.seq_batches),
             median_ratio(&s.rand_batches, &id.rand_batches),
         );
-        // Judged by the medians: in A/A runs (`blk-bench-calibrate`) they stay within a few
-        // points of 100 % where the totals swing by twice as much (BENCHMARKS.md).
-        let verdict = if ms >= goal && mr >= goal {
+        // Met only when both measures meet it: the medians are the steadier (in A/A runs,
+        // `blk-bench-calibrate`, they stay within a few points of 100 % where the totals swing
+        // by twice as much, BENCHMARKS.md), but they leave out the few batches that carry
+        // lazy's flushes and fresh MAPs, which the totals count.
+        let verdict = if ms >= goal && mr >= goal && ts >= goal && tr >= goal {
             "met"
         } else {
             "missed"
         };
         println!(
-            "# blk-bench: {}/identity: median of the {} / {} per-batch ratios: sequential {ms} %, random {mr} % (goal >= {goal} %): {verdict}; ratio of the total times: sequential {ts} %, random {tr} %",
+            "# blk-bench: {}/identity: median of the {} / {} per-batch ratios: sequential {ms} %, random {mr} %; ratio of the total times: sequential {ts} %, random {tr} % (goal >= {goal} % by both, rounded down): {verdict}",
             mode.name(),
             s.seq_batches.len(),
             s.rand_batches.len(),

@@ -157,7 +157,11 @@ pub fn run(clock: &'static dyn Clock, max_pending: usize) {
             *b = (*b).min(ns.unwrap_or(u64::MAX));
         }
     }
-    for (b, (name, _)) in best.iter().zip(&variants) {
-        println!("# blk-bench: bookkeeping alone, no requests: {name}: {b} ns per pair (fastest of {PROFILE_RUNS})");
+    for (&b, (name, _)) in best.iter().zip(&variants) {
+        if b == u64::MAX {
+            println!("# blk-bench: bookkeeping alone, no requests: {name}: failed (a map, unmap or set-up returned an error)");
+        } else {
+            println!("# blk-bench: bookkeeping alone, no requests: {name}: {b} ns per pair (fastest of {PROFILE_RUNS})");
+        }
     }
 }

@@ -33,7 +33,7 @@ impl Layout {
             return Err(Error::InvalidEnv {
                 name: "VIOMMU_BLK_DEVICES",
                 reason: format!(
-                    "{}: our device serves one virtio-blk (its endpoint table is fixed)",
+                    "{} (VIOMMU_BLK_DEVICES or --blk-devices): our device serves one virtio-blk (its endpoint table is fixed)",
                     config.blk_devices
                 ),
             });
