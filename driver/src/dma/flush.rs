@@ -295,8 +295,8 @@ impl FlushQueue {
     }
 
     /// Takes out of the queue the newest pending range mapping physical `phys..phys + len`
-    /// (`len` bytes) with `flags` for which `accept(first IOVA)` holds, and returns its first IOVA; its
-    /// UNMAP is then not sent. At most `max_pending` comparisons, no allocation.
+    /// (`len` bytes) with `flags` for which `accept(first IOVA)` holds, and returns its first
+    /// IOVA; its UNMAP is then not sent. At most `max_pending` comparisons, no allocation.
     pub(super) fn revive(
         &mut self,
         phys: u64,

@@ -122,7 +122,7 @@ pub(super) struct Taken {
     /// The UNMAP was deferred into the flush queue: [`DmaSpace::release`] keeps everything.
     deferred: bool,
     /// The deferred UNMAP started an empty flush queue (whose age is then 0): only its size
-    /// bound can be due ([`DmaSpace::flush_after`]).
+    /// bound, or a time bound of 0, can be due ([`DmaSpace::flush_after`]).
     fresh: bool,
 }
 
