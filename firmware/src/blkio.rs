@@ -71,7 +71,8 @@ pub fn disk_sha256<H: Hal, T: Transport>(blk: &mut VirtIOBlk<H, T>) -> Result<St
     let mut sector = 0u64;
     let mut buf = vec![0u8; CHUNK].into_boxed_slice();
     while sector < sectors {
-        let n = ((sectors - sector) as usize * SECTOR_SIZE).min(CHUNK);
+        // In u64 first: a device reporting an enormous capacity must not wrap `n` to 0.
+        let n = (sectors - sector).min((CHUNK / SECTOR_SIZE) as u64) as usize * SECTOR_SIZE;
         buf = io(blk, sector, buf, n, false)?;
         hasher.update(&buf[..n]);
         sector += (n / SECTOR_SIZE) as u64;

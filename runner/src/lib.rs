@@ -611,6 +611,11 @@ mod tests {
             )));
         }
         assert!(!joined.contains("disk3"));
+        // After edu, so they never take a slot VIOMMU_EDU_ADDR names.
+        assert!(
+            joined.find("-device edu") < joined.find("id=disk1"),
+            "{joined}"
+        );
         assert_eq!(parse_blk_devices(" 3 "), Ok(3));
         assert!(parse_blk_devices("0").is_err() && parse_blk_devices("9").is_err());
     }

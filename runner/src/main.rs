@@ -60,6 +60,11 @@ fn main() -> ExitCode {
     let mut device = None;
     let mut blk_devices = None;
     let elf = if first == "qemu" {
+        // `cargo qemu -- --blk-devices 3` reaches us as `qemu -- --blk-devices 3`: the
+        // separator is cargo's, here or after the runner's own flags.
+        if args.peek().is_some_and(|a| a == "--") {
+            args.next();
+        }
         // The runner's own flags, in any order, before the QEMU arguments.
         while let Some(f @ ("--device" | "--blk-devices")) = args.peek().and_then(|a| a.to_str()) {
             let flag = f.to_string();
