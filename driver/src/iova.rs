@@ -187,6 +187,8 @@ impl<V: Weight> AvlPool<V> {
         let n = self.node_mut(i);
         n.left = free;
         n.right = NIL;
+        // Height 0 marks a free node (every node in the tree has height >= 1), for `at_mut`.
+        n.height = 0;
         self.free = i;
     }
 
@@ -294,16 +296,27 @@ impl<V: Weight> AvlPool<V> {
         }
     }
 
-    /// The entry with the greatest key `<= key`, its value mutable: one descent for a lookup
-    /// and an update. The caller must not change its weight (as [`Self::get_mut`]).
-    pub(crate) fn floor_mut(&mut self, key: u64) -> Option<(u64, &mut V)> {
+    /// The entry with the greatest key `<= key`, its value mutable, and its handle for
+    /// [`Self::at_mut`]: `(handle, key, value)`. One descent for a lookup and an update; the
+    /// caller must not change the value's weight (as [`Self::get_mut`]).
+    pub(crate) fn floor_handle_mut(&mut self, key: u64) -> Option<(u32, u64, &mut V)> {
         match self.floor_index(key) {
             NIL => None,
             i => {
                 let n = self.node_mut(i);
-                Some((n.key, &mut n.val))
+                Some((i, n.key, &mut n.val))
             }
         }
+    }
+
+    /// The value of `key` through `handle` (from [`Self::floor_handle_mut`]), mutable, without
+    /// a descent: `None` when that node no longer holds `key` (removed since, perhaps reused),
+    /// and the caller then looks `key` up. A node keeps its handle while its key is in the tree
+    /// (removal relinks nodes, never moves entries between them). The weight rule of
+    /// [`Self::get_mut`] applies.
+    pub(crate) fn at_mut(&mut self, handle: u32, key: u64) -> Option<&mut V> {
+        let n = self.nodes.get_mut(handle as usize)?;
+        (n.height != 0 && n.key == key).then_some(&mut n.val)
     }
 
     /// The value of `key`, mutable. The caller must not change its weight (subtree maxima are
@@ -819,6 +832,47 @@ mod tests {
         }
         assert_eq!(p.nodes.len(), 300, "released nodes were reused");
         check_avl(&p, p.root);
+    }
+
+    #[test]
+    fn handles_survive_rebalancing_and_go_stale_on_removal() {
+        let mut p = AvlPool::with_capacity(64);
+        for k in 0..64u64 {
+            p.insert(k * 16, W(1)).unwrap();
+        }
+        let handles: Vec<(u32, u64)> = (0..64u64)
+            .map(|k| {
+                let (h, key, _) = p.floor_handle_mut(k * 16 + 3).unwrap();
+                assert_eq!(key, k * 16);
+                (h, key)
+            })
+            .collect();
+        // Removing every other key rotates and relinks the rest (two-children removals
+        // included): the survivors' handles still reach them.
+        for &(_, key) in handles.iter().step_by(2) {
+            p.remove(key).unwrap();
+            check_avl(&p, p.root);
+        }
+        for (n, &(h, key)) in handles.iter().enumerate() {
+            let found = p.at_mut(h, key).map(|v| v.0);
+            if n % 2 == 0 {
+                assert_eq!(found, None, "removed key {key} still reachable");
+            } else {
+                assert_eq!(found, Some(1), "live key {key} lost its handle");
+            }
+        }
+        // A released node reused for another key does not answer for the old one.
+        let (h0, k0) = handles[0];
+        p.insert(5000, W(2)).unwrap();
+        let (h_new, _, _) = p.floor_handle_mut(5000).unwrap();
+        assert_eq!(
+            h_new, handles[62].0,
+            "the last released node is reused first"
+        );
+        assert!(p.at_mut(handles[62].0, handles[62].1).is_none());
+        assert_eq!(p.at_mut(h_new, 5000).map(|v| v.0), Some(2));
+        assert!(p.at_mut(h0, k0).is_none());
+        assert!(p.at_mut(u32::MAX, 5000).is_none(), "out of bounds");
     }
 
     #[test]

@@ -35,7 +35,8 @@
 //! and status, a reused data buffer) then cost no request at all. Only direct maps are revived:
 //! a range with bounce granules (isolated strict) or of an isolated `dma_alloc` never is, nor
 //! is a buffer that needs bounce granules; the strict policy never revives (it has nothing
-//! pending). The lookup scans the queue from its newest entry, at most `max_pending`
+//! pending). The lookup scans the queue from its end (the newest entries, though a revive
+//! moves the last entry into the slot it empties), at most `max_pending`
 //! comparisons and one live-mapping lookup per candidate, no allocation and no clock read
 //! ([`FlushStats::revived`] counts the hits); it runs before the `share`'s check of the
 //! bounds, so a revived `share` costs about what an identity-mode one does. The oldest
@@ -194,10 +195,12 @@ struct Pending {
     phys: u64,
     /// The mapping's permissions.
     flags: MapFlags,
+    /// The live mapping's handle in the space's tree (a hint, checked on use).
+    node: u32,
 }
 
-/// The pending ranges ([`Pending`]), in unshare order; never more than `max_pending`,
-/// allocated once.
+/// The pending ranges ([`Pending`]) in no particular order (pushed at the end, a revive
+/// moves the last into the slot it empties); never more than `max_pending`, allocated once.
 pub(super) struct FlushQueue {
     max_pending: usize,
     max_age_ns: u64,
@@ -267,7 +270,8 @@ impl FlushQueue {
     }
 
     /// Queues the UNMAP of `start..start + len` (IOVAs, `len` bytes > 0) of the mapping of
-    /// physical `phys..phys + len` with `flags`. Returns `None` (nothing queued) when full,
+    /// physical `phys..phys + len` with `flags`, held by node `node` of the space's live
+    /// tree (a hint for [`Self::revive`]). Returns `None` (nothing queued) when full,
     /// otherwise whether the queue was empty: its age was then just read as 0, so only the
     /// size bound or a time bound of 0 can be due ([`Self::due_after_start`]).
     pub(super) fn push(
@@ -276,6 +280,7 @@ impl FlushQueue {
         len: u64,
         phys: u64,
         flags: MapFlags,
+        node: u32,
     ) -> Option<bool> {
         if !self.has_room() {
             return None;
@@ -289,26 +294,28 @@ impl FlushQueue {
             len,
             phys,
             flags,
+            node,
         });
         self.stats.deferred += 1;
         Some(started)
     }
 
-    /// Takes out of the queue the newest pending range mapping physical `phys..phys + len`
-    /// (`len` bytes) with `flags` for which `accept(first IOVA)` holds, and returns its first
-    /// IOVA; its UNMAP is then not sent. At most `max_pending` comparisons, no allocation.
+    /// Takes out of the queue a pending range mapping physical `phys..phys + len` (`len`
+    /// bytes) with `flags` for which `accept(first IOVA, tree handle)` holds — the first found
+    /// scanning from the queue's end — and returns its first IOVA; its UNMAP is then not sent.
+    /// The queue's last entry takes the emptied slot (constant time; the order of pending
+    /// entries carries no meaning). At most `max_pending` comparisons, no allocation.
     pub(super) fn revive(
         &mut self,
         phys: u64,
         len: u64,
         flags: MapFlags,
-        mut accept: impl FnMut(u64) -> bool,
+        mut accept: impl FnMut(u64, u32) -> bool,
     ) -> Option<u64> {
-        let i = self
-            .pending
-            .iter()
-            .rposition(|e| e.phys == phys && e.len == len && e.flags == flags && accept(e.start))?;
-        let start = self.pending.remove(i).start;
+        let i = self.pending.iter().rposition(|e| {
+            e.phys == phys && e.len == len && e.flags == flags && accept(e.start, e.node)
+        })?;
+        let start = self.pending.swap_remove(i).start;
         self.stats.revived += 1;
         Some(start)
     }
@@ -342,7 +349,7 @@ impl FlushQueue {
     }
 
     /// Sends every pending UNMAP in `domain` as one batch, empties the queue and calls
-    /// `done(first IOVA, outcome)` for each range, in queue order. Returns the number sent.
+    /// `done(first IOVA, outcome)` for each range, in the queue's (arbitrary) order. Returns the number sent.
     pub(super) fn send(
         &mut self,
         iommu: &mut dyn IommuMapper,

@@ -673,7 +673,7 @@ impl DmaSpace {
         alloc: Option<(u64, usize, usize)>,
     ) -> Result<u64, IommuError> {
         if alloc.is_none() {
-            if let Some(at) = self.revive(iommu.granule(), phys, len, flags) {
+            if let Some(at) = self.revive(phys, len, flags) {
                 return Ok(at);
             }
         }
@@ -697,14 +697,12 @@ impl DmaSpace {
     /// policy, in identity modes, with nothing pending or nothing matching, and for a buffer
     /// that would need bounce granules (isolated strict); the caller then maps as usual. One
     /// live-mapping lookup per candidate, no clock read, no request.
-    fn revive(&mut self, g: u64, phys: u64, len: u64, flags: MapFlags) -> Option<u64> {
+    fn revive(&mut self, phys: u64, len: u64, flags: MapFlags) -> Option<u64> {
         let queue = self.flush.as_mut().filter(|q| q.len() > 0)?;
         let Mode::Strict { iova, live, bounce } = &mut self.mode else {
             return None;
         };
-        if g != iova.granule() {
-            return None;
-        }
+        let g = iova.granule();
         let last = phys.checked_add(len.max(1) - 1)?;
         let phys_base = phys & !(g - 1);
         let offset = phys - phys_base;
@@ -715,8 +713,12 @@ impl DmaSpace {
             // Isolated strict: a partial head or tail granule goes through a bounce granule.
             return None;
         }
-        let at = queue.revive(phys_base, span, flags, |key| {
-            live.get_mut(key).is_some_and(|m| {
+        let at = queue.revive(phys_base, span, flags, |key, node| {
+            let m = match live.at_mut(node, key) {
+                Some(m) => Some(m),
+                None => live.get_mut(key),
+            };
+            m.is_some_and(|m| {
                 let fits = m.deferred
                     && !m.stale
                     && !m.unmapped
@@ -955,7 +957,10 @@ impl DmaSpace {
             }
             Mode::Strict { live, .. } => live,
         };
-        let Some((base, entry)) = live.floor_mut(addr).filter(|(b, m)| addr - *b < m.len) else {
+        let Some((node, base, entry)) = live
+            .floor_handle_mut(addr)
+            .filter(|(_, b, m)| addr - *b < m.len)
+        else {
             self.failures += 1;
             return Err(IommuError::InvalidRange);
         };
@@ -966,7 +971,7 @@ impl DmaSpace {
         }
         // A full queue (not flushed by the caller) falls back to a strict UNMAP.
         let queued = match (&mut self.flush, defer && !entry.unmapped) {
-            (Some(q), true) => q.push(base, entry.len, entry.phys_base, entry.flags),
+            (Some(q), true) => q.push(base, entry.len, entry.phys_base, entry.flags, node),
             _ => None,
         };
         if let Some(fresh) = queued {
