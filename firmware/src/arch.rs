@@ -85,6 +85,33 @@ pub fn set_cntv_tval(ticks: u32) {
     unsafe { asm!("msr cntv_tval_el0, {}", in(reg) u64::from(ticks), options(nomem, nostack)) };
 }
 
+/// `CNTP_CTL_EL0`: bit 0 ENABLE, bit 1 IMASK of the EL1 physical timer.
+pub fn set_cntp_ctl(value: u64) {
+    // SAFETY: writes the physical timer's control register (EL1 accessible: no EL2 on `-M
+    // virt`, or EL2 left it accessible); no memory.
+    unsafe { asm!("msr cntp_ctl_el0, {}", "isb", in(reg) value, options(nomem, nostack)) };
+}
+
+/// `CNTP_CVAL_EL0`: the physical timer fires when `CNTPCT_EL0` reaches `ticks`.
+pub fn set_cntp_cval(ticks: u64) {
+    // SAFETY: writes the physical timer's compare value; no memory.
+    unsafe { asm!("msr cntp_cval_el0, {}", in(reg) ticks, options(nomem, nostack)) };
+}
+
+/// Unmasks IRQs (PSTATE.I) until [`mask_irqs`]. Not `nomem`: handlers then run and change
+/// memory.
+pub fn unmask_irqs() {
+    // SAFETY: the IRQ handler (exceptions.rs) saves and restores every register it uses; every
+    // lock an IRQ handler takes is taken elsewhere with IRQs masked (gic.rs).
+    unsafe { asm!("msr daifclr, #2", "isb", options(nostack)) };
+}
+
+/// Masks IRQs (PSTATE.I).
+pub fn mask_irqs() {
+    // SAFETY: setting PSTATE.I only defers IRQs.
+    unsafe { asm!("msr daifset, #2", options(nostack)) };
+}
+
 /// Unmasks IRQs (PSTATE.I) for one instruction window, so a pending IRQ is taken here, then
 /// masks them again. Not `nomem`: the handler runs in between and changes memory.
 pub fn irq_window() {

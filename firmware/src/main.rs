@@ -33,6 +33,7 @@ pub mod mmu;
 pub mod pci;
 pub mod stack;
 pub mod table_loader;
+pub mod tick;
 pub mod timer;
 
 pub mod bench;

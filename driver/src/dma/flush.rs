@@ -72,8 +72,14 @@ use core::fmt;
 /// ([`crate::VirtIOIommu::requestq_size`]` / 2`).
 pub const MAX_PENDING: usize = crate::BATCH_CAPACITY;
 
-/// A monotonic time source for the time bound of [`UnmapPolicy::Lazy`]: the firmware uses the
-/// generic timer, host tests a fake clock.
+/// A monotonic time source for the time bound of [`UnmapPolicy::Lazy`].
+///
+/// It is read at every deferred `unshare` (and by [`DmaSpace::flush_if_due`](super::DmaSpace::flush_if_due)),
+/// so it should be cheap: a kernel's tick counter (Linux's `jiffies`) is enough, and the time
+/// bound is then good to one tick (it may fire up to one tick early or late). The firmware's
+/// `blk-bench` uses a 1 ms tick counter driven by a timer interrupt (reading the generic
+/// timer's counter under QEMU's TCG leaves the translated code each time), host tests a fake
+/// clock.
 pub trait Clock: Sync {
     /// Monotonic time in nanoseconds (any origin; it must not go backwards).
     fn now_ns(&self) -> u64;

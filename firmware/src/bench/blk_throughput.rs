@@ -3,7 +3,9 @@
 //!
 //! - **strict**: one MAP per buffer at `share`, one synchronous UNMAP at `unshare`;
 //! - **lazy**: strict MAPs, UNMAPs deferred into the flush queue ([`UnmapPolicy::Lazy`],
-//!   [`LAZY_MAX_PENDING`] ranges or [`LAZY_MAX_AGE_NS`]), sent as one batch;
+//!   [`LAZY_MAX_PENDING`] ranges or [`LAZY_MAX_AGE_NS`]), sent as one batch; its clock is a
+//!   tick counter ([`crate::tick`], every [`TICK_US`] µs, IRQs unmasked during the bench),
+//!   or the generic timer's counter with `blk-bench-clock=counter`;
 //! - **identity**: identity mappings of all RAM made once (identity-mapped mode): no request
 //!   per buffer — the baseline.
 //!
@@ -34,7 +36,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use spin::Mutex;
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::transport::pci::PciTransport;
@@ -159,6 +161,28 @@ fn effective(role: Bench) -> Bench {
     match CALIBRATE.load(Ordering::Relaxed) {
         0 => role,
         n => Bench::ALL[(n as usize - 1) % SLOTS],
+    }
+}
+
+/// The lazy devices' clock: the tick counter ([`crate::tick`], a timer interrupt every
+/// [`TICK_US`] µs, as a kernel's `jiffies`), unless `blk-bench-clock=counter` on the kernel
+/// command line selects the generic timer's counter, read at every check ([`GenericTimer`]).
+static COUNTER_CLOCK: AtomicBool = AtomicBool::new(false);
+/// Period of the tick clock: 1 ms (the 10 ms time bound is then good to 1 ms).
+pub const TICK_US: u64 = 1000;
+
+/// The lazy flush queue's clock in use (see [`COUNTER_CLOCK`]).
+fn lazy_clock() -> &'static dyn Clock {
+    match COUNTER_CLOCK.load(Ordering::Relaxed) {
+        true => &TIMER,
+        false => &crate::tick::TICK_CLOCK,
+    }
+}
+
+fn clock_name() -> &'static str {
+    match COUNTER_CLOCK.load(Ordering::Relaxed) {
+        true => "counter",
+        false => "tick",
     }
 }
 
@@ -315,7 +339,24 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
             }
         }
     }
-    let prepared = prepare(dtb, pci);
+    match super::bootarg(dtb, "blk-bench-clock") {
+        None | Some("tick") => {}
+        Some("counter") => COUNTER_CLOCK.store(true, Ordering::Relaxed),
+        Some(v) => {
+            case(
+                "blk-bench: blk-bench-clock names a clock",
+                Err(format!("`{v}`: not tick or counter")),
+            );
+            println!("1..{n}");
+            return (n - failed, failed);
+        }
+    }
+    let prepared = prepare(dtb, pci).and_then(|p| match COUNTER_CLOCK.load(Ordering::Relaxed) {
+        true => Ok(p),
+        false => crate::tick::start(dtb, TICK_US)
+            .map(|_| p)
+            .map_err(|e| format!("tick clock: {e}")),
+    });
     let (ram, eps, first_domain, last_domain) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -375,7 +416,11 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     );
     if all_ok {
         report(&sums);
-        super::bookkeeping::run(&TIMER, MAX_PENDING.load(Ordering::Relaxed) as usize);
+        super::bookkeeping::run(lazy_clock(), MAX_PENDING.load(Ordering::Relaxed) as usize);
+    }
+    if !COUNTER_CLOCK.load(Ordering::Relaxed) {
+        let ticks = crate::tick::stop();
+        println!("# blk-bench: tick clock: {ticks} ticks of {TICK_US} us");
     }
     println!("1..{n}");
     (n - failed, failed)
@@ -453,7 +498,7 @@ fn install(
             .set_unmap_policy(UnmapPolicy::Lazy {
                 max_pending,
                 max_age_ns: LAZY_MAX_AGE_NS,
-                clock: &TIMER,
+                clock: lazy_clock(),
             })
             .map_err(|e| format!("lazy policy: {e}"))?;
     }
@@ -723,9 +768,13 @@ fn report(sums: &[Sums; 3]) {
     let ios = |s: &Sums| (s.seq_ios + s.rand_ios).max(1);
     let us = timer::ticks_to_us;
     println!(
-        "# blk-bench: 3 virtio-blk devices, one per mode (rotated each round), {ROUNDS} rounds x (1 sequential pass of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, interleaved in batches of {SEQ_BATCH} / {RAND_BATCH} reads, the reads alone timed; lazy: max_pending {}, max_age {} ms",
+        "# blk-bench: 3 virtio-blk devices, one per mode (rotated each round), {ROUNDS} rounds x (1 sequential pass of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, interleaved in batches of {SEQ_BATCH} / {RAND_BATCH} reads, the reads alone timed; lazy: max_pending {}, max_age {} ms, clock {}",
         MAX_PENDING.load(Ordering::Relaxed),
-        LAZY_MAX_AGE_NS / 1_000_000
+        LAZY_MAX_AGE_NS / 1_000_000,
+        match COUNTER_CLOCK.load(Ordering::Relaxed) {
+            true => "the generic timer's counter (read at every check)",
+            false => "a tick counter (physical timer interrupt every 1 ms)",
+        }
     );
     if CALIBRATE.load(Ordering::Relaxed) != 0 {
         println!(
@@ -791,8 +840,9 @@ fn report(sums: &[Sums; 3]) {
             s.rand_batches.len(),
         );
         println!(
-            "blk-bench-ratio: mode={} seq_pct={ts} rand_pct={tr} median_seq_pct={ms} median_rand_pct={mr} goal_pct={goal} verdict={verdict}",
-            mode.name()
+            "blk-bench-ratio: mode={} seq_pct={ts} rand_pct={tr} median_seq_pct={ms} median_rand_pct={mr} goal_pct={goal} verdict={verdict} lazy_clock={}",
+            mode.name(),
+            clock_name()
         );
     }
     for (s, mode) in sums.iter().zip(Bench::ALL) {
