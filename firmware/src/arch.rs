@@ -87,22 +87,26 @@ pub fn set_cntv_tval(ticks: u32) {
 
 /// `CNTP_CTL_EL0`: bit 0 ENABLE, bit 1 IMASK of the EL1 physical timer.
 pub fn set_cntp_ctl(value: u64) {
-    // SAFETY: writes the physical timer's control register (EL1 accessible: no EL2 on `-M
-    // virt`, or EL2 left it accessible); no memory.
+    // SAFETY: writes the physical timer's control register, accessible at EL1 (`-M virt`
+    // without `virtualization=on` has no EL2; with it the firmware runs at EL2 itself, where
+    // the register is accessible too); no memory.
     unsafe { asm!("msr cntp_ctl_el0, {}", "isb", in(reg) value, options(nomem, nostack)) };
 }
 
-/// `CNTP_CVAL_EL0`: the physical timer fires when `CNTPCT_EL0` reaches `ticks`.
+/// `CNTP_CVAL_EL0`: the physical timer fires when `CNTPCT_EL0` reaches `ticks`. The write
+/// has taken effect (the timer's condition re-evaluated) when this returns.
 pub fn set_cntp_cval(ticks: u64) {
-    // SAFETY: writes the physical timer's compare value; no memory.
-    unsafe { asm!("msr cntp_cval_el0, {}", in(reg) ticks, options(nomem, nostack)) };
+    // SAFETY: writes the physical timer's compare value (accessible as `set_cntp_ctl`'s
+    // register); no memory.
+    unsafe { asm!("msr cntp_cval_el0, {}", "isb", in(reg) ticks, options(nomem, nostack)) };
 }
 
 /// Unmasks IRQs (PSTATE.I) until [`mask_irqs`]. Not `nomem`: handlers then run and change
 /// memory.
 pub fn unmask_irqs() {
-    // SAFETY: the IRQ handler (exceptions.rs) saves and restores every register it uses; every
-    // lock an IRQ handler takes is taken elsewhere with IRQs masked (gic.rs).
+    // SAFETY: the IRQ path (aarch64-rt's vector, then `exceptions::irq_saving_fp`) saves and
+    // restores every general-purpose and FP/SIMD register and FPCR/FPSR of the interrupted
+    // code; every lock an IRQ handler takes is taken elsewhere with IRQs masked (gic.rs).
     unsafe { asm!("msr daifclr, #2", "isb", options(nostack)) };
 }
 
@@ -115,7 +119,8 @@ pub fn mask_irqs() {
 /// Unmasks IRQs (PSTATE.I) for one instruction window, so a pending IRQ is taken here, then
 /// masks them again. Not `nomem`: the handler runs in between and changes memory.
 pub fn irq_window() {
-    // SAFETY: the IRQ handler (exceptions.rs) saves and restores every register it uses.
+    // SAFETY: the IRQ path (aarch64-rt's vector, then `exceptions::irq_saving_fp`) saves and
+    // restores every general-purpose and FP/SIMD register and FPCR/FPSR of the interrupted code.
     unsafe {
         asm!(
             "msr daifclr, #2",

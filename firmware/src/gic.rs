@@ -1,6 +1,7 @@
 //! The interrupt controller (GICv2 of default `-M virt`, GICv3 with `gic-version=3`, through
 //! the `arm-gic` crate), a small table of interrupt handlers, the IRQ entry point called from
-//! the exception vector, and the virtual timer used to bound `wfi` waits.
+//! the exception vector, and the virtual timer used to bound `wfi` waits (the physical timer
+//! drives `crate::tick`).
 //!
 //! Lock rule (see the driver's `irq` module): the handler table and the GIC are locked by the
 //! IRQ handler, so every other taker masks IRQs first (`IrqGuard<Aarch64Daif>`).

@@ -5,9 +5,11 @@
 //! Requests are non-blocking (`submit_nb_many`), and the CPU waits in `wfi` for the interrupt,
 //! bounded by the virtual timer.
 //!
-//! Locking: the firmware runs with IRQs masked (PSTATE.I) everywhere except the one-instruction
-//! window of `gic::wait_for`, where it holds no lock: so the handler's `IOMMU.try_lock()` never
+//! Locking: these cases run with IRQs masked (PSTATE.I) everywhere except the one-instruction
+//! window of `gic::wait_for`, where they hold no lock: so the handler's `IOMMU.try_lock()` never
 //! finds the lock held by the code it interrupted (the rule of the driver's `irq` module).
+//! (`blk-bench`, another boot mode, runs with IRQs unmasked for its tick clock, whose handler
+//! takes no lock but the GIC's, under the rule of `crate::gic`.)
 
 use alloc::format;
 use alloc::string::String;
