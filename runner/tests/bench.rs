@@ -336,6 +336,15 @@ fn blk_bench_strict_lazy_identity() {
     for line in outcome.output.lines().filter(|l| l.contains("/identity:")) {
         eprintln!("{name}: {line}");
     }
+    // The lazy devices' clock (the tick counter by default) advanced: the time bound was live.
+    let ticks: u64 = outcome
+        .output
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("# blk-bench: tick clock: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no tick clock line\n{}", outcome.output));
+    assert!(ticks > 0, "{name}: the tick clock never ticked");
 }
 
 /// `blk-bench-calibrate=lazy`: every device runs lazy mode under the three roles (an A/A run).
@@ -378,5 +387,63 @@ fn blk_bench_calibration_runs_every_device_lazy() {
     assert_eq!(ratios.len(), 2, "{}", outcome.output);
     for r in ratios {
         eprintln!("{name}: {r:?}");
+    }
+}
+
+/// The blk-bench's options: a value it does not know is one `not ok` case and a failed run
+/// (never a bench run with a default in its place); `blk-bench-rounds=3` runs 3 rounds, as the
+/// header and the I/O counts (half of the default 6 rounds') show.
+#[test]
+fn blk_bench_options_are_checked_and_rounds_honoured() {
+    for (option, case) in [
+        ("blk-bench-rounds=4", "blk-bench-rounds is a multiple of 3"),
+        ("blk-bench-rounds=0", "blk-bench-rounds is a multiple of 3"),
+        (
+            "blk-bench-rounds=603",
+            "blk-bench-rounds is a multiple of 3",
+        ),
+        ("blk-bench-clock=cycles", "blk-bench-clock names a clock"),
+        (
+            "blk-bench-calibrate=fast",
+            "blk-bench-calibrate names a mode",
+        ),
+    ] {
+        let name = format!("blk-bench {option}");
+        let config = RunConfig {
+            qemu: QemuChoice::System,
+            extra_args: vec!["-append".into(), format!("blk-bench {option}")],
+            blk_devices: 3,
+            ..RunConfig::default()
+        };
+        let outcome = boot(&name, config);
+        let tap = parse_tap(&outcome.output);
+        assert_eq!(tap.len(), 1, "{name}: {}", outcome.output);
+        assert!(!tap[0].ok && tap[0].name.contains(case), "{name}: {tap:?}");
+        assert_ne!(outcome.exit_code, 0, "{name}: exit status");
+    }
+    let name = "blk-bench blk-bench-rounds=3";
+    let config = RunConfig {
+        qemu: QemuChoice::System,
+        extra_args: vec!["-append".into(), "blk-bench blk-bench-rounds=3".into()],
+        blk_devices: 3,
+        ..RunConfig::default()
+    };
+    let outcome = boot(name, config);
+    let found = problems(&outcome, false);
+    assert!(found.is_empty(), "{name}: {found:#?}\n{}", outcome.output);
+    assert!(
+        outcome
+            .output
+            .contains("one per mode (rotated each round), 3 rounds x"),
+        "{}",
+        outcome.output
+    );
+    let rows = blk_results(&outcome.output);
+    for role in ["strict", "lazy", "identity"] {
+        let r = rows
+            .get(role)
+            .unwrap_or_else(|| panic!("no {role} row\n{}", outcome.output));
+        // 3 rounds of 256 random reads; the sequential pass depends on the disk's size.
+        assert_eq!(field(r, "rand_ios"), 3.0 * 256.0, "{role}: {r:?}");
     }
 }

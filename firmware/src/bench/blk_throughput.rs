@@ -29,7 +29,8 @@
 //! cases: set-up, each mode's reads, data equal; the goal itself is reported, not a case (see
 //! BENCHMARKS.md for the measured outcome). `blk-bench-calibrate=<mode>` on the command line
 //! runs every device in one mode under the three roles: an A/A run whose ratios show how far
-//! the bench itself is from 100 %.
+//! the bench itself is from 100 %. `blk-bench-rounds=N` (a multiple of 3, default [`ROUNDS`])
+//! runs more rounds: one run's error shrinks with the square root of its length.
 
 use alloc::boxed::Box;
 use alloc::format;
@@ -168,8 +169,10 @@ fn effective(role: Bench) -> Bench {
 /// [`TICK_US`] µs, as a kernel's `jiffies`), unless `blk-bench-clock=counter` on the kernel
 /// command line selects the generic timer's counter, read at every check ([`GenericTimer`]).
 static COUNTER_CLOCK: AtomicBool = AtomicBool::new(false);
-/// Period of the tick clock: 1 ms (the 10 ms time bound is then good to 1 ms).
+/// Period of the tick clock asked for: 1 ms (the 10 ms time bound is then good to 1 ms).
 pub const TICK_US: u64 = 1000;
+/// The tick clock's period in use, nanoseconds (whole counter ticks; 0 before it started).
+static TICK_NS: AtomicU64 = AtomicU64::new(0);
 
 /// The lazy flush queue's clock in use (see [`COUNTER_CLOCK`]).
 fn lazy_clock() -> &'static dyn Clock {
@@ -203,8 +206,15 @@ const RANDOM_READS: usize = 256;
 const SEQ_BATCH: usize = 4;
 /// Random reads per mode and batch.
 const RAND_BATCH: usize = 16;
-/// Rounds; the modes rotate over the devices each round (a multiple of [`SLOTS`]).
-const ROUNDS: usize = 6;
+/// Rounds, unless `blk-bench-rounds=N` is on the kernel command line (a multiple of [`SLOTS`]
+/// up to [`MAX_ROUNDS`]: more rounds, a longer run, a steadier result); the modes rotate over
+/// the devices each round, so every mode runs on every device equally often.
+pub const ROUNDS: usize = 6;
+/// The largest `blk-bench-rounds` accepted: about 100 s of reads on a host where 6 rounds take
+/// 1 s (TCG; raise `VIOMMU_TIMEOUT_SECS`, 300 s by default, on slower ones).
+pub const MAX_ROUNDS: usize = 600;
+/// The rounds in use (see [`ROUNDS`]).
+static ROUNDS_IN_USE: AtomicU64 = AtomicU64::new(ROUNDS as u64);
 /// The orders of the roles (indices into [`Bench::ALL`]) in a batch, used in turn: all six.
 const ORDERS: [[usize; SLOTS]; 6] = [
     [0, 1, 2],
@@ -339,6 +349,24 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
             }
         }
     }
+    if let Some(v) = super::bootarg(dtb, "blk-bench-rounds") {
+        match v.parse::<usize>() {
+            Ok(r) if r > 0 && r % SLOTS == 0 && r <= MAX_ROUNDS => {
+                ROUNDS_IN_USE.store(r as u64, Ordering::Relaxed)
+            }
+            _ => {
+                case(
+                    "blk-bench: blk-bench-rounds is a multiple of 3",
+                    Err(format!(
+                        "`{v}`: not a multiple of {SLOTS} in 3..={MAX_ROUNDS}"
+                    )),
+                );
+                println!("1..{n}");
+                return (n - failed, failed);
+            }
+        }
+    }
+    let rounds = ROUNDS_IN_USE.load(Ordering::Relaxed) as usize;
     match super::bootarg(dtb, "blk-bench-clock") {
         None | Some("tick") => {}
         Some("counter") => COUNTER_CLOCK.store(true, Ordering::Relaxed),
@@ -354,7 +382,10 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     let prepared = prepare(dtb, pci).and_then(|p| match COUNTER_CLOCK.load(Ordering::Relaxed) {
         true => Ok(p),
         false => crate::tick::start(dtb, TICK_US)
-            .map(|_| p)
+            .map(|ns| {
+                TICK_NS.store(ns, Ordering::Relaxed);
+                p
+            })
             .map_err(|e| format!("tick clock: {e}")),
     });
     let (ram, eps, first_domain, last_domain) = match prepared {
@@ -373,7 +404,7 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
         next: Some(first_domain),
         last: last_domain,
     };
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let r = run_round(
             pci,
             &ram,
@@ -420,7 +451,8 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     }
     if !COUNTER_CLOCK.load(Ordering::Relaxed) {
         let ticks = crate::tick::stop();
-        println!("# blk-bench: tick clock: {ticks} ticks of {TICK_US} us");
+        let ns = TICK_NS.load(Ordering::Relaxed);
+        println!("# blk-bench: tick clock: {ticks} ticks of {ns} ns");
     }
     println!("1..{n}");
     (n - failed, failed)
@@ -768,12 +800,16 @@ fn report(sums: &[Sums; 3]) {
     let ios = |s: &Sums| (s.seq_ios + s.rand_ios).max(1);
     let us = timer::ticks_to_us;
     println!(
-        "# blk-bench: 3 virtio-blk devices, one per mode (rotated each round), {ROUNDS} rounds x (1 sequential pass of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, interleaved in batches of {SEQ_BATCH} / {RAND_BATCH} reads, the reads alone timed; lazy: max_pending {}, max_age {} ms, clock {}",
+        "# blk-bench: 3 virtio-blk devices, one per mode (rotated each round), {} rounds x (1 sequential pass of 64 KiB reads + {RANDOM_READS} random 4 KiB reads) per mode, interleaved in batches of {SEQ_BATCH} / {RAND_BATCH} reads, the reads alone timed; lazy: max_pending {}, max_age {} ms, clock {}",
+        ROUNDS_IN_USE.load(Ordering::Relaxed),
         MAX_PENDING.load(Ordering::Relaxed),
         LAZY_MAX_AGE_NS / 1_000_000,
         match COUNTER_CLOCK.load(Ordering::Relaxed) {
-            true => "the generic timer's counter (read at every check)",
-            false => "a tick counter (physical timer interrupt every 1 ms)",
+            true => String::from("the generic timer's counter (read at every check)"),
+            false => format!(
+                "a tick counter (physical timer interrupt every {} ns)",
+                TICK_NS.load(Ordering::Relaxed)
+            ),
         }
     );
     if CALIBRATE.load(Ordering::Relaxed) != 0 {
