@@ -603,7 +603,8 @@ impl DmaSpace {
     /// # Errors
     ///
     /// [`IommuError::InvalidRange`] when the buffer passes 2^64;
-    /// [`IommuError::Unaligned`] when the IOMMU's granule differs from the allocator's, or
+    /// [`IommuError::Unaligned`] when the IOMMU's granule differs from the allocator's (not
+    /// checked for a buffer that revives a pending mapping: no request is sent then), or
     /// (isolated strict) the buffer does not start and end on granule boundaries;
     /// [`IommuError::DmaAlloc`] when IOVAs or mapping slots are exhausted;
     /// [`IommuError::IovaOutOfRange`] (identity) for a buffer the device cannot reach at its
@@ -692,7 +693,7 @@ impl DmaSpace {
 
     /// The lazy policy's fast path of a `share`/[`Self::map_buffer`] (see `super::flush`): a
     /// pending UNMAP of a direct map of exactly the granules of `phys..phys + len` (bytes,
-    /// `g` the IOMMU's granule) with `flags` is taken out of the queue and its mapping is live
+    /// granules of the space's IOVA allocator) with `flags` is taken out of the queue and its mapping is live
     /// again; returns the buffer's device address. `None` — nothing changed — under the strict
     /// policy, in identity modes, with nothing pending or nothing matching, and for a buffer
     /// that would need bounce granules (isolated strict); the caller then maps as usual. One
@@ -719,7 +720,11 @@ impl DmaSpace {
                 None => live.get_mut(key),
             };
             m.is_some_and(|m| {
+                // The same memory too: a pending entry's key names its mapping, so this
+                // only guards against a bookkeeping slip reviving another one.
                 let fits = m.deferred
+                    && m.phys_base == phys_base
+                    && m.len == span
                     && !m.stale
                     && !m.unmapped
                     && m.flags == flags
