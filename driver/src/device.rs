@@ -1023,9 +1023,20 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             endpoint: endpoint.into(),
             ..ReqProbe::default()
         };
+        let writable = self.config.probe_size as usize + TAIL;
+        let used = self.submit(req.as_bytes(), writable)?;
+        self.probe_reply(used, f)
+    }
+
+    /// Checks the PROBE reply in the request buffer (`used` bytes written by the device) and
+    /// calls `f` with each property: the checks of [`Self::probe`], shared with
+    /// [`Self::poll_probe_nb`].
+    fn probe_reply(&mut self, used: u32, f: impl FnMut(ProbeProperty)) -> Result<(), IommuError> {
         let probe_size = self.config.probe_size as usize;
         let writable = probe_size + TAIL;
-        let used = self.submit(req.as_bytes(), writable)?;
+        if used == 0 {
+            return Err(IommuError::NoResponse);
+        }
         if used as usize != writable {
             return Err(IommuError::BadUsedLength {
                 used,

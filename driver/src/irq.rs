@@ -23,16 +23,19 @@
 //! [`VirtIOIommu::handle_interrupt`](crate::VirtIOIommu::handle_interrupt),
 //! [`ack_interrupt`](crate::VirtIOIommu::ack_interrupt),
 //! [`process_completions`](crate::VirtIOIommu::process_completions),
-//! [`poll_nb`](crate::VirtIOIommu::poll_nb), [`discard_nb`](crate::VirtIOIommu::discard_nb),
+//! [`poll_nb`](crate::VirtIOIommu::poll_nb),
+//! [`poll_probe_nb`](crate::VirtIOIommu::poll_probe_nb),
+//! [`discard_nb`](crate::VirtIOIommu::discard_nb),
 //! [`poll_event`](crate::VirtIOIommu::poll_event),
 //! [`set_interrupts`](crate::VirtIOIommu::set_interrupts), the getters.
 //!
 //! Not from a handler: every method that waits for the device — the synchronous requests
 //! (`attach`, `map`, `unmap`, `probe`, `request_raw`, …), [`crate::Batch::submit`],
-//! [`wait_nb`](crate::VirtIOIommu::wait_nb) — because they spin for up to the
+//! [`wait_nb`](crate::VirtIOIommu::wait_nb),
+//! [`wait_probe_nb`](crate::VirtIOIommu::wait_probe_nb) — because they spin for up to the
 //! [`crate::WaitPolicy`]'s budget (and, with interrupts masked, nothing else runs on that CPU
 //! meanwhile); `VirtIOIommu::new` and drop (they allocate or free and reset the device);
-//! `probe_reserved_regions` (allocates). `submit_nb` never waits and does not allocate, but it
+//! `probe_reserved_regions` (allocates). `submit_nb` (and `submit_probe_nb`) never waits and does not allocate, but it
 //! validates and posts: call it from a handler only if the embedder accepts a notification
 //! (one register write) there. Through the DMA glue, a device driver's `share`/`unshare` in a
 //! handler sends a synchronous MAP/UNMAP, which waits: avoid it (or accept the wait) — and

@@ -7,6 +7,7 @@ mod common;
 
 use common::{Behaviour, FakeDevice, Mapping};
 use virtio_drivers::transport::Transport;
+use virtio_iommu_driver::parse::{ReservedRegion, ResvMemKind};
 use virtio_iommu_driver::wire::{MapFlags, Status};
 use virtio_iommu_driver::{BatchOp, IommuError, NbRequest, NbToken, NB_SLOTS};
 
@@ -275,4 +276,134 @@ fn interrupt_enable_and_disable_set_the_avail_flags_of_both_queues() {
     assert_eq!(flags(&dev), (0, 1));
     // Requests still complete either way (they are polled).
     drv.attach(1, 16).unwrap();
+}
+
+/// A held PROBE-capable device (probe_size 512) and a driver with endpoint 16 in domain 1.
+fn held_with_probe() -> (
+    FakeDevice,
+    virtio_iommu_driver::VirtIOIommu<common::FakeHal, common::FakeTransport>,
+) {
+    let dev = FakeDevice::with_probe(512);
+    let mut drv = dev.driver();
+    drv.attach(1, 16).unwrap();
+    dev.state().behaviour = Behaviour::Hold;
+    (dev, drv)
+}
+
+/// The reserved regions of a non-blocking PROBE's properties.
+fn regions(
+    out: &mut Vec<ReservedRegion>,
+) -> impl FnMut(virtio_iommu_driver::parse::ProbeProperty) + '_ {
+    move |p| {
+        if let virtio_iommu_driver::parse::ProbeProperty::ResvMem(r) = p {
+            out.push(r)
+        }
+    }
+}
+
+#[test]
+fn a_non_blocking_probe_runs_beside_other_requests_and_delivers_its_properties() {
+    let (dev, mut drv) = held_with_probe();
+    let notes = dev.state().notifications;
+    let probe = drv.submit_probe_nb(16).unwrap();
+    let t = drv.submit_nb(map(0)).unwrap();
+    assert_eq!(dev.state().notifications, notes + 2);
+    assert_eq!(drv.nb_in_flight(), 2);
+    // One PROBE at a time; synchronous requests (which share the request buffer) refused.
+    assert_eq!(drv.submit_probe_nb(24).err(), Some(IommuError::Busy));
+    assert_eq!(drv.probe(16, |_| {}), Err(IommuError::Busy));
+    // Its token is not a slot request's, and stays valid after being refused there.
+    assert_eq!(drv.poll_nb(&probe), Some(Err(IommuError::UnknownToken)));
+    assert_eq!(
+        drv.poll_probe_nb(&t, |_| {}),
+        Some(Err(IommuError::UnknownToken))
+    );
+    let mut found = Vec::new();
+    assert_eq!(drv.poll_probe_nb(&probe, regions(&mut found)), None);
+    assert!(found.is_empty());
+    release(&dev, Behaviour::Reverse);
+    assert_eq!(drv.poll_nb(&t), Some(Ok(())));
+    assert_eq!(drv.poll_probe_nb(&probe, regions(&mut found)), Some(Ok(())));
+    assert_eq!(
+        found,
+        [ReservedRegion {
+            kind: ResvMemKind::Msi,
+            start: 0x0800_0000,
+            end: 0x080f_ffff,
+        }]
+    );
+    assert_eq!(dev.state().probes, 1);
+    // Collected: the token is gone, the slot free again, synchronous requests work.
+    assert_eq!(
+        drv.poll_probe_nb(&probe, |_| {}),
+        Some(Err(IommuError::UnknownToken))
+    );
+    assert_eq!(drv.nb_in_flight(), 0);
+    let again = drv.submit_probe_nb(24).unwrap();
+    let mut none = Vec::new();
+    assert_eq!(drv.wait_probe_nb(&again, regions(&mut none)), Ok(()));
+    assert_eq!(none.len(), 1);
+    drv.map(1, 8 * G, 9 * G - 1, 0, RW).unwrap();
+    assert!(!drv.is_broken());
+}
+
+#[test]
+fn non_blocking_probe_errors_are_its_own_and_typed() {
+    // Unknown endpoint: the device's S_NOENT, the driver still usable.
+    let dev = FakeDevice::with_probe(512);
+    let mut drv = dev.driver();
+    let t = drv.submit_probe_nb(999).unwrap();
+    assert_eq!(
+        drv.wait_probe_nb(&t, |_| panic!("no property of a failed PROBE")),
+        Err(IommuError::Status(Status::NoEnt))
+    );
+    assert!(!drv.is_broken());
+    // Without F_PROBE nothing is sent.
+    let plain = FakeDevice::new();
+    let mut drv2 = plain.driver();
+    let notes = plain.state().notifications;
+    assert!(matches!(
+        drv2.submit_probe_nb(16),
+        Err(IommuError::NotNegotiated(_))
+    ));
+    assert_eq!(plain.state().notifications, notes);
+    // A wrong used length: typed, not fatal.
+    dev.state().behaviour = Behaviour::UsedLen(4);
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(
+        drv.poll_probe_nb(&t, |_| {}),
+        Some(Err(IommuError::BadUsedLength {
+            used: 4,
+            expected: 516
+        }))
+    );
+    assert!(!drv.is_broken());
+    // Properties left unwritten under a written status: NotWritten.
+    dev.state().behaviour = Behaviour::StatusOnly;
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(
+        drv.poll_probe_nb(&t, |_| {}),
+        Some(Err(IommuError::NotWritten))
+    );
+    // A device that never answers: Pending, bounded, the token still valid; discarding it
+    // frees the slot once the device returns it.
+    let (dev, mut drv) = held_with_probe();
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(drv.wait_probe_nb(&t, |_| {}), Err(IommuError::Pending));
+    assert!(!drv.is_broken());
+    assert!(drv.discard_nb(t));
+    assert_eq!(drv.submit_probe_nb(16).err(), Some(IommuError::Busy));
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert_eq!(drv.nb_in_flight(), 0);
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(drv.wait_probe_nb(&t, |_| {}), Ok(()));
+    // An unwritten tail is fatal, as for every request.
+    dev.state().behaviour = Behaviour::NoWrite;
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(
+        drv.poll_probe_nb(&t, |_| {}),
+        Some(Err(IommuError::NotWritten))
+    );
+    assert!(drv.is_broken());
 }

@@ -17,7 +17,8 @@
 //!   size and the time bound and explicit ones (the flush queue is allocated by
 //!   `set_unmap_policy`, before counting), and revived pending mappings;
 //! - the interrupt side: `submit_nb_many`, `handle_interrupt` (ack, completions, fault
-//!   reports), `poll_nb`, `poll_event`, `discard_nb` — what an interrupt handler may call.
+//!   reports), `poll_nb`, `poll_event`, `discard_nb`, `submit_probe_nb` and `poll_probe_nb` —
+//!   what an interrupt handler may call.
 
 mod common;
 
@@ -409,7 +410,7 @@ fn reviving_pending_mappings_does_not_allocate() {
 
 #[test]
 fn the_interrupt_side_allocates_nothing() {
-    let dev = FakeDevice::new();
+    let dev = FakeDevice::with_probe(512);
     let mut drv = dev.driver();
     drv.attach(1, 16).unwrap();
     drv.enable_interrupts();
@@ -443,6 +444,12 @@ fn the_interrupt_side_allocates_nothing() {
             .unwrap();
         assert!(drv.discard_nb(t));
         assert_eq!(drv.poll_event().unwrap(), None);
+        let p = drv.submit_probe_nb(16).unwrap();
+        let r = drv.handle_interrupt(|_| {}).unwrap();
+        assert_eq!(r.completed, 2, "the discarded DETACH and the PROBE");
+        let mut regions = 0;
+        assert_eq!(drv.poll_probe_nb(&p, |_| regions += 1), Some(Ok(())));
+        assert_eq!(regions, 1);
     });
     assert_eq!(n, 0, "the interrupt side allocated {n} times");
 }

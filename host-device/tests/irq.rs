@@ -125,3 +125,57 @@ fn a_fault_interrupts_and_handle_interrupt_hands_the_report_over() {
         Some(FaultReason::Mapping)
     );
 }
+
+#[test]
+fn a_non_blocking_probe_completes_in_the_interrupt_handler_with_this_devices_regions() {
+    use virtio_iommu_device::config::ResvRegion;
+    use virtio_iommu_driver::parse::{ProbeProperty, ReservedRegion, ResvMemKind};
+    let config = DeviceConfig::builder()
+        .endpoints([8, 16])
+        .resv_region(16, ResvRegion::msi(0x0800_0000, 0x0800_ffff))
+        .resv_region(16, ResvRegion::reserved(0x1_0000_0000, 0x1_0000_0fff))
+        .build()
+        .unwrap();
+    let bed = TestBed::new(config);
+    let mut drv = bed.driver().unwrap();
+    drv.enable_interrupts();
+    let before = bed.device().counters().interrupts;
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(bed.device().counters().interrupts, before + 1);
+    let r = drv.handle_interrupt(|_| panic!("no fault")).unwrap();
+    assert!(r.queue_interrupt && r.completed == 1, "{r:?}");
+    let mut regions = Vec::new();
+    let outcome = drv.poll_probe_nb(&t, |p| {
+        if let ProbeProperty::ResvMem(r) = p {
+            regions.push(r)
+        }
+    });
+    assert_eq!(outcome, Some(Ok(())));
+    assert_eq!(
+        regions,
+        [
+            ReservedRegion {
+                kind: ResvMemKind::Msi,
+                start: 0x0800_0000,
+                end: 0x0800_ffff
+            },
+            ReservedRegion {
+                kind: ResvMemKind::Reserved,
+                start: 0x1_0000_0000,
+                end: 0x1_0000_0fff
+            },
+        ]
+    );
+    // The same as the blocking PROBE.
+    assert_eq!(drv.probe_reserved_regions(16).unwrap(), regions);
+    // An endpoint the device does not manage: its S_NOENT, for this token only.
+    let t = drv.submit_probe_nb(99).unwrap();
+    drv.handle_interrupt(|_| {}).unwrap();
+    assert_eq!(
+        drv.poll_probe_nb(&t, |_| panic!("no properties")),
+        Some(Err(virtio_iommu_driver::IommuError::Status(
+            virtio_iommu_driver::wire::Status::NoEnt
+        )))
+    );
+    assert!(!drv.is_broken());
+}

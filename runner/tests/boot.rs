@@ -46,6 +46,7 @@ const REQUIRED_CASES: &[&str] = &[
     "conformance suite against QEMU's device",
     "irq: GIC set up",
     "irq: ATTACH, MAP and UNMAP sent non-blocking, completed in the handler",
+    "irq: PROBE sent non-blocking, completed in the handler",
     "irq: an edu DMA fault reported on eventq is taken in the handler",
     "irq: a wait for an interrupt that never comes ends",
     "irq: the handler never found the driver's lock held",

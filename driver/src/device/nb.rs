@@ -12,15 +12,22 @@
 //! generation, so a stale token is [`IommuError::UnknownToken`], never another request's
 //! result.
 //!
-//! Synchronous requests and [`crate::Batch`]es use the same `requestq`: they are refused with
-//! [`IommuError::Busy`] while a non-blocking request is in flight.
+//! PROBE has a reply of `probe_size` bytes, too large for a slot: one non-blocking PROBE at a
+//! time goes out of the driver's request buffer ([`VirtIOIommu::submit_probe_nb`]), and its
+//! properties are delivered when it is collected ([`VirtIOIommu::poll_probe_nb`],
+//! [`VirtIOIommu::wait_probe_nb`]).
+//!
+//! Synchronous requests and [`crate::Batch`]es use the same `requestq` (and the request
+//! buffer): they are refused with [`IommuError::Busy`] while a non-blocking request is in
+//! flight.
 
 use super::{
-    batch_slot_parts, bounded_poll, status_of, VirtIOIommu, BATCH_SLOT, REQUESTQ_SIZE, TAIL,
+    batch_slot_parts, bounded_poll, status_of, VirtIOIommu, BATCH_SLOT, BATCH_TAIL_AT, PROBE_HEAD,
+    REQUESTQ_SIZE, TAIL,
 };
 use crate::error::IommuError;
-use crate::parse::FaultEvent;
-use crate::wire::{ReqAttach, ReqDetach, ReqHead, RequestType, REQUESTQ};
+use crate::parse::{FaultEvent, ProbeProperty};
+use crate::wire::{Features, ReqAttach, ReqDetach, ReqHead, ReqProbe, RequestType, REQUESTQ};
 use crate::BatchOp;
 use virtio_drivers::transport::{InterruptStatus, Transport};
 use virtio_drivers::Hal;
@@ -30,6 +37,10 @@ use zerocopy::IntoBytes;
 /// smallest `requestq` ([`crate::REQUESTQ_MIN_SIZE`] descriptors, 2 per request). Their slots
 /// are `NB_SLOTS * 64` bytes (2 KiB) of DMA memory allocated by [`VirtIOIommu::new`].
 pub const NB_SLOTS: usize = 32;
+
+/// The slot of the one non-blocking PROBE (its buffers are the driver's request buffer), after
+/// the [`NB_SLOTS`] request slots.
+const PROBE_SLOT: usize = NB_SLOTS;
 
 /// A request for [`VirtIOIommu::submit_nb`]: ATTACH, DETACH, MAP or UNMAP, validated as their
 /// synchronous forms ([`VirtIOIommu::attach`], [`VirtIOIommu::detach`], [`VirtIOIommu::map`],
@@ -110,9 +121,10 @@ struct Slot {
     status: u8,
 }
 
-/// The driver-side table of the non-blocking slots (never seen by the device).
+/// The driver-side table of the non-blocking slots (never seen by the device): the
+/// [`NB_SLOTS`] request slots and the PROBE slot ([`PROBE_SLOT`]).
 pub(super) struct NbTable {
-    slots: [Slot; NB_SLOTS],
+    slots: [Slot; NB_SLOTS + 1],
     /// `slot_of_desc[desc]` = slot + 1 of the request posted with head descriptor `desc`.
     slot_of_desc: [u8; REQUESTQ_SIZE],
     /// Slots `InFlight` or `Abandoned`.
@@ -128,7 +140,7 @@ impl NbTable {
                 readable: 0,
                 used: 0,
                 status: 0,
-            }; NB_SLOTS],
+            }; NB_SLOTS + 1],
             slot_of_desc: [0; REQUESTQ_SIZE],
             in_flight: 0,
         }
@@ -138,8 +150,12 @@ impl NbTable {
         usize::from(self.in_flight)
     }
 
+    /// Free request slots (the PROBE slot not counted).
     fn free_slots(&self) -> usize {
-        self.slots.iter().filter(|s| s.state == State::Free).count()
+        self.slots[..NB_SLOTS]
+            .iter()
+            .filter(|s| s.state == State::Free)
+            .count()
     }
 
     /// The slot `token` names, if it is still this token's.
@@ -270,7 +286,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
 
     /// Writes `request` (already validated) into a free slot and posts it.
     fn post_nb(&mut self, request: &NbRequest) -> Result<NbToken, IommuError> {
-        let Some(slot) = self.nb.slots.iter().position(|s| s.state == State::Free) else {
+        let Some(slot) = self.nb.slots[..NB_SLOTS]
+            .iter()
+            .position(|s| s.state == State::Free)
+        else {
             return Err(IommuError::Busy);
         };
         let mut staged = [0u8; BATCH_SLOT];
@@ -337,9 +356,20 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
                 }
             };
             let readable = usize::from(self.nb.slots[slot].readable);
-            let (ins, outs) = batch_slot_parts(self.nb_buffer.bytes(), slot, readable);
-            // SAFETY: the buffers posted with `desc` (from `slot_of_desc`).
-            let used = match unsafe { self.requestq.pop_used(desc, &[ins], &mut [outs]) } {
+            let probe_size = self.config.probe_size as usize;
+            let (popped, expected) = if slot == PROBE_SLOT {
+                let (ins, rest) = self.request_buffer.bytes().split_at_mut(readable);
+                let outs = &mut rest[..probe_size + TAIL];
+                // SAFETY: the buffers posted with `desc` (from `slot_of_desc`): the PROBE's.
+                let popped = unsafe { self.requestq.pop_used(desc, &[ins], &mut [outs]) };
+                (popped, probe_size + TAIL)
+            } else {
+                let (ins, outs) = batch_slot_parts(self.nb_buffer.bytes(), slot, readable);
+                // SAFETY: the buffers posted with `desc` (from `slot_of_desc`).
+                let popped = unsafe { self.requestq.pop_used(desc, &[ins], &mut [outs]) };
+                (popped, TAIL)
+            };
+            let used = match popped {
                 Ok(u) => u,
                 Err(e) => {
                     self.broken = true;
@@ -351,8 +381,11 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             };
             self.nb.slot_of_desc[usize::from(desc)] = 0;
             self.nb.in_flight -= 1;
-            let status = self.nb_buffer.bytes()[slot * BATCH_SLOT + super::BATCH_TAIL_AT];
-            if used as usize == TAIL && status == crate::WRITABLE_FILL {
+            let status = match slot {
+                PROBE_SLOT => self.request_buffer.bytes()[PROBE_HEAD + probe_size],
+                _ => self.nb_buffer.bytes()[slot * BATCH_SLOT + BATCH_TAIL_AT],
+            };
+            if used as usize == expected && status == crate::WRITABLE_FILL {
                 // An unwritten tail: the used element may be stale (see
                 // `IommuError::NotWritten`), fatal as for every request.
                 self.broken = true;
@@ -379,11 +412,13 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// `Some(Err(..))`: the device status ([`IommuError::Status`],
     /// [`IommuError::UnknownStatus`]); [`IommuError::NoResponse`] (used length 0),
     /// [`IommuError::BadUsedLength`] (not 4), [`IommuError::NotWritten`] (tail unwritten:
-    /// fatal); [`IommuError::UnknownToken`]; an error of [`Self::process_completions`] (fatal);
+    /// fatal); [`IommuError::UnknownToken`] (also for a PROBE's token, which stays valid for
+    /// [`Self::poll_probe_nb`]); an error of [`Self::process_completions`] (fatal);
     /// [`IommuError::Broken`] for a request still in flight on a broken driver (its slot stays
     /// taken: the device may still own it).
     pub fn poll_nb(&mut self, token: &NbToken) -> Option<Result<(), IommuError>> {
-        let Some(slot) = self.nb.slot_of(token) else {
+        let Some(slot) = self.nb.slot_of(token).filter(|&s| s != PROBE_SLOT) else {
+            // A PROBE's token is collected by `poll_probe_nb` (it stays valid).
             return Some(Err(IommuError::UnknownToken));
         };
         if !self.broken {
@@ -437,6 +472,140 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         }
     }
 
+    /// Sends PROBE (§5.13.6.5) of `endpoint` without waiting: the request and its
+    /// `probe_size + 4`-byte reply go in the driver's request buffer (not a slot), posted on
+    /// `requestq` and notified (unless the device suppressed notifications). Returns its
+    /// token; the properties come with [`Self::poll_probe_nb`] or [`Self::wait_probe_nb`]
+    /// ([`Self::poll_nb`] does not take it). One non-blocking PROBE at a time, beside up to
+    /// [`NB_SLOTS`] other requests. Allocation-free; not for an interrupt handler (as
+    /// [`Self::submit_nb`]).
+    ///
+    /// # Errors
+    ///
+    /// Nothing is sent on error: [`IommuError::NotNegotiated`] without F_PROBE;
+    /// [`IommuError::Busy`] while another non-blocking PROBE is in flight or not collected;
+    /// [`IommuError::Broken`]; [`IommuError::DeviceProtocol`] when, with nothing in flight, the
+    /// used ring holds an element (fatal); [`IommuError::Transport`] from the queue (fatal).
+    pub fn submit_probe_nb(&mut self, endpoint: u32) -> Result<NbToken, IommuError> {
+        self.usable()?;
+        self.need(Features::PROBE)?;
+        if self.nb.slots[PROBE_SLOT].state != State::Free {
+            return Err(IommuError::Busy);
+        }
+        if self.nb.in_flight() == 0 {
+            self.check_nothing_used()?;
+        }
+        let req = ReqProbe {
+            endpoint: endpoint.into(),
+            ..ReqProbe::default()
+        };
+        let writable = self.config.probe_size as usize + TAIL;
+        let (ins, rest) = self.request_buffer.bytes().split_at_mut(PROBE_HEAD);
+        ins.copy_from_slice(req.as_bytes());
+        let outs = &mut rest[..writable];
+        outs.fill(crate::WRITABLE_FILL);
+        // SAFETY: both slices belong to `self.request_buffer`, which lives until the device was
+        // reset in `drop` (or is leaked); no synchronous request touches it while this one is
+        // in flight (they are refused: `nb_idle`), nor does the driver until `pop_used` in
+        // `process_completions` (the slot is InFlight until then).
+        let desc = match unsafe { self.requestq.add(&[ins], &mut [outs]) } {
+            Ok(d) => d,
+            Err(e) => {
+                self.broken = true;
+                return Err(e.into());
+            }
+        };
+        let Some(entry) = self.nb.slot_of_desc.get_mut(usize::from(desc)) else {
+            self.broken = true;
+            return Err(IommuError::DeviceProtocol);
+        };
+        *entry = PROBE_SLOT as u8 + 1;
+        let s = &mut self.nb.slots[PROBE_SLOT];
+        s.state = State::InFlight;
+        s.readable = PROBE_HEAD as u8;
+        s.used = 0;
+        s.status = crate::WRITABLE_FILL;
+        self.nb.in_flight += 1;
+        self.request_stats.requests += 1;
+        if self.requestq.should_notify() {
+            self.request_stats.notifications += 1;
+            self.transport.notify(REQUESTQ);
+        }
+        Ok(NbToken {
+            slot: PROBE_SLOT as u8,
+            generation: s.generation,
+        })
+    }
+
+    /// The outcome of the non-blocking PROBE of `token` ([`Self::submit_probe_nb`]), without
+    /// waiting: collects completions first ([`Self::process_completions`]); `None` while it is
+    /// in flight. When it completed, calls `f` with each property in order (as
+    /// [`Self::probe`]: reserved memory regions, and unknown properties to ignore) and frees
+    /// the PROBE slot: the token is unknown afterwards.
+    ///
+    /// # Errors
+    ///
+    /// `Some(Err(..))`: [`IommuError::UnknownToken`] for a token that is not a PROBE's in
+    /// flight or completed; the reply's errors as for [`Self::probe`] (device status,
+    /// [`IommuError::NoResponse`], [`IommuError::BadUsedLength`] unless `probe_size + 4`
+    /// bytes, [`IommuError::NotWritten`] (fatal), [`IommuError::MalformedProbe`]); an error
+    /// of [`Self::process_completions`] (fatal); [`IommuError::Broken`] for a PROBE still in
+    /// flight on a broken driver (its slot stays taken: the device may still own it).
+    pub fn poll_probe_nb(
+        &mut self,
+        token: &NbToken,
+        f: impl FnMut(ProbeProperty),
+    ) -> Option<Result<(), IommuError>> {
+        if self.nb.slot_of(token) != Some(PROBE_SLOT) {
+            return Some(Err(IommuError::UnknownToken));
+        }
+        if !self.broken {
+            if let Err(e) = self.process_completions() {
+                return Some(Err(e));
+            }
+        }
+        let s = self.nb.slots[PROBE_SLOT];
+        match s.state {
+            State::Done => {
+                self.nb.free(PROBE_SLOT);
+                Some(self.probe_reply(s.used, f))
+            }
+            _ if self.broken => Some(Err(IommuError::Broken)),
+            _ => None,
+        }
+    }
+
+    /// Waits for the non-blocking PROBE of `token`, bounded as [`Self::wait_nb`]; then as
+    /// [`Self::poll_probe_nb`].
+    ///
+    /// # Errors
+    ///
+    /// The outcomes of [`Self::poll_probe_nb`]; [`IommuError::Pending`] when the bound was
+    /// reached first (not fatal: the PROBE stays in flight, the token valid);
+    /// [`IommuError::DeviceNeedsReset`] and [`IommuError::DeviceReset`] (fatal).
+    pub fn wait_probe_nb(
+        &mut self,
+        token: &NbToken,
+        mut f: impl FnMut(ProbeProperty),
+    ) -> Result<(), IommuError> {
+        let wait = self.options.wait;
+        let mut outcome = None;
+        let done = bounded_poll(&wait, |polls| {
+            outcome = self.poll_probe_nb(token, &mut f);
+            if outcome.is_some() {
+                return Ok(true);
+            }
+            if polls > 0 && polls.is_multiple_of(256) {
+                self.check_needs_reset()?;
+            }
+            Ok(false)
+        })?;
+        match outcome {
+            Some(r) if done => r,
+            _ => Err(IommuError::Pending),
+        }
+    }
+
     /// Gives up `token`: a completed request's slot is freed now, one in flight when the
     /// device returns it (its buffers stay the driver's until then). Returns whether the token
     /// named a request.
@@ -462,7 +631,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// so far becomes [`IommuError::UnknownToken`]. Returns how many slots were affected.
     pub fn reclaim_nb(&mut self) -> usize {
         let mut n = 0;
-        for slot in 0..NB_SLOTS {
+        for slot in 0..=PROBE_SLOT {
             match self.nb.slots[slot].state {
                 State::Done => self.nb.free(slot),
                 State::InFlight => {

@@ -263,6 +263,46 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
     );
 
     tap.case(
+        "irq: PROBE sent non-blocking, completed in the handler, the same reserved regions as a blocking PROBE",
+        || {
+            let dev = edu_dev.as_ref().ok_or("no edu endpoint")?;
+            let blocking = with_iommu(|i| i.probe_reserved_regions(dev.endpoint))
+                .map_err(|e| format!("blocking PROBE: {e}"))?;
+            let (irqs0, done0) = (IRQS.load(Ordering::SeqCst), COMPLETED.load(Ordering::SeqCst));
+            let token = with_iommu(|i| i.submit_probe_nb(dev.endpoint))
+                .map_err(|e| format!("submit: {e}"))?;
+            let (ok, wfis) = gic::wait_for(WAIT_MS, || COMPLETED.load(Ordering::SeqCst) > done0);
+            let irqs = IRQS.load(Ordering::SeqCst) - irqs0;
+            println!("# {irqs} interrupt(s), {wfis} wfi(s) for the PROBE");
+            if !ok {
+                return Err(format!(
+                    "PROBE not collected by the handler within {WAIT_MS} ms ({irqs} IRQs)"
+                ));
+            }
+            if irqs == 0 || wfis == 0 {
+                return Err("completed without an interrupt".into());
+            }
+            let mut found = alloc::vec::Vec::new();
+            let outcome = with_iommu(|i| {
+                Ok(i.poll_probe_nb(&token, |p| {
+                    if let virtio_iommu_driver::parse::ProbeProperty::ResvMem(r) = p {
+                        found.push(r)
+                    }
+                }))
+            });
+            match outcome {
+                Ok(Some(Ok(()))) => {}
+                other => return Err(format!("PROBE: {other:?}")),
+            }
+            if found != blocking {
+                return Err(format!("non-blocking {found:x?}, blocking {blocking:x?}"));
+            }
+            println!("# {} reserved region(s), as the blocking PROBE", found.len());
+            Ok(())
+        },
+    );
+
+    tap.case(
         "irq: an edu DMA fault reported on eventq is taken in the handler",
         || {
             let dev = edu_dev.as_ref().ok_or("no edu endpoint")?;
