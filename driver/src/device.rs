@@ -1441,9 +1441,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Synchronous requests and batches share `requestq` with the non-blocking ones: refused
-    /// with [`IommuError::Busy`] while one is in flight.
+    /// with [`IommuError::Busy`] while one is in flight, or while a non-blocking PROBE's reply
+    /// waits in the request buffer (which synchronous requests use) to be collected.
     fn nb_idle(&self) -> Result<(), IommuError> {
-        if self.nb.in_flight() > 0 {
+        if self.nb.in_flight() > 0 || self.nb.probe_reply_waiting() {
             Err(IommuError::Busy)
         } else {
             Ok(())

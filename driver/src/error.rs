@@ -128,9 +128,12 @@ pub enum IommuError {
     /// An error from the virtio-drivers transport or virtqueue.
     Transport(virtio_drivers::Error),
     /// The request cannot be sent now: every non-blocking slot is taken
-    /// ([`crate::NB_SLOTS`]), or a synchronous request or [`crate::Batch`] was asked for while
-    /// non-blocking requests are in flight (they share `requestq`; complete them first). Not
-    /// fatal: nothing was sent.
+    /// ([`crate::NB_SLOTS`]), `requestq` has no room for more non-blocking requests (2
+    /// descriptors each), another non-blocking PROBE is in flight or not collected, or a
+    /// synchronous request or [`crate::Batch`] was asked for while non-blocking requests are in
+    /// flight or a non-blocking PROBE's reply is not collected (they share `requestq`, and
+    /// PROBE the request buffer; complete or discard them first). Not fatal: nothing was
+    /// sent.
     Busy,
     /// A [`crate::NbToken`] that names no request of this driver: already completed and
     /// collected, discarded, or from another driver. Not fatal.

@@ -340,9 +340,9 @@ fn a_non_blocking_probe_runs_beside_other_requests_and_delivers_its_properties()
     );
     assert_eq!(drv.nb_in_flight(), 0);
     let again = drv.submit_probe_nb(24).unwrap();
-    let mut none = Vec::new();
-    assert_eq!(drv.wait_probe_nb(&again, regions(&mut none)), Ok(()));
-    assert_eq!(none.len(), 1);
+    let mut of_24 = Vec::new();
+    assert_eq!(drv.wait_probe_nb(&again, regions(&mut of_24)), Ok(()));
+    assert_eq!(of_24.len(), 1);
     drv.map(1, 8 * G, 9 * G - 1, 0, RW).unwrap();
     assert!(!drv.is_broken());
 }
@@ -385,6 +385,10 @@ fn non_blocking_probe_errors_are_its_own_and_typed() {
         drv.poll_probe_nb(&t, |_| {}),
         Some(Err(IommuError::NotWritten))
     );
+    assert!(
+        !drv.is_broken(),
+        "a written status: the request did complete"
+    );
     // A device that never answers: Pending, bounded, the token still valid; discarding it
     // frees the slot once the device returns it.
     let (dev, mut drv) = held_with_probe();
@@ -406,4 +410,116 @@ fn non_blocking_probe_errors_are_its_own_and_typed() {
         Some(Err(IommuError::NotWritten))
     );
     assert!(drv.is_broken());
+}
+
+#[test]
+fn a_probe_reply_waiting_to_be_collected_keeps_synchronous_requests_out_of_its_buffer() {
+    let dev = FakeDevice::with_probe(512);
+    let mut drv = dev.driver();
+    let t = drv.submit_probe_nb(16).unwrap();
+    // Collected by the interrupt side; the main code polls later.
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert_eq!(drv.nb_in_flight(), 0);
+    // The reply is still in the request buffer: synchronous requests would overwrite it.
+    assert_eq!(drv.probe(999, |_| {}), Err(IommuError::Busy));
+    let mut reply = [0u8; 4];
+    assert_eq!(
+        drv.request_raw(&[&[1, 0, 0, 0]], &[4], &mut reply),
+        Err(IommuError::Busy)
+    );
+    assert_eq!(drv.attach(1, 16), Err(IommuError::Busy));
+    let probes = dev.state().probes;
+    let mut found = Vec::new();
+    assert_eq!(drv.poll_probe_nb(&t, regions(&mut found)), Some(Ok(())));
+    assert_eq!(found.len(), 1, "endpoint 16's own reply");
+    assert_eq!(dev.state().probes, probes, "nothing else was sent");
+    drv.attach(1, 16).unwrap();
+    // Discarding a completed PROBE frees the buffer as well.
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert!(drv.discard_nb(t));
+    drv.probe(16, |_| {}).unwrap();
+}
+
+#[test]
+fn the_probe_beside_all_slots_is_busy_when_requestq_has_no_room() {
+    let dev = FakeDevice::with_probe(512);
+    dev.state().max_queue_size = 64;
+    let mut drv = dev.driver();
+    drv.attach(1, 16).unwrap();
+    dev.state().behaviour = Behaviour::Hold;
+    let tokens: Vec<NbToken> = (0..NB_SLOTS as u64)
+        .map(|i| drv.submit_nb(map(i)).unwrap())
+        .collect();
+    // 32 requests fill the 64 descriptors: the PROBE waits, nothing breaks.
+    assert_eq!(drv.submit_probe_nb(16).err(), Some(IommuError::Busy));
+    assert!(!drv.is_broken());
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.poll_nb(&tokens[0]), Some(Ok(())));
+    // The other way round: the PROBE first, then only 31 slot requests fit.
+    let (dev, mut drv) = {
+        let dev = FakeDevice::with_probe(512);
+        dev.state().max_queue_size = 64;
+        let mut drv = dev.driver();
+        drv.attach(1, 16).unwrap();
+        dev.state().behaviour = Behaviour::Hold;
+        (dev, drv)
+    };
+    let p = drv.submit_probe_nb(16).unwrap();
+    let reqs: Vec<NbRequest> = (0..NB_SLOTS as u64).map(map).collect();
+    let mut all = vec![None; NB_SLOTS];
+    assert_eq!(
+        drv.submit_nb_many(&reqs, &mut all),
+        Err(IommuError::Busy),
+        "nothing sent"
+    );
+    assert_eq!(drv.nb_in_flight(), 1);
+    let mut some = vec![None; NB_SLOTS - 1];
+    drv.submit_nb_many(&reqs[..NB_SLOTS - 1], &mut some)
+        .unwrap();
+    assert_eq!(drv.nb_in_flight(), NB_SLOTS);
+    assert!(!drv.is_broken());
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.wait_probe_nb(&p, |_| {}), Ok(()));
+    for t in some {
+        assert_eq!(drv.poll_nb(&t.unwrap()), Some(Ok(())));
+    }
+}
+
+#[test]
+fn probe_tokens_go_stale_and_reclaim_and_broken_drivers_cover_the_probe() {
+    let (dev, mut drv) = held_with_probe();
+    let first = drv.submit_probe_nb(16).unwrap();
+    // Reclaimed while in flight: the token is unknown, the slot freed when the device answers.
+    assert_eq!(drv.reclaim_nb(), 1);
+    assert_eq!(
+        drv.poll_probe_nb(&first, |_| {}),
+        Some(Err(IommuError::UnknownToken))
+    );
+    assert_eq!(drv.submit_probe_nb(16).err(), Some(IommuError::Busy));
+    release(&dev, Behaviour::InOrder);
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert_eq!(drv.nb_in_flight(), 0);
+    // A new PROBE takes the slot again; the first token stays unknown.
+    let second = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(
+        drv.poll_probe_nb(&first, |_| {}),
+        Some(Err(IommuError::UnknownToken))
+    );
+    // Completed, then reclaimed before being collected: freed, the buffer usable again.
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert_eq!(drv.reclaim_nb(), 1);
+    assert_eq!(
+        drv.poll_probe_nb(&second, |_| {}),
+        Some(Err(IommuError::UnknownToken))
+    );
+    drv.probe(16, |_| {}).unwrap();
+    // On a driver broken by another request, a PROBE still in flight is Broken, not pending.
+    dev.state().behaviour = Behaviour::Hold;
+    let p = drv.submit_probe_nb(16).unwrap();
+    let m = drv.submit_nb(map(0)).unwrap();
+    release(&dev, Behaviour::WrongId);
+    assert_eq!(drv.poll_nb(&m), Some(Err(IommuError::DeviceProtocol)));
+    assert!(drv.is_broken());
+    assert_eq!(drv.poll_probe_nb(&p, |_| {}), Some(Err(IommuError::Broken)));
 }

@@ -17,8 +17,8 @@
 //!   size and the time bound and explicit ones (the flush queue is allocated by
 //!   `set_unmap_policy`, before counting), and revived pending mappings;
 //! - the interrupt side: `submit_nb_many`, `handle_interrupt` (ack, completions, fault
-//!   reports), `poll_nb`, `poll_event`, `discard_nb`, `submit_probe_nb` and `poll_probe_nb` —
-//!   what an interrupt handler may call.
+//!   reports), `poll_nb`, `poll_event`, `discard_nb`, `poll_probe_nb` — what an interrupt
+//!   handler may call — and `submit_probe_nb`.
 
 mod common;
 

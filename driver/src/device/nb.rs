@@ -17,9 +17,12 @@
 //! properties are delivered when it is collected ([`VirtIOIommu::poll_probe_nb`],
 //! [`VirtIOIommu::wait_probe_nb`]).
 //!
-//! Synchronous requests and [`crate::Batch`]es use the same `requestq` (and the request
-//! buffer): they are refused with [`IommuError::Busy`] while a non-blocking request is in
-//! flight.
+//! Synchronous requests and [`crate::Batch`]es use the same `requestq`: they are refused with
+//! [`IommuError::Busy`] while a non-blocking request is in flight — and, since synchronous
+//! requests use the request buffer too, while a non-blocking PROBE's reply waits there to be
+//! collected. Every non-blocking request takes 2 descriptors until the device returns it: a
+//! submission that would not fit in `requestq` is [`IommuError::Busy`] (on a 64-descriptor
+//! queue, the PROBE and all [`NB_SLOTS`] slots cannot be in flight at once).
 
 use super::{
     batch_slot_parts, bounded_poll, status_of, VirtIOIommu, BATCH_SLOT, BATCH_TAIL_AT, PROBE_HEAD,
@@ -33,9 +36,11 @@ use virtio_drivers::transport::{InterruptStatus, Transport};
 use virtio_drivers::Hal;
 use zerocopy::IntoBytes;
 
-/// Most non-blocking requests in flight (or completed and not yet collected) at once: half the
-/// smallest `requestq` ([`crate::REQUESTQ_MIN_SIZE`] descriptors, 2 per request). Their slots
-/// are `NB_SLOTS * 64` bytes (2 KiB) of DMA memory allocated by [`VirtIOIommu::new`].
+/// Most non-blocking requests other than PROBE in flight (or completed and not yet collected)
+/// at once: half the smallest `requestq` ([`crate::REQUESTQ_MIN_SIZE`] descriptors, 2 per
+/// request); the one non-blocking PROBE comes beside them when `requestq` has room for it.
+/// Their slots are `NB_SLOTS * 64` bytes (2 KiB) of DMA memory allocated by
+/// [`VirtIOIommu::new`].
 pub const NB_SLOTS: usize = 32;
 
 /// The slot of the one non-blocking PROBE (its buffers are the driver's request buffer), after
@@ -72,7 +77,8 @@ impl From<BatchOp> for NbRequest {
 }
 
 /// Names one non-blocking request of one driver (slot and generation). Collect its outcome
-/// with [`VirtIOIommu::poll_nb`] or [`VirtIOIommu::wait_nb`], or give it up with
+/// with [`VirtIOIommu::poll_nb`] or [`VirtIOIommu::wait_nb`] (a PROBE's with
+/// [`VirtIOIommu::poll_probe_nb`] or [`VirtIOIommu::wait_probe_nb`]), or give it up with
 /// [`VirtIOIommu::discard_nb`]; once collected or discarded it is
 /// [`IommuError::UnknownToken`]. Dropping it without either keeps its slot taken until
 /// [`VirtIOIommu::reclaim_nb`] frees it.
@@ -150,6 +156,17 @@ impl NbTable {
         usize::from(self.in_flight)
     }
 
+    /// A non-blocking PROBE completed and not collected: its reply is in the request buffer.
+    pub(super) fn probe_reply_waiting(&self) -> bool {
+        self.slots[PROBE_SLOT].state == State::Done
+    }
+
+    /// Whether `n` more requests fit in a `requestq` of `size` descriptors beside those in
+    /// flight (2 descriptors each).
+    fn room_for(&self, n: usize, size: usize) -> bool {
+        2 * (self.in_flight() + n) <= size
+    }
+
     /// Free request slots (the PROBE slot not counted).
     fn free_slots(&self) -> usize {
         self.slots[..NB_SLOTS]
@@ -215,7 +232,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if requests.is_empty() {
             return Ok(());
         }
-        if self.nb.free_slots() < requests.len() {
+        if self.nb.free_slots() < requests.len()
+            || !self.nb.room_for(requests.len(), self.requestq.size())
+        {
             return Err(IommuError::Busy);
         }
         for r in requests {
@@ -483,13 +502,16 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// # Errors
     ///
     /// Nothing is sent on error: [`IommuError::NotNegotiated`] without F_PROBE;
-    /// [`IommuError::Busy`] while another non-blocking PROBE is in flight or not collected;
+    /// [`IommuError::Busy`] while another non-blocking PROBE is in flight or not collected, or
+    /// when `requestq` has no room for 2 more descriptors beside the requests in flight;
     /// [`IommuError::Broken`]; [`IommuError::DeviceProtocol`] when, with nothing in flight, the
     /// used ring holds an element (fatal); [`IommuError::Transport`] from the queue (fatal).
     pub fn submit_probe_nb(&mut self, endpoint: u32) -> Result<NbToken, IommuError> {
         self.usable()?;
         self.need(Features::PROBE)?;
-        if self.nb.slots[PROBE_SLOT].state != State::Free {
+        if self.nb.slots[PROBE_SLOT].state != State::Free
+            || !self.nb.room_for(1, self.requestq.size())
+        {
             return Err(IommuError::Busy);
         }
         if self.nb.in_flight() == 0 {
@@ -505,9 +527,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         let outs = &mut rest[..writable];
         outs.fill(crate::WRITABLE_FILL);
         // SAFETY: both slices belong to `self.request_buffer`, which lives until the device was
-        // reset in `drop` (or is leaked); no synchronous request touches it while this one is
-        // in flight (they are refused: `nb_idle`), nor does the driver until `pop_used` in
-        // `process_completions` (the slot is InFlight until then).
+        // reset in `drop` (or is leaked); no synchronous request touches it until this PROBE
+        // is collected, discarded or reclaimed (they are refused: `nb_idle`), nor does the
+        // driver until `pop_used` in `process_completions` (the slot is InFlight until then).
         let desc = match unsafe { self.requestq.add(&[ins], &mut [outs]) } {
             Ok(d) => d,
             Err(e) => {
@@ -548,7 +570,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// `Some(Err(..))`: [`IommuError::UnknownToken`] for a token that is not a PROBE's in
     /// flight or completed; the reply's errors as for [`Self::probe`] (device status,
     /// [`IommuError::NoResponse`], [`IommuError::BadUsedLength`] unless `probe_size + 4`
-    /// bytes, [`IommuError::NotWritten`] (fatal), [`IommuError::MalformedProbe`]); an error
+    /// bytes, [`IommuError::NotWritten`] — fatal for an unwritten tail, not for properties
+    /// left unwritten under a written status — and [`IommuError::MalformedProbe`]); an error
     /// of [`Self::process_completions`] (fatal); [`IommuError::Broken`] for a PROBE still in
     /// flight on a broken driver (its slot stays taken: the device may still own it).
     pub fn poll_probe_nb(
