@@ -1,7 +1,8 @@
 //! Exception vectors (from aarch64-rt) and the panic handler.
 //!
-//! Every exception is unexpected: it is reported with its vector, ESR_EL1, ELR_EL1 and FAR_EL1 and
-//! the run ends with status 3. A panic prints its message and location and ends with status 2.
+//! An IRQ goes to `gic::handle_irq` (with the FP/SIMD state saved: [`irq_saving_fp`]) once
+//! `gic::init` ran; every other exception, and an IRQ nobody expects, is reported with its
+//! vector, ESR_EL1, ELR_EL1 and FAR_EL1 and the run ends with status 3. A panic prints its message and location and ends with status 2.
 
 use aarch64_rt::{exception_handlers, ExceptionHandlers, RegisterStateRef};
 use core::panic::PanicInfo;
@@ -85,7 +86,7 @@ extern "C" fn irq_handler(state: RegisterStateRef) {
 /// state saved: q0–q31, FPCR and FPSR. aarch64-rt's vector saves only the general-purpose
 /// registers, and an IRQ can interrupt code that uses SIMD registers (the target has NEON:
 /// copies, sorts and checksums are vectorised), which any Rust code of the handler may clobber.
-/// 528 bytes of stack.
+/// 544 bytes of stack (528 for the registers, 16 for its frame record).
 ///
 /// # Safety
 ///

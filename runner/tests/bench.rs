@@ -390,7 +390,7 @@ fn blk_bench_calibration_runs_every_device_lazy() {
     }
 }
 
-/// The blk-bench's options: a value it does not know is one `not ok` case and a failed run
+/// The blk-bench's options: a value it does not take is one `not ok` case and a failed run
 /// (never a bench run with a default in its place); `blk-bench-rounds=3` runs 3 rounds, as the
 /// header and the I/O counts (half of the default 6 rounds') show.
 #[test]
@@ -400,7 +400,15 @@ fn blk_bench_options_are_checked_and_rounds_honoured() {
         ("blk-bench-rounds=0", "blk-bench-rounds is a multiple of 3"),
         (
             "blk-bench-rounds=603",
-            "blk-bench-rounds is a multiple of 3",
+            "blk-bench-rounds is a multiple of 3 up to 600",
+        ),
+        (
+            "lazy-max-pending=abc",
+            "lazy-max-pending is a positive number",
+        ),
+        (
+            "lazy-max-pending=0",
+            "lazy-max-pending is a positive number",
         ),
         ("blk-bench-clock=cycles", "blk-bench-clock names a clock"),
         (

@@ -333,8 +333,18 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
             }
         }
     };
-    if let Some(n) = super::bootarg(dtb, "lazy-max-pending").and_then(|v| v.parse().ok()) {
-        MAX_PENDING.store(n, Ordering::Relaxed);
+    if let Some(v) = super::bootarg(dtb, "lazy-max-pending") {
+        match v.parse::<u64>() {
+            Ok(n) if n > 0 => MAX_PENDING.store(n, Ordering::Relaxed),
+            _ => {
+                case(
+                    "blk-bench: lazy-max-pending is a positive number",
+                    Err(format!("`{v}`: not a number of ranges above 0")),
+                );
+                println!("1..{n}");
+                return (n - failed, failed);
+            }
+        }
     }
     if let Some(v) = super::bootarg(dtb, "blk-bench-calibrate") {
         match Bench::ALL.iter().position(|m| m.name() == v) {
@@ -356,7 +366,7 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
             }
             _ => {
                 case(
-                    "blk-bench: blk-bench-rounds is a multiple of 3",
+                    "blk-bench: blk-bench-rounds is a multiple of 3 up to 600",
                     Err(format!(
                         "`{v}`: not a multiple of {SLOTS} in 3..={MAX_ROUNDS}"
                     )),
