@@ -320,10 +320,23 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         // SAFETY: both slices belong to `self.nb_buffer`, which lives until the device was
         // reset in `drop` (or is leaked); the driver does not touch them until `pop_used` in
         // `process_completions` (the slot is InFlight until then).
-        let desc = match unsafe { self.requestq.add(&[ins], &mut [outs]) } {
+        let added = unsafe { self.requestq.add(&[ins], &mut [outs]) };
+        self.posted(added, slot, readable)
+    }
+
+    /// Records the outcome of posting `slot`'s buffers (`readable` device-readable bytes):
+    /// the slot is in flight under head descriptor `added`. A failed `add` (earlier requests
+    /// of the same call may be posted already) or a head outside the ring leaves the driver
+    /// broken.
+    fn posted(
+        &mut self,
+        added: Result<u16, virtio_drivers::Error>,
+        slot: usize,
+        readable: usize,
+    ) -> Result<NbToken, IommuError> {
+        let desc = match added {
             Ok(d) => d,
             Err(e) => {
-                // Earlier requests of this call may be posted already.
                 self.broken = true;
                 return Err(e.into());
             }
@@ -530,33 +543,14 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         // reset in `drop` (or is leaked); no synchronous request touches it until this PROBE
         // is collected, discarded or reclaimed (they are refused: `nb_idle`), nor does the
         // driver until `pop_used` in `process_completions` (the slot is InFlight until then).
-        let desc = match unsafe { self.requestq.add(&[ins], &mut [outs]) } {
-            Ok(d) => d,
-            Err(e) => {
-                self.broken = true;
-                return Err(e.into());
-            }
-        };
-        let Some(entry) = self.nb.slot_of_desc.get_mut(usize::from(desc)) else {
-            self.broken = true;
-            return Err(IommuError::DeviceProtocol);
-        };
-        *entry = PROBE_SLOT as u8 + 1;
-        let s = &mut self.nb.slots[PROBE_SLOT];
-        s.state = State::InFlight;
-        s.readable = PROBE_HEAD as u8;
-        s.used = 0;
-        s.status = crate::WRITABLE_FILL;
-        self.nb.in_flight += 1;
+        let added = unsafe { self.requestq.add(&[ins], &mut [outs]) };
+        let token = self.posted(added, PROBE_SLOT, PROBE_HEAD)?;
         self.request_stats.requests += 1;
         if self.requestq.should_notify() {
             self.request_stats.notifications += 1;
             self.transport.notify(REQUESTQ);
         }
-        Ok(NbToken {
-            slot: PROBE_SLOT as u8,
-            generation: s.generation,
-        })
+        Ok(token)
     }
 
     /// The outcome of the non-blocking PROBE of `token` ([`Self::submit_probe_nb`]), without

@@ -319,6 +319,62 @@ fn ratio_pct(a: u64, b: u64) -> u64 {
     a.saturating_mul(100).checked_div(b).unwrap_or(0)
 }
 
+/// Reads the bench's options from the kernel command line into the statics above
+/// (`lazy-max-pending`, `blk-bench-calibrate`, `blk-bench-rounds`, `blk-bench-clock`).
+///
+/// # Errors
+///
+/// The TAP case name and the reason for the first value it does not take (then no bench
+/// runs: a default in its place would measure something else than asked).
+fn options(dtb: &[u8]) -> Result<(), (&'static str, String)> {
+    if let Some(v) = super::bootarg(dtb, "lazy-max-pending") {
+        match v.parse::<u64>() {
+            Ok(n) if n > 0 => MAX_PENDING.store(n, Ordering::Relaxed),
+            _ => {
+                return Err((
+                    "blk-bench: lazy-max-pending is a positive number",
+                    format!("`{v}`: not a number of ranges above 0"),
+                ))
+            }
+        }
+    }
+    if let Some(v) = super::bootarg(dtb, "blk-bench-calibrate") {
+        match Bench::ALL.iter().position(|m| m.name() == v) {
+            Some(i) => CALIBRATE.store(i as u64 + 1, Ordering::Relaxed),
+            None => {
+                return Err((
+                    "blk-bench: blk-bench-calibrate names a mode",
+                    format!("`{v}`: not strict, lazy or identity"),
+                ))
+            }
+        }
+    }
+    if let Some(v) = super::bootarg(dtb, "blk-bench-rounds") {
+        match v.parse::<usize>() {
+            Ok(r) if r > 0 && r % SLOTS == 0 && r <= MAX_ROUNDS => {
+                ROUNDS_IN_USE.store(r as u64, Ordering::Relaxed)
+            }
+            _ => {
+                return Err((
+                    "blk-bench: blk-bench-rounds is a multiple of 3 up to 600",
+                    format!("`{v}`: not a multiple of {SLOTS} in 3..={MAX_ROUNDS}"),
+                ))
+            }
+        }
+    }
+    match super::bootarg(dtb, "blk-bench-clock") {
+        None | Some("tick") => Ok(()),
+        Some("counter") => {
+            COUNTER_CLOCK.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        Some(v) => Err((
+            "blk-bench: blk-bench-clock names a clock",
+            format!("`{v}`: not tick or counter"),
+        )),
+    }
+}
+
 /// Runs the bench; returns `(passed, failed)` TAP cases.
 pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     let mut n = 0;
@@ -333,62 +389,12 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
             }
         }
     };
-    if let Some(v) = super::bootarg(dtb, "lazy-max-pending") {
-        match v.parse::<u64>() {
-            Ok(n) if n > 0 => MAX_PENDING.store(n, Ordering::Relaxed),
-            _ => {
-                case(
-                    "blk-bench: lazy-max-pending is a positive number",
-                    Err(format!("`{v}`: not a number of ranges above 0")),
-                );
-                println!("1..{n}");
-                return (n - failed, failed);
-            }
-        }
-    }
-    if let Some(v) = super::bootarg(dtb, "blk-bench-calibrate") {
-        match Bench::ALL.iter().position(|m| m.name() == v) {
-            Some(i) => CALIBRATE.store(i as u64 + 1, Ordering::Relaxed),
-            None => {
-                case(
-                    "blk-bench: blk-bench-calibrate names a mode",
-                    Err(format!("`{v}`: not strict, lazy or identity")),
-                );
-                println!("1..{n}");
-                return (n - failed, failed);
-            }
-        }
-    }
-    if let Some(v) = super::bootarg(dtb, "blk-bench-rounds") {
-        match v.parse::<usize>() {
-            Ok(r) if r > 0 && r % SLOTS == 0 && r <= MAX_ROUNDS => {
-                ROUNDS_IN_USE.store(r as u64, Ordering::Relaxed)
-            }
-            _ => {
-                case(
-                    "blk-bench: blk-bench-rounds is a multiple of 3 up to 600",
-                    Err(format!(
-                        "`{v}`: not a multiple of {SLOTS} in 3..={MAX_ROUNDS}"
-                    )),
-                );
-                println!("1..{n}");
-                return (n - failed, failed);
-            }
-        }
+    if let Err((name, e)) = options(dtb) {
+        case(name, Err(e));
+        println!("1..{n}");
+        return (n - failed, failed);
     }
     let rounds = ROUNDS_IN_USE.load(Ordering::Relaxed) as usize;
-    match super::bootarg(dtb, "blk-bench-clock") {
-        None | Some("tick") => {}
-        Some("counter") => COUNTER_CLOCK.store(true, Ordering::Relaxed),
-        Some(v) => {
-            case(
-                "blk-bench: blk-bench-clock names a clock",
-                Err(format!("`{v}`: not tick or counter")),
-            );
-            println!("1..{n}");
-            return (n - failed, failed);
-        }
-    }
     let prepared = prepare(dtb, pci).and_then(|p| match COUNTER_CLOCK.load(Ordering::Relaxed) {
         true => Ok(p),
         false => crate::tick::start(dtb, TICK_US)
