@@ -1244,6 +1244,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     ) -> Result<u32, IommuError> {
         self.usable()?;
         self.nb_idle()?;
+        if self.nb.probe_reply_waiting() {
+            // A non-blocking PROBE's reply waits in the request buffer to be collected.
+            return Err(IommuError::Busy);
+        }
         let r_total: usize = readable.iter().map(|p| p.len()).sum();
         let w_total: usize = writable_lens.iter().sum();
         if readable.len() > MAX_RAW_PARTS
@@ -1441,10 +1445,9 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Synchronous requests and batches share `requestq` with the non-blocking ones: refused
-    /// with [`IommuError::Busy`] while one is in flight, or while a non-blocking PROBE's reply
-    /// waits in the request buffer (which synchronous requests use) to be collected.
+    /// with [`IommuError::Busy`] while one is in flight.
     fn nb_idle(&self) -> Result<(), IommuError> {
-        if self.nb.in_flight() > 0 || self.nb.probe_reply_waiting() {
+        if self.nb.in_flight() > 0 {
             Err(IommuError::Busy)
         } else {
             Ok(())

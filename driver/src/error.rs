@@ -131,12 +131,14 @@ pub enum IommuError {
     /// ([`crate::NB_SLOTS`]), `requestq` has no room for more non-blocking requests (2
     /// descriptors each), another non-blocking PROBE is in flight or not collected, or a
     /// synchronous request or [`crate::Batch`] was asked for while non-blocking requests are in
-    /// flight or a non-blocking PROBE's reply is not collected (they share `requestq`, and
-    /// PROBE the request buffer; complete or discard them first). Not fatal: nothing was
-    /// sent.
+    /// flight (they share `requestq`), or a synchronous request while a non-blocking PROBE's
+    /// reply is not collected (it holds the request buffer); complete or discard them first.
+    /// Not fatal: nothing was sent.
     Busy,
     /// A [`crate::NbToken`] that names no request of this driver: already completed and
-    /// collected, discarded, or from another driver. Not fatal.
+    /// collected, discarded, or from another driver; or a PROBE's token given to `poll_nb`,
+    /// another request's to `poll_probe_nb` (that token stays valid for the right call). Not
+    /// fatal.
     UnknownToken,
     /// A bounded wait for a non-blocking request ended before the device completed it
     /// ([`crate::VirtIOIommu::wait_nb`]). Not fatal: the request stays in flight, its buffers

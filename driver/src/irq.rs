@@ -35,8 +35,8 @@
 //! [`wait_probe_nb`](crate::VirtIOIommu::wait_probe_nb) — because they spin for up to the
 //! [`crate::WaitPolicy`]'s budget (and, with interrupts masked, nothing else runs on that CPU
 //! meanwhile); `VirtIOIommu::new` and drop (they allocate or free and reset the device);
-//! `probe_reserved_regions` (allocates). `submit_nb` (and `submit_probe_nb`) never waits and does not allocate, but it
-//! validates and posts: call it from a handler only if the embedder accepts a notification
+//! `probe_reserved_regions` (allocates). `submit_nb` (and `submit_probe_nb`) never waits and
+//! does not allocate, but it validates and posts: call it from a handler only if the embedder accepts a notification
 //! (one register write) there. Through the DMA glue, a device driver's `share`/`unshare` in a
 //! handler sends a synchronous MAP/UNMAP, which waits: avoid it (or accept the wait) — and
 //! then every other taker of those locks must mask.

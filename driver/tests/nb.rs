@@ -402,13 +402,30 @@ fn non_blocking_probe_errors_are_its_own_and_typed() {
     assert_eq!(drv.nb_in_flight(), 0);
     let t = drv.submit_probe_nb(16).unwrap();
     assert_eq!(drv.wait_probe_nb(&t, |_| {}), Ok(()));
-    // An unwritten tail is fatal, as for every request.
+    // No used bytes: NoResponse, not fatal.
+    dev.state().behaviour = Behaviour::UsedLen(0);
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(
+        drv.poll_probe_nb(&t, |_| {}),
+        Some(Err(IommuError::NoResponse))
+    );
+    assert!(!drv.is_broken());
+    // An unwritten tail is fatal, as for every request: found when the completion is
+    // collected, before (and whether or not) the PROBE itself is polled.
     dev.state().behaviour = Behaviour::NoWrite;
     let t = drv.submit_probe_nb(16).unwrap();
+    assert_eq!(drv.process_completions(), Ok(1));
+    assert!(drv.is_broken());
     assert_eq!(
         drv.poll_probe_nb(&t, |_| {}),
         Some(Err(IommuError::NotWritten))
     );
+    // The same for a discarded PROBE, which is never polled.
+    let (dev, mut drv) = held_with_probe();
+    let t = drv.submit_probe_nb(16).unwrap();
+    assert!(drv.discard_nb(t));
+    release(&dev, Behaviour::NoWrite);
+    assert_eq!(drv.process_completions(), Ok(1));
     assert!(drv.is_broken());
 }
 
@@ -428,6 +445,8 @@ fn a_probe_reply_waiting_to_be_collected_keeps_synchronous_requests_out_of_its_b
         Err(IommuError::Busy)
     );
     assert_eq!(drv.attach(1, 16), Err(IommuError::Busy));
+    // Batches have their own buffer: not held up.
+    assert!(drv.batch().submit().is_ok());
     let probes = dev.state().probes;
     let mut found = Vec::new();
     assert_eq!(drv.poll_probe_nb(&t, regions(&mut found)), Some(Ok(())));

@@ -2,7 +2,8 @@
 //!
 //! An IRQ goes to `gic::handle_irq` (with the FP/SIMD state saved: [`irq_saving_fp`]) once
 //! `gic::init` ran; every other exception, and an IRQ nobody expects, is reported with its
-//! vector, ESR_EL1, ELR_EL1 and FAR_EL1 and the run ends with status 3. A panic prints its message and location and ends with status 2.
+//! vector, ESR_EL1, ELR_EL1 and FAR_EL1 and the run ends with status 3. A panic prints its
+//! message and location and ends with status 2.
 
 use aarch64_rt::{exception_handlers, ExceptionHandlers, RegisterStateRef};
 use core::panic::PanicInfo;

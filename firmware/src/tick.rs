@@ -1,8 +1,8 @@
 //! A tick counter driven by the EL1 physical timer's interrupt: the cheap clock a kernel has
 //! (Linux's `jiffies`), for the flush queue's time bound in `blk-bench`.
 //!
-//! Reading it is two memory loads and a multiplication. Reading the generic timer's counter instead costs about
-//! 0.3 µs under TCG: QEMU ends the translated block at a counter read (an I/O register) and
+//! Reading it is two memory loads and a multiplication. Reading the generic timer's counter
+//! instead costs about 0.3 µs under TCG: QEMU ends the translated block at a counter read (an I/O register) and
 //! goes back through its main loop. The time it gives is a multiple of the period, so a time
 //! bound checked against it is good to one period (it may fire up to one period early or late).
 //!
@@ -34,6 +34,11 @@ impl Clock for TickClock {
     }
 }
 
+/// The period in use, nanoseconds (whole counter ticks; 0 before [`start`]).
+pub fn period_ns() -> u64 {
+    PERIOD_NS.load(Ordering::Relaxed)
+}
+
 /// The tick clock's instance for `&'static dyn Clock` users.
 pub static TICK_CLOCK: TickClock = TickClock;
 
@@ -42,13 +47,13 @@ pub static TICK_CLOCK: TickClock = TickClock;
 ///
 /// # Errors
 ///
-/// The firmware runs at EL2 (`virtualization=on`: HCR_EL2.IMO is clear, no IRQ would be
-/// taken and the clock would stand still); the GIC is not found or cannot take the timer's
+/// The firmware does not run at EL1 (at EL2 with `virtualization=on` HCR_EL2.IMO is clear:
+/// no IRQ would be taken and the clock would stand still); the GIC is not found or cannot take the timer's
 /// interrupt; `period_us` is 0 or below one counter tick. Nothing is left running then.
 pub fn start(dtb: &[u8], period_us: u64) -> Result<u64, &'static str> {
     if crate::arch::current_el() != 1 {
         return Err(
-            "the firmware runs at EL2, where IRQs are not taken (use blk-bench-clock=counter)",
+            "the firmware does not run at EL1 (EL2: IRQs are not taken; use blk-bench-clock=counter)",
         );
     }
     let hz = crate::timer::ticks_per_second();

@@ -81,7 +81,9 @@ impl From<BatchOp> for NbRequest {
 /// [`VirtIOIommu::poll_probe_nb`] or [`VirtIOIommu::wait_probe_nb`]), or give it up with
 /// [`VirtIOIommu::discard_nb`]; once collected or discarded it is
 /// [`IommuError::UnknownToken`]. Dropping it without either keeps its slot taken until
-/// [`VirtIOIommu::reclaim_nb`] frees it.
+/// [`VirtIOIommu::reclaim_nb`] frees it — and a PROBE's token more: until then its reply
+/// holds the request buffer, so every synchronous request (the DMA glue's MAP and UNMAP
+/// included) is [`IommuError::Busy`].
 #[must_use = "a dropped token keeps its slot until discard_nb or reclaim_nb"]
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct NbToken {
@@ -201,7 +203,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// # Errors
     ///
     /// Nothing is sent on error. The validation errors of the synchronous form;
-    /// [`IommuError::Busy`] when all [`NB_SLOTS`] slots are taken; [`IommuError::Broken`];
+    /// [`IommuError::Busy`] when all [`NB_SLOTS`] slots are taken or `requestq` has no room
+    /// for 2 more descriptors beside the requests in flight; [`IommuError::Broken`];
     /// [`IommuError::DeviceProtocol`] when, with nothing in flight, the used ring holds an
     /// element (fatal, as for synchronous requests); [`IommuError::Transport`] from the queue.
     pub fn submit_nb(&mut self, request: NbRequest) -> Result<NbToken, IommuError> {
@@ -218,7 +221,8 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     ///
     /// Nothing is sent on error: [`IommuError::BufferSize`] when `tokens.len() !=
     /// requests.len()`; the first validation error; [`IommuError::Busy`] when fewer than
-    /// `requests.len()` slots are free; otherwise those of [`Self::submit_nb`]. A failure of
+    /// `requests.len()` slots are free, or `requestq` has no room for `2 * requests.len()`
+    /// more descriptors; otherwise those of [`Self::submit_nb`]. A failure of
     /// the queue after some requests were posted leaves the driver broken.
     pub fn submit_nb_many(
         &mut self,

@@ -693,8 +693,8 @@ impl DmaSpace {
 
     /// The lazy policy's fast path of a `share`/[`Self::map_buffer`] (see `super::flush`): a
     /// pending UNMAP of a direct map of exactly the granules of `phys..phys + len` (bytes,
-    /// granules of the space's IOVA allocator) with `flags` is taken out of the queue and its mapping is live
-    /// again; returns the buffer's device address. `None` — nothing changed — under the strict
+    /// granules of the space's IOVA allocator) with `flags` is taken out of the queue and its
+    /// mapping is live again; returns the buffer's device address. `None` — nothing changed — under the strict
     /// policy, in identity modes, with nothing pending or nothing matching, and for a buffer
     /// that would need bounce granules (isolated strict); the caller then maps as usual. One
     /// live-mapping lookup per candidate, no clock read, no request.

@@ -171,8 +171,6 @@ fn effective(role: Bench) -> Bench {
 static COUNTER_CLOCK: AtomicBool = AtomicBool::new(false);
 /// Period of the tick clock asked for: 1 ms (the 10 ms time bound is then good to 1 ms).
 pub const TICK_US: u64 = 1000;
-/// The tick clock's period in use, nanoseconds (whole counter ticks; 0 before it started).
-static TICK_NS: AtomicU64 = AtomicU64::new(0);
 
 /// The lazy flush queue's clock in use (see [`COUNTER_CLOCK`]).
 fn lazy_clock() -> &'static dyn Clock {
@@ -398,10 +396,7 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     let prepared = prepare(dtb, pci).and_then(|p| match COUNTER_CLOCK.load(Ordering::Relaxed) {
         true => Ok(p),
         false => crate::tick::start(dtb, TICK_US)
-            .map(|ns| {
-                TICK_NS.store(ns, Ordering::Relaxed);
-                p
-            })
+            .map(|_| p)
             .map_err(|e| format!("tick clock: {e}")),
     });
     let (ram, eps, first_domain, last_domain) = match prepared {
@@ -467,7 +462,7 @@ pub fn run(dtb: &'static [u8], pci: &mut PciBus) -> (u32, u32) {
     }
     if !COUNTER_CLOCK.load(Ordering::Relaxed) {
         let ticks = crate::tick::stop();
-        let ns = TICK_NS.load(Ordering::Relaxed);
+        let ns = crate::tick::period_ns();
         println!("# blk-bench: tick clock: {ticks} ticks of {ns} ns");
     }
     println!("1..{n}");
@@ -824,7 +819,7 @@ fn report(sums: &[Sums; 3]) {
             true => String::from("the generic timer's counter (read at every check)"),
             false => format!(
                 "a tick counter (physical timer interrupt every {} ns)",
-                TICK_NS.load(Ordering::Relaxed)
+                crate::tick::period_ns()
             ),
         }
     );

@@ -288,10 +288,20 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
             let (ok, wfis) = gic::wait_for(WAIT_MS, || COMPLETED.load(Ordering::SeqCst) > done0);
             let irqs = IRQS.load(Ordering::SeqCst) - irqs0;
             println!("# {irqs} interrupt(s), {wfis} wfi(s) for the PROBE");
-            if !ok || irqs == 0 || wfis == 0 {
-                // Give it up: its reply would keep synchronous requests Busy.
-                let _ = with_iommu(|i| Ok(i.discard_nb(token)));
-            }
+            // Collected here (the handler took the completion) or given up: an uncollected
+            // reply would keep every later synchronous request Busy.
+            let mut found = alloc::vec::Vec::new();
+            let outcome = with_iommu(|i| {
+                let r = i.poll_probe_nb(&token, |p| {
+                    if let virtio_iommu_driver::parse::ProbeProperty::ResvMem(r) = p {
+                        found.push(r)
+                    }
+                });
+                if r.is_none() {
+                    i.discard_nb(token);
+                }
+                Ok(r)
+            });
             if !ok {
                 return Err(format!(
                     "PROBE not collected by the handler within {WAIT_MS} ms ({irqs} IRQs)"
@@ -300,14 +310,6 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
             if irqs == 0 || wfis == 0 {
                 return Err("completed without an interrupt".into());
             }
-            let mut found = alloc::vec::Vec::new();
-            let outcome = with_iommu(|i| {
-                Ok(i.poll_probe_nb(&token, |p| {
-                    if let virtio_iommu_driver::parse::ProbeProperty::ResvMem(r) = p {
-                        found.push(r)
-                    }
-                }))
-            });
             match outcome {
                 Ok(Some(Ok(()))) => {}
                 other => return Err(format!("PROBE: {other:?}")),
@@ -315,7 +317,11 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
             if found != blocking {
                 return Err(format!("non-blocking {found:x?}, blocking {blocking:x?}"));
             }
-            println!("# {} reserved region(s), as the blocking PROBE", found.len());
+            println!(
+                "# {} reserved region(s), as the blocking PROBE{}",
+                found.len(),
+                if found.is_empty() { " (none to compare: this IOMMU reports none)" } else { "" }
+            );
             Ok(())
         },
     );
