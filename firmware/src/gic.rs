@@ -14,9 +14,6 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use spin::Mutex;
 use virtio_iommu_driver::irq::{Aarch64Daif, IrqGuard};
 
-/// INTID of the EL1 virtual timer (PPI 11), as in QEMU's `/timer` node.
-pub const VTIMER_INTID: u32 = 27;
-
 enum Gic {
     V2(GicV2<'static>),
     V3(GicV3<'static>),
@@ -222,9 +219,17 @@ fn timer_irq() {
     TIMER_FIRED.store(true, Ordering::SeqCst);
 }
 
-/// Enables the virtual timer's interrupt (for [`wait_for`]'s bound).
-pub fn enable_timer() -> Result<(), &'static str> {
-    set_handler(VTIMER_INTID, Some(timer_irq))
+/// Enables the virtual timer's interrupt (for [`wait_for`]'s bound), its INTID read from the
+/// devicetree `dtb` ([`crate::arch_timer`]). Returns that INTID.
+///
+/// # Errors
+///
+/// The timer's interrupts are not found in the devicetree ([`crate::arch_timer::intids`]), or
+/// [`set_handler`] refuses (no GIC, no free handler entry).
+pub fn enable_timer(dtb: &[u8]) -> Result<u32, &'static str> {
+    let intid = crate::arch_timer::intids(dtb)?.el1_virtual;
+    set_handler(intid, Some(timer_irq))?;
+    Ok(intid)
 }
 
 /// Waits in `wfi` until `done()` (checked with IRQs masked, so a wake-up is never missed: a

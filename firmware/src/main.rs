@@ -20,6 +20,7 @@ extern crate alloc;
 #[macro_use]
 pub mod console;
 pub mod arch;
+pub mod arch_timer;
 pub mod blkio;
 pub mod dtb;
 pub mod exceptions;

@@ -8,11 +8,8 @@
 //!
 //! Only one user at a time (the bench); the IRQ lock rule of `gic.rs` applies.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use virtio_iommu_driver::dma::Clock;
-
-/// INTID of the EL1 (non-secure) physical timer (PPI 14), as in QEMU's `/timer` node.
-pub const PTIMER_INTID: u32 = 30;
 
 /// Ticks since [`start`].
 static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -21,6 +18,8 @@ static PERIOD_COUNTS: AtomicU64 = AtomicU64::new(0);
 static PERIOD_NS: AtomicU64 = AtomicU64::new(0);
 /// The counter value of the next tick.
 static NEXT: AtomicU64 = AtomicU64::new(0);
+/// The physical timer's INTID, from the devicetree at [`start`] (0: not started).
+static INTID: AtomicU32 = AtomicU32::new(0);
 
 /// The tick counter as a [`Clock`]: nanoseconds, in steps of the period.
 #[derive(Clone, Copy, Debug)]
@@ -47,9 +46,11 @@ pub static TICK_CLOCK: TickClock = TickClock;
 ///
 /// # Errors
 ///
-/// The firmware does not run at EL1 (at EL2 with `virtualization=on` HCR_EL2.IMO is clear:
-/// no IRQ would be taken and the clock would stand still); the GIC is not found or cannot take the timer's
-/// interrupt; `period_us` is 0 or below one counter tick. Nothing is left running then.
+/// The firmware does not run at EL1 (at EL2 with `virtualization=on` HCR_EL2.IMO is clear: no
+/// IRQ would be taken and the clock would stand still); the GIC is not found or cannot take the
+/// timer's interrupt; the devicetree does not give the timer's interrupts
+/// ([`crate::arch_timer::intids`]); `period_us` is 0 or below one counter tick. Nothing is left
+/// running then.
 pub fn start(dtb: &[u8], period_us: u64) -> Result<u64, &'static str> {
     if crate::arch::current_el() != 1 {
         return Err(
@@ -65,6 +66,7 @@ pub fn start(dtb: &[u8], period_us: u64) -> Result<u64, &'static str> {
     let period_ns = u64::try_from(u128::from(counts) * 1_000_000_000 / u128::from(hz))
         .map_err(|_| "tick period too long")?;
     crate::gic::init(dtb)?;
+    let intid = crate::arch_timer::intids(dtb)?.el1_physical;
     TICKS.store(0, Ordering::Relaxed);
     PERIOD_COUNTS.store(counts, Ordering::Relaxed);
     PERIOD_NS.store(period_ns, Ordering::Relaxed);
@@ -72,10 +74,11 @@ pub fn start(dtb: &[u8], period_us: u64) -> Result<u64, &'static str> {
     NEXT.store(next, Ordering::Relaxed);
     crate::arch::set_cntp_cval(next);
     crate::arch::set_cntp_ctl(1);
-    if let Err(e) = crate::gic::set_handler(PTIMER_INTID, Some(tick_irq)) {
+    if let Err(e) = crate::gic::set_handler(intid, Some(tick_irq)) {
         crate::arch::set_cntp_ctl(0);
         return Err(e);
     }
+    INTID.store(intid, Ordering::Relaxed);
     crate::arch::unmask_irqs();
     Ok(period_ns)
 }
@@ -84,7 +87,10 @@ pub fn start(dtb: &[u8], period_us: u64) -> Result<u64, &'static str> {
 pub fn stop() -> u64 {
     crate::arch::mask_irqs();
     crate::arch::set_cntp_ctl(0);
-    let _ = crate::gic::set_handler(PTIMER_INTID, None);
+    let intid = INTID.swap(0, Ordering::Relaxed);
+    if intid != 0 {
+        let _ = crate::gic::set_handler(intid, None);
+    }
     TICKS.load(Ordering::Relaxed)
 }
 

@@ -204,7 +204,8 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
             };
             gic::target_cpu0(info, intid);
             gic::set_handler(intid, Some(iommu_irq))?;
-            gic::enable_timer()?;
+            let timer = gic::enable_timer(dtb)?;
+            println!("# virtual timer INTID {timer} (devicetree arm,armv8-timer)");
             with_iommu(|i| {
                 i.enable_interrupts();
                 Ok(())
