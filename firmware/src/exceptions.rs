@@ -91,8 +91,8 @@ extern "C" fn irq_handler(state: RegisterStateRef) {
 ///
 /// # Safety
 ///
-/// Called only as [`irq_current`] does: from the IRQ vector, with interrupts masked (as the
-/// exception entry leaves them).
+/// Called only as `Exceptions::irq_current` does: from the IRQ vector, with interrupts masked
+/// (as the exception entry leaves them).
 #[unsafe(naked)]
 unsafe extern "C" fn irq_saving_fp(state: RegisterStateRef) {
     core::arch::naked_asm!(
