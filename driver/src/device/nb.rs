@@ -457,6 +457,25 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             // A PROBE's token is collected by `poll_probe_nb` (it stays valid).
             return Some(Err(IommuError::UnknownToken));
         };
+        Some(self.collect(slot)?.and_then(|s| match s.used as usize {
+            0 => Err(IommuError::NoResponse),
+            TAIL => status_of(s.status),
+            _ => Err(IommuError::BadUsedLength {
+                used: s.used,
+                expected: TAIL as u32,
+            }),
+        }))
+    }
+
+    /// Collects slot `slot` (a slot request's or the PROBE's) for a poll: processes the used
+    /// ring unless the driver is broken, then frees the slot and returns what it recorded if
+    /// its request completed. `None`: still in flight.
+    ///
+    /// # Errors
+    ///
+    /// An error of [`Self::process_completions`] (fatal); [`IommuError::Broken`] for a request
+    /// still in flight on a broken driver (its slot stays taken: the device may still own it).
+    fn collect(&mut self, slot: usize) -> Option<Result<Slot, IommuError>> {
         if !self.broken {
             if let Err(e) = self.process_completions() {
                 return Some(Err(e));
@@ -466,14 +485,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         match s.state {
             State::Done => {
                 self.nb.free(slot);
-                Some(match s.used as usize {
-                    0 => Err(IommuError::NoResponse),
-                    TAIL => status_of(s.status),
-                    _ => Err(IommuError::BadUsedLength {
-                        used: s.used,
-                        expected: TAIL as u32,
-                    }),
-                })
+                Some(Ok(s))
             }
             _ if self.broken => Some(Err(IommuError::Broken)),
             _ => None,
@@ -580,20 +592,10 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         if self.nb.slot_of(token) != Some(PROBE_SLOT) {
             return Some(Err(IommuError::UnknownToken));
         }
-        if !self.broken {
-            if let Err(e) = self.process_completions() {
-                return Some(Err(e));
-            }
-        }
-        let s = self.nb.slots[PROBE_SLOT];
-        match s.state {
-            State::Done => {
-                self.nb.free(PROBE_SLOT);
-                Some(self.probe_reply(s.used, f))
-            }
-            _ if self.broken => Some(Err(IommuError::Broken)),
-            _ => None,
-        }
+        Some(
+            self.collect(PROBE_SLOT)?
+                .and_then(|s| self.probe_reply(s.used, f)),
+        )
     }
 
     /// Waits for the non-blocking PROBE of `token`, bounded as [`Self::wait_nb`]; then as
