@@ -502,10 +502,24 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     /// first (not fatal: the request stays in flight, the token valid);
     /// [`IommuError::DeviceNeedsReset`] and [`IommuError::DeviceReset`] (fatal).
     pub fn wait_nb(&mut self, token: &NbToken) -> Result<(), IommuError> {
+        self.wait_for_outcome(|d| d.poll_nb(token))
+    }
+
+    /// Calls `poll` until it gives an outcome, bounded by the [`crate::WaitPolicy`], reading
+    /// the device status every 256 polls.
+    ///
+    /// # Errors
+    ///
+    /// The outcome's error; [`IommuError::Pending`] when the bound was reached first;
+    /// [`IommuError::DeviceNeedsReset`] and [`IommuError::DeviceReset`] (fatal).
+    fn wait_for_outcome(
+        &mut self,
+        mut poll: impl FnMut(&mut Self) -> Option<Result<(), IommuError>>,
+    ) -> Result<(), IommuError> {
         let wait = self.options.wait;
         let mut outcome = None;
         let done = bounded_poll(&wait, |polls| {
-            outcome = self.poll_nb(token);
+            outcome = poll(self);
             if outcome.is_some() {
                 return Ok(true);
             }
@@ -611,22 +625,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         token: &NbToken,
         mut f: impl FnMut(ProbeProperty),
     ) -> Result<(), IommuError> {
-        let wait = self.options.wait;
-        let mut outcome = None;
-        let done = bounded_poll(&wait, |polls| {
-            outcome = self.poll_probe_nb(token, &mut f);
-            if outcome.is_some() {
-                return Ok(true);
-            }
-            if polls > 0 && polls.is_multiple_of(256) {
-                self.check_needs_reset()?;
-            }
-            Ok(false)
-        })?;
-        match outcome {
-            Some(r) if done => r,
-            _ => Err(IommuError::Pending),
-        }
+        self.wait_for_outcome(|d| d.poll_probe_nb(token, &mut f))
     }
 
     /// Gives up `token`: a completed request's slot is freed now, one in flight when the
