@@ -42,6 +42,79 @@ pub fn current_el() -> u64 {
     (read_sysreg!("CurrentEL") >> 2) & 3
 }
 
+/// Leaves EL2 for EL1 if the firmware was entered at EL2 (`-M virt,virtualization=on`), so that
+/// it runs as it does on a machine without EL2. Returns the exception level it was entered at
+/// (1: nothing was done; 2: it now runs at EL1).
+///
+/// What EL1 finds is what aarch64-rt's entry code (feature `el1`) set up before `main`: the
+/// EL1&0 translation regime (TTBR0/TCR/MAIR/SCTLR_EL1, the identity map of `crate::mmu`) and
+/// VBAR_EL1, which had no effect at EL2; the same stack (SP_EL1 = the current SP); PSTATE.DAIF
+/// all masked, as at reset. EL2 stays as a hypervisor that does nothing:
+/// - HCR_EL2 = RW only: EL1 is AArch64; no stage 2 (VM clear), no traps; IMO/FMO/AMO and TGE
+///   clear, so IRQs, FIQs and SErrors are taken at EL1;
+/// - CNTHCTL_EL2 = EL1PCTEN | EL1PCEN: EL1 may use the physical counter and timer
+///   (`crate::tick`); CNTVOFF_EL2 = 0: virtual time is physical time (`crate::gic::wait_for`);
+/// - CPTR_EL2 = its RES1 bits only: FP/SIMD not trapped;
+/// - VPIDR_EL2/VMPIDR_EL2 = MIDR_EL1/MPIDR_EL1: EL1 reads the real IDs;
+/// - with a GICv3 CPU interface (ID_AA64PFR0_EL1.GIC ≠ 0), ICC_SRE_EL2.{SRE, Enable} set: EL1
+///   may use the system-register interface (`arm-gic`'s GICv3 driver does).
+///
+/// Called first thing in `main`, with nothing set up that depends on the exception level.
+/// Every exception level the firmware can be entered at on `-M virt` is 1 or 2 (QEMU enters an
+/// ELF at EL2 only with `virtualization=on` and `secure=off`); at EL3 it does nothing either.
+pub fn leave_el2() -> u64 {
+    let entered = current_el();
+    if entered != 2 {
+        return entered;
+    }
+    // SAFETY: runs at EL2 (checked above), where every register written is accessible; the
+    // ICC_SRE_EL2 access is made only when ID_AA64PFR0_EL1 reports the GICv3 system-register
+    // interface (else it would be UNDEFINED). The `eret` continues at label 1 of this block at
+    // EL1h with the same general-purpose registers and the same SP value (written to SP_EL1),
+    // so to the compiler the block is a plain sequence that clobbers x9; memory is untouched
+    // (the stack is not used in between) and the code's mapping does not change: EL2's regime
+    // has the MMU off (VA = PA) and EL1's is the identity map of `crate::mmu`, which covers the
+    // image and stack as Normal memory. IRQs stay masked throughout (SPSR_EL2.DAIF all set).
+    unsafe {
+        asm!(
+            "mrs x9, id_aa64pfr0_el1",
+            "ubfx x9, x9, #24, #4",
+            "cbz x9, 2f",
+            // ICC_SRE_EL2 (S3_4_C12_C9_5): SRE (bit 0) and Enable (bit 3).
+            "mrs x9, s3_4_c12_c9_5",
+            "orr x9, x9, #0x1",
+            "orr x9, x9, #0x8",
+            "msr s3_4_c12_c9_5, x9",
+            "isb",
+            "2:",
+            "mov x9, #(1 << 31)",
+            "msr hcr_el2, x9",
+            "mov x9, #3",
+            "msr cnthctl_el2, x9",
+            "msr cntvoff_el2, xzr",
+            "mov x9, #0x33ff",
+            "msr cptr_el2, x9",
+            "mrs x9, midr_el1",
+            "msr vpidr_el2, x9",
+            "mrs x9, mpidr_el1",
+            "msr vmpidr_el2, x9",
+            "mov x9, sp",
+            "msr sp_el1, x9",
+            "adr x9, 1f",
+            "msr elr_el2, x9",
+            // SPSR_EL2: EL1h (M = 0b0101), D, A, I and F masked.
+            "mov x9, #0x3c5",
+            "msr spsr_el2, x9",
+            "isb",
+            "eret",
+            "1:",
+            out("x9") _,
+            options(nostack),
+        );
+    }
+    entered
+}
+
 /// `SCTLR_EL1`: system control register (MMU/cache enables).
 pub fn sctlr_el1() -> u64 {
     read_sysreg!("sctlr_el1")

@@ -51,6 +51,7 @@ entry!(main, BOOT_STACK_PAGES);
 const SETUP_FAILURE: i32 = 4;
 
 fn main(x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
+    let entered_el = arch::leave_el2();
     let start = timer::now_ticks();
     dtb::set_boot_argument(x0);
     let dtb = dtb::dtb();
@@ -62,8 +63,13 @@ fn main(x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
         log::warn!("no /psci method: exit falls back to wfi if semihosting is unavailable");
     }
     println!(
-        "firmware: EL{}, MMU {}, DTB at {:#x} ({} bytes), counter {} Hz",
+        "firmware: EL{}{}, MMU {}, DTB at {:#x} ({} bytes), counter {} Hz",
         arch::current_el(),
+        if entered_el == 2 {
+            " (entered at EL2 and left it)"
+        } else {
+            ""
+        },
         if mmu::is_enabled() {
             "on (40-bit identity map)"
         } else {

@@ -127,7 +127,11 @@ pub fn memory_type(address: u64, size: u64) -> Option<MemoryType> {
     }
 }
 
-/// Whether the MMU is on (SCTLR_EL1.M) and the VA size is what this module configured.
+/// Whether this map is in use: the firmware runs at EL1, the MMU is on (SCTLR_EL1.M) and the VA
+/// size is what this module configured. Above EL1 (entered at EL3 with `secure=on`) the map is
+/// set up but unused: that level's own regime, with its MMU off, translates.
 pub fn is_enabled() -> bool {
-    crate::arch::sctlr_el1() & 1 == 1 && crate::arch::tcr_el1() & 0x3f == 64 - VA_BITS as u64
+    crate::arch::current_el() == 1
+        && crate::arch::sctlr_el1() & 1 == 1
+        && crate::arch::tcr_el1() & 0x3f == 64 - VA_BITS as u64
 }

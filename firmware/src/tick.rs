@@ -46,7 +46,7 @@ pub static TICK_CLOCK: TickClock = TickClock;
 ///
 /// # Errors
 ///
-/// The firmware does not run at EL1 (at EL2 with `virtualization=on` HCR_EL2.IMO is clear: no
+/// The firmware does not run at EL1 (at EL3 with `secure=on`, which `main` does not leave, no
 /// IRQ would be taken and the clock would stand still); the GIC is not found or cannot take the
 /// timer's interrupt; the devicetree does not give the timer's interrupts
 /// ([`crate::arch_timer::intids`]); `period_us` is 0 or below one counter tick. Nothing is left
@@ -54,7 +54,7 @@ pub static TICK_CLOCK: TickClock = TickClock;
 pub fn start(dtb: &[u8], period_us: u64) -> Result<u64, &'static str> {
     if crate::arch::current_el() != 1 {
         return Err(
-            "the firmware does not run at EL1 (EL2: IRQs are not taken; use blk-bench-clock=counter)",
+            "the firmware does not run at EL1 (above it IRQs are not taken; use blk-bench-clock=counter)",
         );
     }
     let hz = crate::timer::ticks_per_second();

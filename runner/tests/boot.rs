@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use virtio_iommu_runner::{
     firmware_elf, parse_tap, problems, reported_disk_sha256, run, sha256_file, summary, QemuChoice,
-    RunConfig, TapLine,
+    RunConfig, RunOutcome, TapLine,
 };
 
 /// Cases every boot must report as `ok` (by name prefix): the whole end-to-end path.
@@ -56,24 +56,15 @@ const REQUIRED_CASES: &[&str] = &[
     "shared domain: after DETACH of edu its DMA faults",
 ];
 
-/// The `irq:` cases, which a firmware entered at EL2 reports as one `SKIP` line instead.
-const IRQ_CASES: &str = "irq: ";
-
 /// The firmware ELF, built once for all tests of this binary (or `$VIOMMU_FIRMWARE_ELF`).
 fn firmware() -> &'static Path {
     static ELF: OnceLock<PathBuf> = OnceLock::new();
     ELF.get_or_init(|| firmware_elf().unwrap_or_else(|e| panic!("building the firmware: {e}")))
 }
 
-/// Boots with `config` and asserts every pass criterion.
-fn boot(name: &str, config: RunConfig) {
-    boot_skipping(name, config, &[]);
-}
-
-/// [`boot`], where the required cases starting with one of `skipped` must instead be reported
-/// as one `ok … # SKIP …` line starting with that prefix (a case that cannot apply to
-/// `config`). A required case counts only as a plain `ok`: no `SKIP` or `TODO` directive.
-fn boot_skipping(name: &str, config: RunConfig, skipped: &[&str]) {
+/// Boots with `config` and asserts every pass criterion; returns the run for further checks.
+/// A required case counts only as a plain `ok`: no `SKIP` or `TODO` directive.
+fn boot(name: &str, config: RunConfig) -> RunOutcome {
     let outcome =
         run(&config, firmware()).unwrap_or_else(|e| panic!("{name}: running QEMU failed: {e}"));
     let found = problems(&outcome, true);
@@ -99,14 +90,6 @@ fn boot_skipping(name: &str, config: RunConfig, skipped: &[&str]) {
         "{name}: disk SHA-256 reported by the firmware vs host"
     );
     for required in REQUIRED_CASES {
-        if let Some(prefix) = skipped.iter().find(|p| required.starts_with(**p)) {
-            assert!(
-                tap.iter()
-                    .any(|l| l.ok && l.name.starts_with(prefix) && directive_is(l, "skip")),
-                "{name}: no `SKIP` line for the `{prefix}` cases"
-            );
-            continue;
-        }
         assert!(
             tap.iter().any(|l| l.ok
                 && !directive_is(l, "skip")
@@ -120,6 +103,7 @@ fn boot_skipping(name: &str, config: RunConfig, skipped: &[&str]) {
         outcome.duration.as_secs_f64(),
         outcome.qemu.display()
     );
+    outcome
 }
 
 /// Whether `line` carries the TAP directive `word` (`# SKIP …`, `# TODO …`: case-insensitive;
@@ -261,13 +245,25 @@ fn small_machine_aw_bits_32() {
 
 #[test]
 fn el2_entry_virtualization_on() {
-    // `virtualization=on` starts the firmware at EL2 instead of EL1, where it takes no IRQs
-    // (HCR_EL2.IMO clear): its `irq:` cases report SKIP.
-    boot_skipping(
-        "virtualization=on",
-        with_args(&["-M", "virt,virtualization=on"]),
-        &[IRQ_CASES],
-    );
+    // `virtualization=on` starts the firmware at EL2; it leaves EL2 for EL1 first thing and
+    // then passes every required case, the interrupt-driven ones included. With GICv3 too,
+    // whose system-register interface EL2 must leave to EL1.
+    for (name, machine) in [
+        ("virtualization=on", "virt,virtualization=on"),
+        (
+            "virtualization=on gic-version=3",
+            "virt,virtualization=on,gic-version=3",
+        ),
+    ] {
+        let outcome = boot(name, with_args(&["-M", machine]));
+        assert!(
+            outcome
+                .output
+                .lines()
+                .any(|l| l.starts_with("firmware: EL1 (entered at EL2 and left it),")),
+            "{name}: the firmware did not report leaving EL2"
+        );
+    }
 }
 
 #[test]

@@ -174,10 +174,11 @@ fn mmio_intid(dtb: &[u8], base: u64) -> Result<u32, String> {
 /// Runs the `irq-*` cases.
 pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
     if crate::arch::current_el() != 1 {
-        // Entered at EL2 (`virtualization=on`): with HCR_EL2.IMO clear a physical IRQ is not
-        // taken at EL2, and `wfi` would wait for nothing. The driver side is the same.
+        // Entered at EL3 (`secure=on`; `main` leaves EL2, not EL3): with SCR_EL3.IRQ clear a
+        // physical IRQ is not taken at EL3, and `wfi` would wait for nothing. The driver side
+        // is the same.
         tap.case(
-            "irq: interrupt-driven cases # SKIP firmware runs at EL2, where IRQs are not taken",
+            "irq: interrupt-driven cases # SKIP firmware runs above EL1, where IRQs are not taken",
             || Ok(()),
         );
         return;
