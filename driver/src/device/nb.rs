@@ -350,12 +350,13 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
             return Err(IommuError::DeviceProtocol);
         };
         *entry = slot as u8 + 1;
-        let s = &mut self.nb.slots[slot];
+        let nb = &mut *self.nb;
+        nb.in_flight += 1;
+        let s = &mut nb.slots[slot];
         s.state = State::InFlight;
         s.readable = readable as u8;
         s.used = 0;
         s.status = crate::WRITABLE_FILL;
-        self.nb.in_flight += 1;
         Ok(NbToken {
             slot: slot as u8,
             generation: s.generation,
