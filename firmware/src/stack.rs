@@ -3,8 +3,9 @@
 //! is its deepest write. The figure is the distance from the stack pointer at the call site, so
 //! the caller's own frames (and the printing of the result) are not counted.
 //!
-//! Nothing else may run on the boot stack meanwhile: the firmware takes no interrupts, and an
-//! exception (which would push a frame) ends the run anyway.
+//! Whatever else runs on the boot stack meanwhile is counted: an IRQ taken while the code runs
+//! (the `irq:` cases, which measure their handler so) pushes its frames below the code's; any
+//! other exception ends the run anyway.
 
 use crate::arch::stack_pointer;
 

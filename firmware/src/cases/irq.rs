@@ -241,9 +241,18 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
             let (irqs0, done0) = (IRQS.load(Ordering::SeqCst), COMPLETED.load(Ordering::SeqCst));
             let mut tokens: [Option<NbToken>; 3] = [None; 3];
             with_iommu(|i| i.submit_nb_many(&reqs, &mut tokens)).map_err(|e| format!("submit: {e}"))?;
-            let (ok, wfis) = gic::wait_for(WAIT_MS, || COMPLETED.load(Ordering::SeqCst) >= done0 + 3);
+            // The handler runs on this stack, below the waiting frames: measured together.
+            let ((ok, wfis), stack) = crate::stack::measure(|| {
+                gic::wait_for(WAIT_MS, || COMPLETED.load(Ordering::SeqCst) >= done0 + 3)
+            });
             let irqs = IRQS.load(Ordering::SeqCst) - irqs0;
             println!("# {} interrupt(s), {wfis} wfi(s) for 3 completions", irqs);
+            if let Some(bytes) = stack {
+                println!(
+                    "# stack: the wait and the IRQ path (vector, FP/SIMD save, GIC dispatch, \
+                     handle_interrupt collecting completions) used {bytes} bytes"
+                );
+            }
             if !ok || irqs == 0 || wfis == 0 {
                 // Give the requests up, so the later cases' synchronous requests are not Busy.
                 let _ = with_iommu(|i| {
@@ -347,9 +356,17 @@ pub fn run(tap: &mut Tap, dtb: &[u8], pci: &mut PciBus, env: &mut Env) {
             let (irqs0, faults0) = (IRQS.load(Ordering::SeqCst), FAULTS.load(Ordering::SeqCst));
             e.dma_from_ram(iova, 0, 16)
                 .map_err(|e| format!("DMA: {e}"))?;
-            let (ok, wfis) = gic::wait_for(WAIT_MS, || FAULTS.load(Ordering::SeqCst) > faults0);
+            let ((ok, wfis), stack) = crate::stack::measure(|| {
+                gic::wait_for(WAIT_MS, || FAULTS.load(Ordering::SeqCst) > faults0)
+            });
             let irqs = IRQS.load(Ordering::SeqCst) - irqs0;
             println!("# {irqs} interrupt(s), {wfis} wfi(s) for the fault");
+            if let Some(bytes) = stack {
+                println!(
+                    "# stack: the wait and the IRQ path (handle_interrupt taking a fault report \
+                     off eventq) used {bytes} bytes"
+                );
+            }
             if !ok {
                 return Err(format!(
                     "no fault taken in the handler within {WAIT_MS} ms ({irqs} IRQs)"
