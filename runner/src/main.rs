@@ -125,6 +125,13 @@ fn main() -> ExitCode {
     config
         .extra_args
         .extend(args.map(|a| a.to_string_lossy().into_owned()));
+    if config.device == DeviceChoice::Ours {
+        // Refused before the server is built (a build of about a minute on a fresh clone).
+        if let Err(e) = virtio_iommu_runner::ours::check_config(&config) {
+            eprintln!("runner: {e}");
+            return ExitCode::from(2);
+        }
+    }
     if config.device == DeviceChoice::Ours && config.server.is_none() {
         // Built here with cargo's output on our stderr, as the firmware.
         match virtio_iommu_runner::ours::build_server(BuildOutput::Inherited) {

@@ -252,6 +252,21 @@ fn remaining(deadline: Instant, config: &RunConfig, output: &str) -> Result<Dura
         })
 }
 
+/// Checks, without building or starting anything, that `config` can run against our device:
+/// the layout of its devices, no QEMU PCI device among the extra arguments, a QEMU that has
+/// `vfio-user-pci`. Returns the layout. [`run_ours`] checks the same first; the runner calls
+/// this before it builds the server, so a refused configuration costs no build.
+///
+/// # Errors
+///
+/// Those of [`Layout::from_config`], [`check_no_qemu_pci_devices`] and [`qemu_for_ours`].
+pub fn check_config(config: &RunConfig) -> Result<Layout> {
+    let layout = Layout::from_config(config)?;
+    check_no_qemu_pci_devices(&config.extra_args)?;
+    qemu_for_ours(&config.qemu)?;
+    Ok(layout)
+}
+
 /// Boots `elf` against our device (see the module documentation) and returns the outcome,
 /// whatever the firmware's exit status, with [`RunOutcome::server`] set.
 ///
@@ -266,8 +281,7 @@ fn remaining(deadline: Instant, config: &RunConfig, output: &str) -> Result<Dura
 /// those of [`qemu_for_ours`], [`Layout::from_config`], [`server_binary`], [`resolve_qemu`],
 /// [`prepare_disk`]; [`Error::Io`] for file and process failures.
 pub fn run_ours(config: &RunConfig, elf: &Path) -> Result<RunOutcome> {
-    let layout = Layout::from_config(config)?;
-    check_no_qemu_pci_devices(&config.extra_args)?;
+    let layout = check_config(config)?;
     let qemu = resolve_qemu(&qemu_for_ours(&config.qemu)?)?;
     let program = server_binary(config)?;
     let disk = prepare_disk(config.disk.as_deref())?;
