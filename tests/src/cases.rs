@@ -1,6 +1,7 @@
-//! The cases. Statement numbers refer to the project's spec checklist
-//! (`shared/reference/spec-checklist.md`, condensed from virtio v1.3 §5.13); each `statement`
-//! string starts with the number and says in a few words what must hold.
+//! The cases. Statement numbers are the project's numbering of virtio v1.3 §5.13's normative
+//! statements (D device, R driver requirements), each listed with its spec section in the
+//! "Statement index" of `CONFORMANCE.md`; each `statement` string starts with the number and
+//! says in a few words what must hold.
 
 use crate::{Case, Ctx, Fail, Harness, Hazard, RawReply, DMA_BUFFER_SIZE};
 use alloc::format;
