@@ -49,7 +49,7 @@ pub const MAX_PROBE_SIZE: u32 = 1 << 20;
 /// status of §5.13.6 (those are 0..=8), so a tail that still holds it after the device returned
 /// the request was not written: [`IommuError::NotWritten`], never read as a status. An eventq
 /// buffer that still holds it has non-zero `reserved` bytes, so it is ignored as a fault report
-/// (§5.13.6.7). [`VirtIOIommu::request_raw`] fills its writable parts with it too.
+/// (§5.13.6.9). [`VirtIOIommu::request_raw`] fills its writable parts with it too.
 pub const WRITABLE_FILL: u8 = 0xff;
 
 const TAIL: usize = size_of::<ReqTail>();
@@ -157,7 +157,7 @@ pub struct RequestStats {
 /// `dma::IommuMapper::submit_batch` (feature `alloc`). IOVA ends are inclusive.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum BatchOp {
-    /// MAP (§5.13.6.3), see [`VirtIOIommu::map`].
+    /// MAP (§5.13.6.5), see [`VirtIOIommu::map`].
     Map {
         /// Domain ID.
         domain: u32,
@@ -170,7 +170,7 @@ pub enum BatchOp {
         /// Permissions.
         flags: MapFlags,
     },
-    /// UNMAP (§5.13.6.4), see [`VirtIOIommu::unmap`].
+    /// UNMAP (§5.13.6.6), see [`VirtIOIommu::unmap`].
     Unmap {
         /// Domain ID.
         domain: u32,
@@ -314,7 +314,7 @@ pub struct Batch<'a, H: Hal, T: Transport> {
 
 impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
     /// Queues a MAP of IOVAs `virt_start..=virt_end` (inclusive) of `domain` to guest-physical
-    /// addresses from `phys_start` (§5.13.6.3). Returns the request's index in the batch (and in
+    /// addresses from `phys_start` (§5.13.6.5). Returns the request's index in the batch (and in
     /// the [`BatchResult`]).
     ///
     /// # Errors
@@ -336,7 +336,7 @@ impl<'a, H: Hal, T: Transport> Batch<'a, H, T> {
         Ok(self.stage(req.as_bytes()))
     }
 
-    /// Queues an UNMAP of IOVAs `virt_start..=virt_end` (inclusive) of `domain` (§5.13.6.4).
+    /// Queues an UNMAP of IOVAs `virt_start..=virt_end` (inclusive) of `domain` (§5.13.6.6).
     /// Returns the request's index in the batch.
     ///
     /// # Errors
@@ -857,7 +857,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         self.check_needs_reset()
     }
 
-    /// ATTACH (§5.13.6.1): attaches `endpoint` to `domain`, creating the domain if it does not
+    /// ATTACH (§5.13.6.3): attaches `endpoint` to `domain`, creating the domain if it does not
     /// exist. An endpoint attached elsewhere is moved (the device detaches it first).
     ///
     /// # Errors
@@ -869,7 +869,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         self.attach_with_flags(domain, endpoint, 0)
     }
 
-    /// ATTACH with `VIRTIO_IOMMU_ATTACH_F_BYPASS` (§5.13.6.1): `domain` is an identity
+    /// ATTACH with `VIRTIO_IOMMU_ATTACH_F_BYPASS` (§5.13.6.3): `domain` is an identity
     /// (bypass) domain, for endpoints that need no isolation. Needs BYPASS_CONFIG.
     ///
     /// # Errors
@@ -898,7 +898,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         self.request(req.as_bytes())
     }
 
-    /// DETACH (§5.13.6.2): detaches `endpoint` from `domain`. The domain ceases to exist when
+    /// DETACH (§5.13.6.4): detaches `endpoint` from `domain`. The domain ceases to exist when
     /// its last endpoint leaves.
     ///
     /// # Errors
@@ -916,7 +916,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         self.request(req.as_bytes())
     }
 
-    /// MAP (§5.13.6.3): maps IOVAs `virt_start..=virt_end` (inclusive) of `domain` to
+    /// MAP (§5.13.6.5): maps IOVAs `virt_start..=virt_end` (inclusive) of `domain` to
     /// guest-physical addresses from `phys_start`, with permissions `flags`.
     ///
     /// Checked before sending: `virt_end > virt_start`; the range inside `input_range`;
@@ -975,7 +975,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         })
     }
 
-    /// UNMAP (§5.13.6.4): removes every mapping of `domain` inside `virt_start..=virt_end`
+    /// UNMAP (§5.13.6.6): removes every mapping of `domain` inside `virt_start..=virt_end`
     /// (inclusive). The range may cover unmapped space; it must not split a mapping.
     ///
     /// Checked before sending: as for [`Self::map`] (range, alignment, `input_range`, domain).
@@ -1007,7 +1007,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         })
     }
 
-    /// PROBE (§5.13.6.5): asks for `endpoint`'s properties and calls `f` with each one, in
+    /// PROBE (§5.13.6.7): asks for `endpoint`'s properties and calls `f` with each one, in
     /// order (reserved memory regions, and unknown properties which the caller may ignore).
     ///
     /// # Errors
@@ -1109,7 +1109,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
     }
 
     /// Takes the next fault report from `eventq`, if any, and posts its buffer again
-    /// (§5.13.6.7). Reports the spec says to ignore are counted in [`EventStats::ignored`],
+    /// (§5.13.6.9). Reports the spec says to ignore are counted in [`EventStats::ignored`],
     /// re-posted and skipped. Never blocks: one call takes at most [`EVENTQ_SIZE`] used
     /// buffers (one pass over the queue), so a device that keeps returning malformed reports
     /// cannot hold it.

@@ -101,11 +101,11 @@ pub enum IommuError {
     /// The operation does not apply here; the text says why (for example a MAP by hand in a
     /// bypass domain, or detaching the last endpoint of a `DmaSpace`'s domain).
     NotSupported(&'static str),
-    /// `virt_end` is not strictly greater than `virt_start` (§5.13.6.3 driver requirement), or a
+    /// `virt_end` is not strictly greater than `virt_start` (§5.13.6.5 driver requirement), or a
     /// size is zero or overflows the 64-bit IOVA space.
     InvalidRange,
     /// An address or size is not a multiple of the granule (lowest set bit of
-    /// `page_size_mask`), §5.13.6.3.
+    /// `page_size_mask`), §5.13.6.5.
     Unaligned {
         /// The offending value (an address, or `virt_end + 1`).
         value: u64,

@@ -1,5 +1,5 @@
 //! IOVA allocation for the DMA glue: [`IovaAllocator`], O(log n) allocation and free over the
-//! translatable IOVA range (`input_range`, §5.13.4) minus PROBE's reserved regions (§5.13.6.6),
+//! translatable IOVA range (`input_range`, §5.13.4) minus PROBE's reserved regions (§5.13.6.8.1),
 //! in whole granules, with no heap allocation after construction.
 //!
 //! The free space is a set of disjoint, granule-aligned ranges kept in one AVL tree ordered by
@@ -506,7 +506,7 @@ impl IovaAllocator {
 
     /// An allocator for one endpoint's domain: `input_range` (inclusive IOVAs, as in
     /// [`crate::IommuConfig::input_range`]) minus every region in `reserved`, whatever its kind
-    /// (PROBE's RESV_MEM, §5.13.6.6.1: the driver SHOULD NOT map them, R30; or the merged list
+    /// (PROBE's RESV_MEM, §5.13.6.8.1: the driver SHOULD NOT map them, R30; or the merged list
     /// of [`crate::topology::reserved::merge`]), with the default capacity.
     ///
     /// # Errors

@@ -1,5 +1,5 @@
-//! Decoding of what the device writes: PROBE properties (§5.13.6.5–6) and fault events
-//! (§5.13.6.7). Pure functions over bytes, so they are tested on the host with hostile input.
+//! Decoding of what the device writes: PROBE properties (§5.13.6.7–8) and fault events
+//! (§5.13.6.9). Pure functions over bytes, so they are tested on the host with hostile input.
 
 use crate::error::IommuError;
 use crate::wire::{
@@ -9,7 +9,7 @@ use crate::wire::{
 };
 use zerocopy::FromBytes;
 
-/// Kind of a reserved memory region: the `subtype` of a PROBE RESV_MEM property (§5.13.6.6.1),
+/// Kind of a reserved memory region: the `subtype` of a PROBE RESV_MEM property (§5.13.6.8.1),
 /// or one of the kinds the driver adds when it merges other sources
 /// (`topology::reserved::merge`, feature `alloc`): [`ResvMemKind::SoftwareMsi`],
 /// [`ResvMemKind::Direct`].
@@ -57,7 +57,7 @@ impl ReservedRegion {
 pub enum ProbeProperty {
     /// `VIRTIO_IOMMU_PROBE_T_RESV_MEM`.
     ResvMem(ReservedRegion),
-    /// A property type this driver does not know (skipped, §5.13.6.5 "SHOULD ignore unknown
+    /// A property type this driver does not know (skipped, §5.13.6.7 "SHOULD ignore unknown
     /// property types"): raw type and value length in bytes.
     Unknown {
         /// Type (bits 0-11 of the header).
@@ -133,7 +133,7 @@ pub fn parse_probe_properties(
     Ok(())
 }
 
-/// Fault reason (§5.13.6.7).
+/// Fault reason (§5.13.6.9).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub enum FaultReason {
     /// `VIRTIO_IOMMU_FAULT_R_UNKNOWN`, and any reason the spec does not define (driver
@@ -146,7 +146,7 @@ pub enum FaultReason {
     Mapping,
 }
 
-/// A decoded fault report from the event queue (§5.13.6.7).
+/// A decoded fault report from the event queue (§5.13.6.9).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub struct FaultEvent {
     /// Why the access faulted.

@@ -158,15 +158,15 @@ pub mod config_offset {
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 #[repr(u8)]
 pub enum RequestType {
-    /// `VIRTIO_IOMMU_T_ATTACH` (§5.13.6.1).
+    /// `VIRTIO_IOMMU_T_ATTACH` (§5.13.6.3).
     Attach = 1,
-    /// `VIRTIO_IOMMU_T_DETACH` (§5.13.6.2).
+    /// `VIRTIO_IOMMU_T_DETACH` (§5.13.6.4).
     Detach = 2,
-    /// `VIRTIO_IOMMU_T_MAP` (§5.13.6.3).
+    /// `VIRTIO_IOMMU_T_MAP` (§5.13.6.5).
     Map = 3,
-    /// `VIRTIO_IOMMU_T_UNMAP` (§5.13.6.4).
+    /// `VIRTIO_IOMMU_T_UNMAP` (§5.13.6.6).
     Unmap = 4,
-    /// `VIRTIO_IOMMU_T_PROBE` (§5.13.6.5).
+    /// `VIRTIO_IOMMU_T_PROBE` (§5.13.6.7).
     Probe = 5,
 }
 
@@ -297,10 +297,10 @@ pub struct ReqTail {
     pub reserved: [u8; 3],
 }
 
-/// `VIRTIO_IOMMU_ATTACH_F_BYPASS` (§5.13.6.1): the domain is a bypass domain.
+/// `VIRTIO_IOMMU_ATTACH_F_BYPASS` (§5.13.6.3): the domain is a bypass domain.
 pub const ATTACH_F_BYPASS: u32 = 1 << 0;
 
-/// Device-readable part of `struct virtio_iommu_req_attach` (§5.13.6.1), 20 bytes; a
+/// Device-readable part of `struct virtio_iommu_req_attach` (§5.13.6.3), 20 bytes; a
 /// [`ReqTail`] follows in the device-writable part.
 #[derive(
     Clone,
@@ -329,7 +329,7 @@ pub struct ReqAttach {
     pub reserved: [u8; 4],
 }
 
-/// Device-readable part of `struct virtio_iommu_req_detach` (§5.13.6.2), 20 bytes.
+/// Device-readable part of `struct virtio_iommu_req_detach` (§5.13.6.4), 20 bytes.
 #[derive(
     Clone,
     Copy,
@@ -356,7 +356,7 @@ pub struct ReqDetach {
 }
 
 bitflags! {
-    /// MAP flags (`virtio_iommu_req_map.flags`, §5.13.6.3).
+    /// MAP flags (`virtio_iommu_req_map.flags`, §5.13.6.5).
     #[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Hash)]
     pub struct MapFlags: u32 {
         /// `VIRTIO_IOMMU_MAP_F_READ`: the endpoint may read the range.
@@ -368,7 +368,7 @@ bitflags! {
     }
 }
 
-/// Device-readable part of `struct virtio_iommu_req_map` (§5.13.6.3), 36 bytes.
+/// Device-readable part of `struct virtio_iommu_req_map` (§5.13.6.5), 36 bytes.
 #[derive(
     Clone,
     Copy,
@@ -398,7 +398,7 @@ pub struct ReqMap {
     pub flags: U32,
 }
 
-/// Device-readable part of `struct virtio_iommu_req_unmap` (§5.13.6.4), 28 bytes.
+/// Device-readable part of `struct virtio_iommu_req_unmap` (§5.13.6.6), 28 bytes.
 #[derive(
     Clone,
     Copy,
@@ -426,7 +426,7 @@ pub struct ReqUnmap {
     pub reserved: [u8; 4],
 }
 
-/// Device-readable part of `struct virtio_iommu_req_probe` (§5.13.6.5), 72 bytes; the
+/// Device-readable part of `struct virtio_iommu_req_probe` (§5.13.6.7), 72 bytes; the
 /// device-writable part is `probe_size` bytes of properties then a [`ReqTail`].
 #[derive(
     Clone, Copy, Debug, Eq, PartialEq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
@@ -451,14 +451,14 @@ impl Default for ReqProbe {
     }
 }
 
-/// `VIRTIO_IOMMU_PROBE_T_NONE` (§5.13.6.5): end of the property list.
+/// `VIRTIO_IOMMU_PROBE_T_NONE` (§5.13.6.7): end of the property list.
 pub const PROBE_T_NONE: u16 = 0;
-/// `VIRTIO_IOMMU_PROBE_T_RESV_MEM` (§5.13.6.6.1): a reserved memory region.
+/// `VIRTIO_IOMMU_PROBE_T_RESV_MEM` (§5.13.6.8): a reserved memory region.
 pub const PROBE_T_RESV_MEM: u16 = 1;
 /// `VIRTIO_IOMMU_PROBE_T_MASK`: the `type` bits of a property header; bits 12-15 are reserved.
 pub const PROBE_T_MASK: u16 = 0xfff;
 
-/// `struct virtio_iommu_probe_property` header (§5.13.6.5), 4 bytes.
+/// `struct virtio_iommu_probe_property` header (§5.13.6.7), 4 bytes.
 #[derive(
     Clone,
     Copy,
@@ -482,12 +482,12 @@ pub struct ProbePropertyHeader {
     pub length: U16,
 }
 
-/// `VIRTIO_IOMMU_RESV_MEM_T_RESERVED` (§5.13.6.6.1): accesses to the region are not allowed.
+/// `VIRTIO_IOMMU_RESV_MEM_T_RESERVED` (§5.13.6.8.1): accesses to the region are not allowed.
 pub const RESV_MEM_T_RESERVED: u8 = 0;
-/// `VIRTIO_IOMMU_RESV_MEM_T_MSI` (§5.13.6.6.1): the region is an MSI doorbell, identity-mapped.
+/// `VIRTIO_IOMMU_RESV_MEM_T_MSI` (§5.13.6.8.1): the region is an MSI doorbell, identity-mapped.
 pub const RESV_MEM_T_MSI: u8 = 1;
 
-/// `struct virtio_iommu_probe_resv_mem` (§5.13.6.6.1), 24 bytes including its header.
+/// `struct virtio_iommu_probe_resv_mem` (§5.13.6.8.1), 24 bytes including its header.
 #[derive(
     Clone,
     Copy,
@@ -515,11 +515,11 @@ pub struct ProbeResvMem {
     pub end: U64,
 }
 
-/// `VIRTIO_IOMMU_FAULT_R_UNKNOWN` (§5.13.6.7).
+/// `VIRTIO_IOMMU_FAULT_R_UNKNOWN` (§5.13.6.9).
 pub const FAULT_R_UNKNOWN: u8 = 0;
-/// `VIRTIO_IOMMU_FAULT_R_DOMAIN` (§5.13.6.7): the endpoint accessed memory while not attached.
+/// `VIRTIO_IOMMU_FAULT_R_DOMAIN` (§5.13.6.9): the endpoint accessed memory while not attached.
 pub const FAULT_R_DOMAIN: u8 = 1;
-/// `VIRTIO_IOMMU_FAULT_R_MAPPING` (§5.13.6.7): no mapping, or a mapping without the permission.
+/// `VIRTIO_IOMMU_FAULT_R_MAPPING` (§5.13.6.9): no mapping, or a mapping without the permission.
 pub const FAULT_R_MAPPING: u8 = 2;
 
 /// `VIRTIO_IOMMU_FAULT_F_READ`: the faulting access was a read.
@@ -529,7 +529,7 @@ pub const FAULT_F_WRITE: u32 = 1 << 1;
 /// `VIRTIO_IOMMU_FAULT_F_ADDRESS`: the `address` field is valid.
 pub const FAULT_F_ADDRESS: u32 = 1 << 8;
 
-/// `struct virtio_iommu_fault` (§5.13.6.7), 24 bytes, written by the device into an `eventq`
+/// `struct virtio_iommu_fault` (§5.13.6.9), 24 bytes, written by the device into an `eventq`
 /// buffer.
 #[derive(
     Clone,
@@ -682,7 +682,7 @@ mod tests {
         assert_eq!(Features::BYPASS_CONFIG.bits(), 64);
         assert_eq!(Features::VERSION_1.bits(), 1 << 32);
         assert_eq!(Features::ACCESS_PLATFORM.bits(), 1 << 33);
-        // What QEMU 10.0 offers (qemu-observed.md): 0x101_3000_0077.
+        // What QEMU 10.0 offers (observed): 0x101_3000_0077.
         let qemu = Features::from_bits_retain(0x101_3000_0077);
         assert!(qemu.contains(Features::MAP_UNMAP | Features::PROBE | Features::BYPASS_CONFIG));
         assert!(!qemu.contains(Features::BYPASS));

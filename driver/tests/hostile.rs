@@ -286,7 +286,7 @@ fn drop_does_not_run_the_transports_destructor() {
     assert_eq!(after, before, "and the rings were freed after it");
 }
 
-// --- eventq (§5.13.6.7). ---
+// --- eventq (§5.13.6.9). ---
 
 /// `poll_event` ("never blocks") kept looping while the device returned malformed reports: a
 /// device that completes every re-posted buffer at once with a short length kept it forever.

@@ -1,10 +1,10 @@
 //! Device configuration: offered features, `struct virtio_iommu_config` values (virtio v1.3
-//! §5.13.4), the endpoints the device manages with their reserved regions (§5.13.6.6.1), and the
+//! §5.13.4), the endpoints the device manages with their reserved regions (§5.13.6.8.1), and the
 //! resource caps that bound what a guest can make the device allocate or do.
 //!
 //! Build a [`DeviceConfig`] with [`DeviceConfig::builder`]; [`DeviceConfigBuilder::build`]
 //! validates it, so a `DeviceConfig` always satisfies the device requirements on the
-//! configuration (D2, D3, D5, D42, D43 of the spec checklist).
+//! configuration (D2, D3, D5, D42, D43; see the "Statement index" of `CONFORMANCE.md`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,7 +13,7 @@ use virtio_iommu_driver::wire::{Features, RESV_MEM_T_MSI, RESV_MEM_T_RESERVED};
 
 use crate::fault::FaultPlan;
 
-/// Size in bytes of one RESV_MEM property in a PROBE response (header included, §5.13.6.6.1).
+/// Size in bytes of one RESV_MEM property in a PROBE response (header included, §5.13.6.8.1).
 pub const RESV_MEM_PROPERTY_SIZE: u32 = 24;
 
 /// Largest accepted `probe_size`, in bytes. Bounds the work and memory of one PROBE request.
@@ -38,7 +38,7 @@ pub const SUPPORTED_FEATURES: Features = DEVICE_FEATURES
     .union(Features::RING_INDIRECT_DESC)
     .union(Features::VERSION_1);
 
-/// Kind of a reserved memory region (`subtype` of the RESV_MEM property, §5.13.6.6.1).
+/// Kind of a reserved memory region (`subtype` of the RESV_MEM property, §5.13.6.8.1).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub enum ResvKind {
     /// `VIRTIO_IOMMU_RESV_MEM_T_RESERVED`: the driver cannot MAP these IOVAs, and every access
@@ -229,7 +229,7 @@ impl DeviceConfig {
         }
     }
 
-    /// `probe_size` in bytes: size of the `properties` part of a PROBE request (§5.13.6.5).
+    /// `probe_size` in bytes: size of the `properties` part of a PROBE request (§5.13.6.7).
     pub fn probe_size(&self) -> u32 {
         self.probe_size
     }
@@ -361,7 +361,7 @@ impl std::error::Error for ConfigError {}
 
 /// Builder for [`DeviceConfig`].
 ///
-/// Defaults (close to QEMU's `virtio-iommu-pci` on `-M virt`, qemu-observed.md):
+/// Defaults (close to what QEMU 10.0's `virtio-iommu-pci` presents on `-M virt`, as observed):
 /// - offered features: `INPUT_RANGE`, `DOMAIN_RANGE`, `MAP_UNMAP`, `PROBE`, `MMIO`,
 ///   `BYPASS_CONFIG`, `RING_INDIRECT_DESC`, and always `VERSION_1`; not the legacy `BYPASS` (D2);
 /// - `page_size_mask` `0xffff_ffff_ffff_f000` (4 KiB granule);
@@ -523,10 +523,11 @@ impl DeviceConfigBuilder {
         self
     }
 
-    /// Turns the driver checker on or off (default off): the device then records every
-    /// driver requirement (R1..R36 of the spec checklist, and a few virtio core rules) that
-    /// the driver breaks, for [`crate::IommuDevice::checker_report`]. It only records: the
-    /// device answers every request exactly as with the checker off. See [`crate::checker`].
+    /// Turns the driver checker on or off (default off): the device then records every driver
+    /// requirement (R1..R36 of the "Statement index" in `CONFORMANCE.md`, and a few virtio
+    /// core rules) that the driver breaks, for [`crate::IommuDevice::checker_report`]. It only
+    /// records: the device answers every request exactly as with the checker off. See
+    /// [`crate::checker`].
     pub fn driver_checker(mut self, on: bool) -> Self {
         self.driver_checker = on;
         self

@@ -821,7 +821,7 @@ impl<M: GuestMemoryBackend> IommuDevice<M> {
     }
 
     /// Writes pending fault reports into available eventq buffers, one 24-byte report per
-    /// buffer, used length 24 (§5.13.6.7). A buffer shorter than 24 bytes, with a
+    /// buffer, used length 24 (§5.13.6.9). A buffer shorter than 24 bytes, with a
     /// device-readable descriptor, or malformed (see [`crate::request::validate_chain`]), is
     /// returned with used length 0 and the next one is tried:
     /// reports are never split over buffers (D50). Does nothing unless the device is running

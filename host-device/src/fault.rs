@@ -201,7 +201,7 @@ pub enum Misbehaviour {
     // ---- eventq, in `IommuDevice` ----
     /// Fault reports are written whole but returned with this used length (0, below 24, or
     /// beyond the buffer). Opportunity: a fault report written. Driver: ignores reports with
-    /// used length below 24 (§5.13.6.7) and never reads beyond its buffer.
+    /// used length below 24 (§5.13.6.9) and never reads beyond its buffer.
     EventUsedLen(u32),
     /// Every available eventq buffer is filled with a synthetic fault report (reason UNKNOWN,
     /// the first configured endpoint, address 0) returned with `used_len`, with no fault

@@ -29,9 +29,10 @@
 //!   guest driver (`virtio-iommu-driver`) against this device in the same process.
 //!
 //! The wire format comes from `virtio_iommu_driver::wire`, the project's single definition.
-//! Statement numbers such as D31 refer to the project's spec checklist (virtio v1.3 §5.13
-//! device requirements D1..D50, driver requirements R1..R36); see the crate README for the
-//! choices made where the spec says MAY or SHOULD.
+//! Statement numbers such as D31 (virtio v1.3 §5.13 device requirements D1..D50, driver
+//! requirements R1..R36) are listed with their spec sections in the "Statement index" of the
+//! repository's `CONFORMANCE.md`; see the crate README for the choices made where the spec
+//! says MAY or SHOULD.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 

@@ -1,6 +1,7 @@
 //! `DeviceConfigBuilder`: the documented defaults, that every knob is applied, and the exact
-//! boundaries of each validation rule (README "Configuration knobs"; spec checklist D2, D3,
-//! D42, D43; §5.13.4 for the config-space fields and their availability).
+//! boundaries of each validation rule (README "Configuration knobs"; D2, D3, D42, D43 of the
+//! "Statement index" in `CONFORMANCE.md`; §5.13.4 for the config-space fields and their
+//! availability).
 
 use virtio_iommu_device::config::{
     MAX_PROBE_SIZE, MAX_QUEUE_SIZE, RESV_MEM_PROPERTY_SIZE, SUPPORTED_FEATURES,
@@ -400,7 +401,7 @@ fn resv_region_constructors_and_subtypes() {
             end: 0x0802_0fff
         }
     );
-    // §5.13.6.6.1 subtypes.
+    // §5.13.6.8.1 subtypes.
     assert_eq!(ResvKind::Reserved.subtype(), RESV_MEM_T_RESERVED);
     assert_eq!(ResvKind::Msi.subtype(), RESV_MEM_T_MSI);
     assert_eq!((RESV_MEM_T_RESERVED, RESV_MEM_T_MSI), (0, 1));

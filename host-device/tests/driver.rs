@@ -197,7 +197,7 @@ fn every_status_the_device_uses() {
     assert_eq!(
         bed.device().state().endpoint_domain(24),
         None,
-        "no side effect (QEMU Q14)"
+        "no side effect (QEMU detaches the endpoint from its old domain first, observed)"
     );
     drv.map(1, 0x1000, 0x1fff, pa, RW).unwrap();
     assert_eq!(

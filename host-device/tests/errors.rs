@@ -71,7 +71,7 @@ fn messages_name_the_value_at_fault() {
 
 #[test]
 fn fault_records_name_their_reason() {
-    // §5.13.6.7: the three reasons a fault report can carry.
+    // §5.13.6.9: the three reasons a fault report can carry.
     for (reason, word) in [
         (FAULT_R_DOMAIN, "domain fault"),
         (FAULT_R_MAPPING, "mapping fault"),

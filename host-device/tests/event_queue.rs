@@ -1,4 +1,4 @@
-//! The fault event queue (§5.13.6.7, D46-D50; README "Faults"): one 24-byte report per buffer
+//! The fault event queue (§5.13.6.9, D46-D50; README "Faults"): one 24-byte report per buffer
 //! (a buffer of 24 bytes is enough, 23 is not: skipped with used length 0, never split), reports
 //! wait in a bounded queue while no buffer is available or the device is not running, and an
 //! embedder can report its own faults.

@@ -931,7 +931,7 @@ fn event_of_bad_length() {
         for _ in 0..4 {
             raise_fault(&bed);
         }
-        // The three bad ones are ignored (§5.13.6.7: used length < 24; beyond the buffer),
+        // The three bad ones are ignored (§5.13.6.9: used length < 24; beyond the buffer),
         // the fourth is delivered.
         let ev = drv.poll_event().unwrap().expect("the well-formed report");
         assert_eq!(ev.endpoint, 8);

@@ -2,10 +2,10 @@
 //! the system's apt or dpkg state, and unpacked with `dpkg-deb -x` (nothing is installed).
 //!
 //! Every directory apt reads or writes (state, lists, cache, an empty dpkg status, the sources
-//! list, configuration parts) lies under one directory, named to apt by `APT_CONFIG` (facts in
-//! `../shared/reference/vfio-user.md` and `linux-guest.md`). An architecture other than the
-//! host's (`arm64` for the Linux guest) is set with `APT::Architecture`/`APT::Architectures`, so
-//! that the lists and downloads are that architecture's only.
+//! list, configuration parts) lies under one directory, named to apt by `APT_CONFIG`. An
+//! architecture other than the host's (`arm64` for the Linux guest) is set with
+//! `APT::Architecture`/`APT::Architectures`, so that the lists and downloads are that
+//! architecture's only.
 //!
 //! Used by [`crate::qemu_111`] (trixie-backports' QEMU 11.1, host architecture) and
 //! `crate::linux` (Debian's arm64 kernel and busybox-static).

@@ -1,11 +1,11 @@
 //! QEMU 11.1 from Debian trixie-backports, fetched into `target/qemu-11.1/` without touching
 //! the system's apt or dpkg state, and run through trixie's own dynamic loader.
 //!
-//! Steps (facts in `../shared/reference/vfio-user.md`): a private apt configuration
-//! (`APT_CONFIG`) whose state, lists, cache, an empty dpkg status and a sources list naming
-//! trixie, trixie-updates, trixie-backports and trixie-security all live in
-//! `target/qemu-11.1/apt/`; `apt-get update`; `apt-get install -s -t trixie-backports
-//! qemu-system-arm` against the empty status lists the whole closure (about 90 packages);
+//! Steps: a private apt configuration (`APT_CONFIG`) whose state, lists, cache, an empty dpkg
+//! status and a sources list naming trixie, trixie-updates, trixie-backports and
+//! trixie-security all live in `target/qemu-11.1/apt/`; `apt-get update`;
+//! `apt-get install -s -t trixie-backports qemu-system-arm` against the empty status lists the
+//! whole closure (about 90 packages);
 //! `apt-get download` of those exact versions; `dpkg-deb -x` of each into
 //! `target/qemu-11.1/root/`. The launcher `target/qemu-11.1/qemu-system-aarch64` is a shell script
 //! that runs `root/usr/bin/qemu-system-aarch64` through `root/usr/lib/x86_64-linux-gnu/ld-linux-

@@ -333,14 +333,14 @@ cases! {
         // The driver ignores bits 1-7 (R3); the device must not set them.
         match h.raw_config()?.bypass { 0 | 1 => Ok(()), v => diverges(format!("bypass = {v}")) }
     };
-    "cfg-input-range", "§5.13.4 input_range start <= end and wide enough for one granule", |h, _| {
+    "cfg-input-range", "§5.13.6 input_range start <= end and wide enough for one granule", |h, _| {
         need(h, Features::INPUT_RANGE, "INPUT_RANGE")?;
         let c = h.raw_config()?;
         let (s, e) = (c.input_range.start.get(), c.input_range.end.get());
         let g = h.config().granule;
         if s <= e && e - s >= g - 1 { Ok(()) } else { diverges(format!("{s:#x}..={e:#x}")) }
     };
-    "cfg-domain-range", "§5.13.4 domain_range start <= end", |h, _| {
+    "cfg-domain-range", "§5.13.6 domain_range start <= end", |h, _| {
         need(h, Features::DOMAIN_RANGE, "DOMAIN_RANGE")?;
         let c = h.raw_config()?;
         let (s, e) = (c.domain_range.start.get(), c.domain_range.end.get());
@@ -432,7 +432,7 @@ cases! {
         if r.used == 0 { Ok(()) } else { diverges(format!("used length {}", r.used)) }
     };
 
-    // ATTACH (§5.13.6.1)
+    // ATTACH (§5.13.6.3)
     "attach-ok", "D17 ATTACH of an existing endpoint to a new domain succeeds", |h, ctx| {
         let d = ctx.domain()?;
         let ep_ = h.endpoints().dma;
@@ -530,7 +530,7 @@ cases! {
         }
     };
 
-    // DETACH (§5.13.6.2)
+    // DETACH (§5.13.6.4)
     "detach-ok", "D6 DETACH of an attached endpoint: S_OK", |h, ctx| {
         let d = attached(h, ctx)?;
         let ep_ = h.endpoints().dma;
@@ -582,7 +582,7 @@ cases! {
             Ok(())
         })
     };
-    "detach-last-destroys-domain", "§5.13.6.2 the domain ceases to exist with its last endpoint: MAP gets S_NOENT", |h, ctx| {
+    "detach-last-destroys-domain", "§5.13.6.4 the domain ceases to exist with its last endpoint: MAP gets S_NOENT", |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let ep_ = h.endpoints().dma;
@@ -591,7 +591,7 @@ cases! {
         let p = page(h)?;
         expect(h.map(d, iova, iova + g - 1, p, RD), Status::NoEnt, "MAP")
     };
-    "detach-domain-id-reuse", "§5.13.6.2 a freed domain ID is reused as a new, empty domain", |h, ctx| {
+    "detach-domain-id-reuse", "§5.13.6.4 a freed domain ID is reused as a new, empty domain", |h, ctx| {
         let g = ctx.granule;
         let ep = h.endpoints().dma;
         let d = attached(h, ctx)?;
@@ -604,7 +604,7 @@ cases! {
         expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping]).map(|_| ())
     };
 
-    // MAP (§5.13.6.3)
+    // MAP (§5.13.6.5)
     "map-read", "D6 MAP READ: the endpoint reads the mapped memory", |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
@@ -724,7 +724,7 @@ cases! {
         let ev = expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping])?;
         if ev.iter().all(|f| f.write && !f.read) { Ok(()) } else { diverges("fault flags do not say WRITE".into()) }
     };
-    "map-no-permission", "D27/§5.13.6.3 flags 0: the endpoint can neither read nor write", |h, ctx| {
+    "map-no-permission", "D27/§5.13.6.5 flags 0: the endpoint can neither read nor write", |h, ctx| {
         let g = ctx.granule;
         let ep = h.endpoints().dma;
         let d = attached(h, ctx)?;
@@ -736,7 +736,7 @@ cases! {
         let ev = expect_faults(h, ep, iova, SHORT, &[FaultReason::Mapping])?;
         if ev.iter().all(|f| f.read && !f.write) { Ok(()) } else { diverges("fault flags do not say READ".into()) }
     };
-    "map-outside-input-range", "§5.13.4 a MAP outside input_range fails" violates ["R8"], |h, ctx| {
+    "map-outside-input-range", "§5.13.6 a MAP outside input_range fails" violates ["R8"], |h, ctx| {
         need(h, Features::INPUT_RANGE, "INPUT_RANGE")?;
         let g = ctx.granule;
         let (_, end) = h.config().input_range;
@@ -749,7 +749,7 @@ cases! {
             _ => Ok(()),
         }
     };
-    "map-inverted", "R16/§5.13.6.3 MAP with virt_end < virt_start is refused, the device unharmed" violates ["R16", "I3"], |h, ctx| {
+    "map-inverted", "R16/§5.13.6.5 MAP with virt_end < virt_start is refused, the device unharmed" violates ["R16", "I3"], |h, ctx| {
         let g = ctx.granule;
         let d = attached(h, ctx)?;
         let iova = ctx.iova(2);
@@ -796,7 +796,7 @@ cases! {
             _ => Ok(()),
         }
     };
-    "map-mmio-flag", "R19/§5.13.6.3 MAP_F_MMIO accepted when F_MMIO is negotiated", |h, ctx| {
+    "map-mmio-flag", "§5.13.3/§5.13.6.5 F_MMIO negotiated makes MAP_F_MMIO available: a MAP with it succeeds", |h, ctx| {
         need(h, Features::MMIO, "MMIO")?;
         let g = ctx.granule;
         let d = attached(h, ctx)?;
@@ -805,7 +805,7 @@ cases! {
         ok(h.map(d, iova, iova + g - 1, p, RD | MapFlags::MMIO.bits()), "MAP MMIO")
     };
 
-    // UNMAP (§5.13.6.4)
+    // UNMAP (§5.13.6.6)
     "unmap-exact", "D32 UNMAP of exactly one mapping: S_OK and the mapping is gone", |h, ctx| {
         let g = ctx.granule;
         let ep = h.endpoints().dma;
@@ -876,8 +876,8 @@ cases! {
     "unmap-example-6", "D32 spec example (6): map(0,4); unmap(0,9) removes it", |h, ctx| unmap_example(h, ctx, &[(0, 4)], (0, 9), Status::Ok, &[false]);
     "unmap-example-7", "D32 spec example (7): map(0,4), map(10,14); unmap(0,14) removes both", |h, ctx| unmap_example(h, ctx, &[(0, 4), (10, 14)], (0, 14), Status::Ok, &[false, false]);
 
-    // PROBE (§5.13.6.5, §5.13.6.6)
-    "probe-ok", "D37/D38/D40 PROBE of an endpoint: S_OK, used length probe_size + 4", |h, _| {
+    // PROBE (§5.13.6.7, §5.13.6.8)
+    "probe-ok", "D6 PROBE of an endpoint: S_OK, used length probe_size + 4", |h, _| {
         need(h, Features::PROBE, "PROBE")?;
         let n = h.config().probe_size as usize;
         let req = probe_req(h.endpoints().dma, [0; 64]);
@@ -1018,7 +1018,7 @@ cases! {
             expect_faults(h, ep, p, SHORT, &[FaultReason::Domain, FaultReason::Unknown(0)]).map(|_| ())
         })
     };
-    "bypass-0-fault-reason", "§5.13.6.7 an unattached endpoint's access faults with R_DOMAIN", |h, ctx| {
+    "bypass-0-fault-reason", "§5.13.6.9 an unattached endpoint's access faults with R_DOMAIN", |h, ctx| {
         let ep = h.endpoints().dma;
         unattached(h, ctx)?;
         with_bypass(h, false, |h| {
@@ -1028,7 +1028,7 @@ cases! {
             if ev.iter().all(|f| f.reason == FaultReason::Domain) { Ok(()) } else { diverges(format!("reason {:?}", ev[0].reason)) }
         })
     };
-    "bypass-domain-identity", "§5.13.6.1 ATTACH_F_BYPASS: identity DMA, even with bypass=0", |h, ctx| {
+    "bypass-domain-identity", "§5.13.6.3 ATTACH_F_BYPASS: identity DMA, even with bypass=0", |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let d = ctx.domain()?;
         let ep = h.endpoints().dma;
@@ -1058,7 +1058,7 @@ cases! {
             expect_faults(h, ep, p, SHORT, &[FaultReason::Mapping]).map(|_| ())
         })
     };
-    "bypass-attach-flag-unknown-domain", "§5.13.6.1 ATTACH_F_BYPASS creates a bypass domain (MAP then refused)" violates ["R15"], |h, ctx| {
+    "bypass-attach-flag-unknown-domain", "§5.13.6.3 ATTACH_F_BYPASS creates a bypass domain (MAP then refused)" violates ["R15"], |h, ctx| {
         need(h, Features::BYPASS_CONFIG, "BYPASS_CONFIG")?;
         let g = ctx.granule;
         let d = ctx.domain()?;
@@ -1070,8 +1070,8 @@ cases! {
         expect(h.map(d, iova, iova + g - 1, p, RD), Status::Inval, "MAP")
     };
 
-    // Faults (§5.13.6.7)
-    "fault-unmapped", "§5.13.6.7 access to an unmapped IOVA: R_MAPPING, endpoint and address", |h, ctx| {
+    // Faults (§5.13.6.9)
+    "fault-unmapped", "§5.13.6.9 access to an unmapped IOVA: R_MAPPING, endpoint and address", |h, ctx| {
         let ep = h.endpoints().dma;
         let _d = attached(h, ctx)?;
         let iova = ctx.iova(1);

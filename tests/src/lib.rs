@@ -1,6 +1,6 @@
 //! `virtio-iommu-conformance`: one suite of cases, each traced to a statement of virtio v1.3
-//! §5.13 (numbered D1..D50 / R1..R36 as in the project's spec checklist), run unchanged against
-//! any virtio-iommu reachable through a [`Harness`]:
+//! §5.13 (numbered D1..D50 / R1..R36 as in the "Statement index" of `CONFORMANCE.md`), run
+//! unchanged against any virtio-iommu reachable through a [`Harness`]:
 //!
 //! - QEMU's device, from the bare-metal firmware under QEMU (`firmware/src/cases/conformance.rs`);
 //! - our device model (`virtio-iommu-device`), in-process (`tests/tests/our_device.rs`).
@@ -36,13 +36,13 @@ pub trait Harness {
     fn offered(&self) -> Features;
     /// Configuration as read at initialisation.
     fn config(&self) -> IommuConfig;
-    /// ATTACH (§5.13.6.1) through the driver.
+    /// ATTACH (§5.13.6.3) through the driver.
     fn attach(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError>;
     /// ATTACH with `ATTACH_F_BYPASS` through the driver.
     fn attach_bypass(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError>;
-    /// DETACH (§5.13.6.2) through the driver.
+    /// DETACH (§5.13.6.4) through the driver.
     fn detach(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuError>;
-    /// MAP `virt_start..=virt_end` (inclusive IOVAs) to `phys_start` (§5.13.6.3).
+    /// MAP `virt_start..=virt_end` (inclusive IOVAs) to `phys_start` (§5.13.6.5).
     fn map(
         &mut self,
         domain: u32,
@@ -51,9 +51,9 @@ pub trait Harness {
         phys_start: u64,
         flags: u32,
     ) -> Result<(), IommuError>;
-    /// UNMAP `virt_start..=virt_end` (inclusive IOVAs) (§5.13.6.4).
+    /// UNMAP `virt_start..=virt_end` (inclusive IOVAs) (§5.13.6.6).
     fn unmap(&mut self, domain: u32, virt_start: u64, virt_end: u64) -> Result<(), IommuError>;
-    /// PROBE (§5.13.6.5): the properties in order.
+    /// PROBE (§5.13.6.7): the properties in order.
     fn probe(&mut self, endpoint: u32) -> Result<Vec<ProbeProperty>, IommuError>;
     /// The configuration space as the device presents it (`VirtIOIommu::read_raw_config`),
     /// not as the driver cleaned it up.

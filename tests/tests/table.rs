@@ -264,8 +264,9 @@ fn conformance_table_is_current() {
     for line in [
         "virtio v1.3 §5.13 cases of `virtio-iommu-conformance`, run unchanged against QEMU's",
         "virtio-iommu (from the bare-metal firmware under QEMU, `-M virt` defaults) and against our",
-        "device model, twice. Statement numbers: D = device, R = driver requirement, as numbered in",
-        "the spec checklist. **diverges** = the backend departs from the statement; the text is what",
+        "device model, twice. Statement numbers: D = device, R = driver requirement, each listed with",
+        "its spec section in the [statement index](#statement-index) at the end of this file.",
+        "**diverges** = the backend departs from the statement; the text is what",
         "it did.",
         "",
         "- **ours (in-process)**: the cases through our driver on an in-process transport, against",

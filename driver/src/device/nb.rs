@@ -52,21 +52,21 @@ const PROBE_SLOT: usize = NB_SLOTS;
 /// [`VirtIOIommu::unmap`]) validate them. IOVA ends are inclusive.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum NbRequest {
-    /// ATTACH (§5.13.6.1) of `endpoint` to `domain`.
+    /// ATTACH (§5.13.6.3) of `endpoint` to `domain`.
     Attach {
         /// Domain ID.
         domain: u32,
         /// Endpoint ID.
         endpoint: u32,
     },
-    /// DETACH (§5.13.6.2) of `endpoint` from `domain`.
+    /// DETACH (§5.13.6.4) of `endpoint` from `domain`.
     Detach {
         /// Domain ID.
         domain: u32,
         /// Endpoint ID.
         endpoint: u32,
     },
-    /// MAP (§5.13.6.3) or UNMAP (§5.13.6.4).
+    /// MAP (§5.13.6.5) or UNMAP (§5.13.6.6).
     Op(BatchOp),
 }
 
@@ -535,7 +535,7 @@ impl<H: Hal, T: Transport> VirtIOIommu<H, T> {
         }
     }
 
-    /// Sends PROBE (§5.13.6.5) of `endpoint` without waiting: the request and its
+    /// Sends PROBE (§5.13.6.7) of `endpoint` without waiting: the request and its
     /// `probe_size + 4`-byte reply go in the driver's request buffer (not a slot), posted on
     /// `requestq` and notified (unless the device suppressed notifications). Returns its
     /// token; the properties come with [`Self::poll_probe_nb`] or [`Self::wait_probe_nb`]

@@ -53,12 +53,12 @@
 //!   time**, READ|WRITE.
 //! - **Identity-bypass** ([`DmaSpace::identity_bypass`], or [`DmaSpace::attach_identity`] with
 //!   a bypass range and `VIRTIO_IOMMU_F_BYPASS_CONFIG`): the endpoint is attached to a bypass
-//!   domain (ATTACH_F_BYPASS, §5.13.6.1); no request at all. Exposes **the whole physical
+//!   domain (ATTACH_F_BYPASS, §5.13.6.3); no request at all. Exposes **the whole physical
 //!   address space** — RAM, MMIO, everything — as if there were no IOMMU.
 //!
 //! # Shared domains
 //!
-//! A domain may serve several endpoints (§5.13.6.1), and must when the host cannot isolate
+//! A domain may serve several endpoints (§5.13.6.3), and must when the host cannot isolate
 //! them ([`Topology::alias_groups`](crate::topology::Topology::alias_groups)). Attach each
 //! further endpoint through the domain's space ([`DmaSpace::attach_endpoint`], with its
 //! reserved regions: the allocator keeps out the union over all endpoints, since the device

@@ -254,7 +254,7 @@ impl DmaSpace {
     }
 
     /// Identity mode for an endpoint already attached to `domain` with ATTACH_F_BYPASS
-    /// (§5.13.6.1): device address = physical address. A bypass domain translates nothing, so
+    /// (§5.13.6.3): device address = physical address. A bypass domain translates nothing, so
     /// no address faults: the embedder names `unbacked`, a guest-physical range (inclusive
     /// ends) that no RAM and no device decodes (e.g. above the platform's physical address
     /// size), which becomes the fault window. Buffers overlapping a `reserved` region (which the
@@ -422,7 +422,7 @@ impl DmaSpace {
     /// Strict mode, set up on the driver: an IOVA allocator over `input_range` minus
     /// `reserved` ([`IovaAllocator::for_endpoint`]; PROBE's regions or the merged list of
     /// [`crate::topology::reserved::merge`]), the space ([`Self::new`]), then ATTACH of
-    /// `endpoint` to `domain` (§5.13.6.1) and 1:1 MAPs of its [`ResvMemKind::Direct`] regions
+    /// `endpoint` to `domain` (§5.13.6.3) and 1:1 MAPs of its [`ResvMemKind::Direct`] regions
     /// ([`Self::attach_endpoint`]). Further endpoints join with [`Self::attach_endpoint`].
     ///
     /// # Errors

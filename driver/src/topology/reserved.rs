@@ -1,7 +1,7 @@
 //! Reserved regions of an endpoint's IOVA space from every source, merged as Linux does
 //! (`viommu_get_resv_regions` → `iommu_dma_get_resv_regions` → `of_iommu_get_resv_regions`):
 //!
-//! 1. PROBE's RESV_MEM properties (virtio v1.3 §5.13.6.6.1, [`crate::VirtIOIommu::probe_reserved_regions`]);
+//! 1. PROBE's RESV_MEM properties (virtio v1.3 §5.13.6.8.1, [`crate::VirtIOIommu::probe_reserved_regions`]);
 //! 2. a **software MSI window** ([`software_msi`]: IOVAs [`MSI_IOVA_BASE`]`..`
 //!    [`MSI_IOVA_BASE`]` + `[`MSI_IOVA_LENGTH`], kind [`ResvMemKind::SoftwareMsi`]) when
 //!    PROBE reports no `RESV_MEM_T_MSI` region — the device then translates MSI writes like
@@ -67,7 +67,7 @@ fn rank(kind: ResvMemKind) -> u8 {
 ///
 /// The result is sorted by address and disjoint; adjacent or overlapping pieces of one kind
 /// are joined. Where regions of different kinds overlap, each overlapped byte takes the kind
-/// with the highest precedence: `Reserved` > `Unknown` (treated as reserved, §5.13.6.6.1) >
+/// with the highest precedence: `Reserved` > `Unknown` (treated as reserved, §5.13.6.8.1) >
 /// `Msi` > `Direct` > `SoftwareMsi` — the device's word over the devicetree's, "never touch"
 /// over "map 1:1", and the software window (the driver's own choice) last, so it only fills
 /// what nothing else claims.

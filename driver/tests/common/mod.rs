@@ -452,7 +452,7 @@ impl State {
         }
     }
 
-    /// PROBE (§5.13.6.5) into the writable part `(addr, len)`: one RESV_MEM MSI property,
+    /// PROBE (§5.13.6.7) into the writable part `(addr, len)`: one RESV_MEM MSI property,
     /// zeroes, the status at `probe_size`. Returns the used length.
     fn probe(&mut self, req: &[u8], writable: (u64, u32)) -> u32 {
         self.probes += 1;

@@ -203,7 +203,7 @@ impl Harness for Qemu<'_> {
     fn hazard(&self, hazard: Hazard) -> Option<&'static str> {
         match hazard {
             Hazard::ShortProbeBuffer if self.short_probe_kills_qemu => {
-                Some("QEMU < 9.1 aborts on a short PROBE buffer (Q42)")
+                Some("QEMU < 9.1 aborts on a short PROBE buffer")
             }
             _ => None,
         }
@@ -244,7 +244,7 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, env: &mut Env) {
             return;
         }
     };
-    // QEMU < 9.1 aborts on a short PROBE buffer (Q42): its PROBE handler writes a fixed
+    // QEMU < 9.1 aborts on a short PROBE buffer: its PROBE handler writes a fixed
     // probe_size + 4 bytes whatever the buffer and asserts they fit. Two safe tests tell it:
     // 1. a fixed-size PROBE writer: a PROBE with a writable part 4 bytes longer than
     //    probe_size + 4 comes back with used length probe_size + 4 (QEMU at every version;
@@ -315,7 +315,7 @@ pub fn run(tap: &mut Tap, pci: &mut PciBus, env: &mut Env) {
 
 /// Whether the device answers a PROBE of `endpoint` whose writable part is 4 bytes longer than
 /// `probe_size + 4` with used length `probe_size + 4` — a writer of a fixed-size answer, as
-/// QEMU's (whose versions before 9.1 abort when the buffer is shorter instead, Q42). Safe on
+/// QEMU's (whose versions before 9.1 abort when the buffer is shorter instead). Safe on
 /// every QEMU: the longer buffer holds the whole answer. `true` (the safe guess) when the
 /// PROBE cannot be sent; `false` when PROBE is not offered (no short PROBE is ever sent).
 fn fixed_size_probe_writer(endpoint: u32, probe_size: u32) -> bool {

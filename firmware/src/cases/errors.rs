@@ -1,7 +1,7 @@
 //! Error statuses of each request type, DETACH semantics, and the checks the driver makes
 //! before sending. Statement numbers (D12, …) refer to virtio v1.3 §5.13 device requirements
-//! as numbered in the project's spec checklist. Cases that break a driver statement on purpose
-//! announce it first ([`checker_expect`]).
+//! as numbered in the "Statement index" of `CONFORMANCE.md`. Cases that break a driver
+//! statement on purpose announce it first ([`checker_expect`]).
 
 use alloc::format;
 use alloc::string::String;

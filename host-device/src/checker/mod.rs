@@ -11,8 +11,9 @@
 //!
 //! # What is checked
 //!
-//! Statement numbers R1..R36 are the driver requirements of the project's spec checklist
-//! (virtio v1.3 §5.13). Each request is checked against the device state *before* it runs.
+//! Statement numbers R1..R36 are the driver requirements of virtio v1.3 §5.13 as the project
+//! numbers them, each listed with its section in the "Statement index" of `CONFORMANCE.md`.
+//! Each request is checked against the device state *before* it runs.
 //!
 //! | statement | observed when |
 //! |---|---|
@@ -41,7 +42,7 @@
 //! | V2 | virtio §2.7: a malformed chain (device-readable descriptor after a device-writable one, longer than the queue, cut short, outside memory) |
 //! | I1 | §5.13.6: a request not shaped as its type defines (undefined type, readable part not the request's size, writable part not the 4-byte tail, undefined ATTACH flags, inverted UNMAP range) |
 //! | I2 | §5.13.6: a request of a feature not negotiated (MAP/UNMAP without MAP_UNMAP, PROBE without PROBE) |
-//! | I3 | §5.13.4 `page_size_mask`: MAP `virt_start`, `phys_start` or `virt_end + 1`, UNMAP `virt_start` or `virt_end + 1`, not aligned to the granule (the driver side of D22) |
+//! | I3 | §5.13.6 `page_size_mask` granule: MAP `virt_start`, `phys_start` or `virt_end + 1`, UNMAP `virt_start` or `virt_end + 1`, not aligned to the granule (the driver side of D22) |
 //! | I4 | §5.13.6.9: an eventq buffer that cannot hold a 24-byte fault report (or has device-readable descriptors) |
 //!
 //! MAP/UNMAP without MAP_UNMAP negotiated is I2, not R4: R4 forbids *negotiating* MAP_UNMAP
@@ -77,11 +78,11 @@ pub(crate) use rules::{check_config_write, check_event_buffer, check_features_ok
 /// longest, is 72 bytes).
 pub const MAX_RECORDED_BYTES: usize = 80;
 
-/// A statement the checker can find broken: a driver requirement of the spec checklist, or a
-/// rule of virtio core or §5.13 the checklist does not number (see the module documentation).
+/// A statement the checker can find broken: a numbered driver requirement (R1..R36), or a
+/// rule of virtio core or §5.13 that is not one of them (see the module documentation).
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Ord, PartialOrd, Hash)]
 pub enum Statement {
-    /// Driver requirement R`n` of the spec checklist (1..=36).
+    /// Driver requirement R`n` (1..=36; the "Statement index" of `CONFORMANCE.md`).
     R(u8),
     /// V1: a queue notification before DRIVER_OK (virtio §3.1.1).
     NotifyBeforeDriverOk,
@@ -91,7 +92,7 @@ pub enum Statement {
     RequestShape,
     /// I2: a request of a feature not negotiated (§5.13.6).
     FeatureNotNegotiated,
-    /// I3: MAP/UNMAP addresses not aligned to the granule (§5.13.4, D22).
+    /// I3: MAP/UNMAP addresses not aligned to the granule (§5.13.6, D22).
     Unaligned,
     /// I4: an eventq buffer that cannot hold a fault report (§5.13.6.9).
     ShortEventBuffer,
@@ -129,7 +130,7 @@ impl Statement {
         Self::ShortEventBuffer,
     ];
 
-    /// The statement in a few words (the spec checklist's wording, condensed); empty for an
+    /// The statement in a few words (the spec's wording, condensed); empty for an
     /// R number the checker does not record.
     pub fn summary(self) -> &'static str {
         match self {
@@ -167,7 +168,7 @@ impl Statement {
             Self::FeatureNotNegotiated => {
                 "5.13.6: MAP/UNMAP need MAP_UNMAP, PROBE needs PROBE negotiated"
             }
-            Self::Unaligned => "5.13.4: MAP/UNMAP addresses aligned to the page_size_mask granule (D22)",
+            Self::Unaligned => "5.13.6: MAP/UNMAP addresses aligned to the page_size_mask granule (D22)",
             Self::ShortEventBuffer => {
                 "5.13.6.9: eventq buffers device-writable and large enough for a 24-byte fault report"
             }

@@ -17,7 +17,7 @@ pub(crate) fn peek_type<M: GuestMemory>(mem: &M, chain: &DescriptorChain<&M>) ->
     Some(b[0])
 }
 
-/// One RESV_MEM property (§5.13.6.6.1) with a raw `type` value.
+/// One RESV_MEM property (§5.13.6.8.1) with a raw `type` value.
 fn resv_mem_property(raw_type: u16, subtype: u8, start: u64, end: u64) -> [u8; 24] {
     let mut p = [0u8; 24];
     p[0..2].copy_from_slice(&raw_type.to_le_bytes());

@@ -1,5 +1,5 @@
 //! What a translation is asked and answers: [`Access`] kinds, translated [`Piece`]s, and the
-//! [`FaultRecord`] / [`TranslateError`] of a refused access (virtio v1.3 §5.13.7 fault reports).
+//! [`FaultRecord`] / [`TranslateError`] of a refused access (virtio v1.3 §5.13.6.9 fault reports).
 
 use super::*;
 
@@ -65,7 +65,7 @@ pub struct Piece {
     pub allowed: Access,
 }
 
-/// A fault to report on the event queue (§5.13.6.7), in the device's terms.
+/// A fault to report on the event queue (§5.13.6.9), in the device's terms.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
 pub struct FaultRecord {
     /// `FAULT_R_DOMAIN` or `FAULT_R_MAPPING` (`FAULT_R_UNKNOWN` only for embedder-reported

@@ -10,7 +10,8 @@
 //! UNMAP is O(log n + k) for k removed mappings, after an O(log n) check that nothing would be
 //! split. See `BENCHMARKS.md` for the measured costs.
 //!
-//! Statement numbers (D*, R*) refer to the project's spec checklist (virtio v1.3 §5.13).
+//! Statement numbers (D*, R*) are listed with their virtio v1.3 §5.13 sections in the
+//! "Statement index" of `CONFORMANCE.md`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -178,10 +179,10 @@ impl IommuState {
         self.resv(endpoint).iter().any(|r| r.overlaps(start, end))
     }
 
-    /// ATTACH (§5.13.6.1). Checks, in order:
+    /// ATTACH (§5.13.6.3). Checks, in order:
     /// 1. `reserved != 0` ⇒ `S_INVAL` (D10);
     /// 2. a flag other than `ATTACH_F_BYPASS` ⇒ `S_INVAL` (D11); `ATTACH_F_BYPASS` without
-    ///    BYPASS_CONFIG *negotiated* ⇒ `S_INVAL` (the flag is only defined then, §5.13.6.1);
+    ///    BYPASS_CONFIG *negotiated* ⇒ `S_INVAL` (the flag is only defined then, §5.13.6.3);
     /// 3. unknown endpoint ⇒ `S_NOENT` (D12);
     /// 4. `domain` outside the effective `domain_range` ⇒ `S_RANGE`;
     /// 5. existing domain whose bypass-ness differs from the flag ⇒ `S_INVAL` (D14);
@@ -262,7 +263,7 @@ impl IommuState {
         }
     }
 
-    /// DETACH (§5.13.6.2). `reserved` is ignored (D18). Unknown endpoint ⇒ `S_NOENT` (D19);
+    /// DETACH (§5.13.6.4). `reserved` is ignored (D18). Unknown endpoint ⇒ `S_NOENT` (D19);
     /// `domain` outside the effective `domain_range` ⇒ `S_RANGE`; endpoint not attached to
     /// `domain` (including not attached at all, or a domain that does not exist) ⇒ `S_INVAL`
     /// (D20, the strict choice). On success the endpoint leaves the domain and can no longer
@@ -285,7 +286,7 @@ impl IommuState {
         Status::Ok
     }
 
-    /// MAP (§5.13.6.3). Checks, in order:
+    /// MAP (§5.13.6.5). Checks, in order:
     /// 1. a flag other than READ/WRITE/MMIO ⇒ `S_INVAL` (D24); `MMIO` without F_MMIO
     ///    *negotiated* ⇒ `S_INVAL` (R19 makes it undefined then);
     /// 2. `virt_end < virt_start` ⇒ `S_INVAL` (R16; `virt_end == virt_start` is a one-byte
@@ -361,7 +362,7 @@ impl IommuState {
         Status::Ok
     }
 
-    /// UNMAP (§5.13.6.4). Checks, in order:
+    /// UNMAP (§5.13.6.6). Checks, in order:
     /// 1. `reserved != 0` ⇒ `S_INVAL` and nothing is unmapped (D28, the strict option);
     /// 2. `virt_end < virt_start` ⇒ `S_INVAL`;
     /// 3. `domain` outside the effective `domain_range` ⇒ `S_RANGE`;
@@ -413,7 +414,7 @@ impl IommuState {
         Status::Ok
     }
 
-    /// PROBE (§5.13.6.5) for `endpoint`, filling `properties` (the device-writable bytes before
+    /// PROBE (§5.13.6.7) for `endpoint`, filling `properties` (the device-writable bytes before
     /// the tail). The whole buffer is zeroed first (D40). Then:
     /// - `properties.len() < probe_size` ⇒ `S_INVAL`, no property written (D39);
     /// - unknown endpoint ⇒ `S_NOENT` (D34);
@@ -685,7 +686,7 @@ mod tests {
 
     #[test]
     fn spec_unmap_examples_1_to_7() {
-        // Each example starts from a blank address space (§5.13.6.4).
+        // Each example starts from a blank address space (§5.13.6.6).
         let run = |maps: &[(u64, u64)], un: (u64, u64)| {
             let mut s = byte_state();
             assert_eq!(s.attach(&attach(1, 1, 0)), Status::Ok);
@@ -707,7 +708,8 @@ mod tests {
 
     #[test]
     fn unmap_split_removes_nothing_even_after_covered_mappings() {
-        // QEMU Q36: A, B covered, C split ⇒ RANGE and all three kept.
+        // A, B covered, C split ⇒ RANGE and all three kept (QEMU answers S_RANGE too, but has
+        // already removed B: observed).
         let mut s = state(DeviceConfig::builder().endpoint(1));
         s.attach(&attach(1, 1, 0));
         for a in [0x100000, 0x101000, 0x102000] {

@@ -16,7 +16,7 @@ pub struct Mapping {
     pub flags: MapFlags,
 }
 
-/// A domain: an IOVA address space shared by the endpoints attached to it (§5.13.6.1).
+/// A domain: an IOVA address space shared by the endpoints attached to it (§5.13.6.3).
 #[derive(Clone, Debug, Default, Eq, PartialEq)]
 pub struct Domain {
     pub(super) bypass: bool,

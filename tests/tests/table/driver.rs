@@ -10,8 +10,8 @@ use virtio_iommu_runner::linux::{linux_problems, run_linux, LinuxConfig};
 use virtio_iommu_runner::ours::{parse_expects, CheckerFindings, CheckerViolation};
 use virtio_iommu_runner::{DeviceChoice, QemuChoice, RunConfig, RunOutcome};
 
-/// The driver requirements of the spec checklist a device cannot observe, and why (the
-/// checker's module documentation, "What is not checked, and why"): with
+/// The driver requirements (R numbers of the statement index) a device cannot observe, and why
+/// (the checker's module documentation, "What is not checked, and why"): with
 /// `Statement::CHECKED`, every R1..=R36.
 pub const NOT_OBSERVABLE: &[(&[u8], &str)] = &[
     (

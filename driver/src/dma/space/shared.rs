@@ -1,9 +1,9 @@
 //! Shared domains: further endpoints in a [`DmaSpace`]'s domain (one domain, one IOVA space,
-//! several endpoints; virtio v1.3 §5.13.6.1 lets any number of endpoints attach to a domain),
+//! several endpoints; virtio v1.3 §5.13.6.3 lets any number of endpoints attach to a domain),
 //! and IOVA ranges taken from the space for MAPs the embedder makes by hand.
 //!
 //! Without this, a second endpoint in the domain of a strict space, or a manual MAP there,
-//! meets `S_INVAL`: MAP refuses a range that overlaps an existing mapping (§5.13.6.3; D23 of
+//! meets `S_INVAL`: MAP refuses a range that overlaps an existing mapping (§5.13.6.5; D23 of
 //! the device model), so a second allocator over the same domain, or the space's allocator
 //! after a manual MAP, hands out IOVAs that are already mapped; and MAP refuses ranges that
 //! overlap a reserved region of *any* endpoint of the domain (D44), which the space's
@@ -46,7 +46,7 @@ impl DmaSpace {
         &self.endpoints
     }
 
-    /// Attaches `endpoint` to this space's domain (ATTACH, §5.13.6.1; with ATTACH_F_BYPASS for
+    /// Attaches `endpoint` to this space's domain (ATTACH, §5.13.6.3; with ATTACH_F_BYPASS for
     /// an identity-bypass space), so that it translates through the same IOVA space as the
     /// endpoints already there: every buffer of the space is reachable by all of them, at the
     /// same device address. `reserved` are the new endpoint's reserved regions (PROBE's, or
@@ -219,7 +219,7 @@ impl DmaSpace {
         Ok(())
     }
 
-    /// DETACHes `endpoint` (§5.13.6.2), one of [`Self::endpoints`], from the space's domain:
+    /// DETACHes `endpoint` (§5.13.6.4), one of [`Self::endpoints`], from the space's domain:
     /// it no longer reaches any mapping of the space (its DMA faults), while the other
     /// endpoints keep working through the same mappings. The endpoint's reserved regions stay
     /// kept out of the allocator (the space does not know which regions another endpoint
@@ -229,7 +229,7 @@ impl DmaSpace {
     ///
     /// [`IommuError::NotSupported`] when `endpoint` is not in [`Self::endpoints`], or is the
     /// last one: DETACH of a domain's last endpoint destroys the domain and its mappings on
-    /// the device (§5.13.6.2), under the space's live buffers — [`Self::unmap_all`] first,
+    /// the device (§5.13.6.4), under the space's live buffers — [`Self::unmap_all`] first,
     /// then [`VirtIOIommu::detach`] it directly; the errors of [`VirtIOIommu::detach`] (the
     /// endpoint then stays listed).
     pub fn detach_endpoint<H: Hal, T: Transport>(
