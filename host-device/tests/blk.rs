@@ -466,6 +466,17 @@ fn features_ok_needs_version_1_and_access_platform_and_offered_bits_only() {
 }
 
 #[test]
+fn the_driver_features_halves_may_come_in_either_order() {
+    let mut rig = Rig::idle(BlkOptions::default());
+    rig.blk.write_status(dev::ACKNOWLEDGE | dev::DRIVER);
+    rig.blk.write_driver_features(1, 0x3);
+    rig.blk.write_driver_features(0, 0x200);
+    assert_eq!(rig.blk.driver_features(), (0x3 << 32) | 0x200);
+    rig.blk.write_driver_features(1, 0x1);
+    assert_eq!(rig.blk.driver_features(), (0x1 << 32) | 0x200);
+}
+
+#[test]
 fn options_are_checked() {
     let bed = TestBed::new(DeviceConfig::builder().endpoints([EP]).build().unwrap());
     let disk = TempDisk::new();

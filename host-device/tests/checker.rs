@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use virtio_iommu_device::checker::MAX_RECORDED_BYTES;
 use virtio_iommu_device::config::ResvRegion;
 use virtio_iommu_device::device::status;
 use virtio_iommu_device::{CheckerReport, DeviceConfig, DeviceConfigBuilder, Statement};
@@ -148,6 +149,9 @@ fn map_flags_r14_r19_and_inverted_ranges_r16() {
     let offered = config().offered();
     let mut h = Harness::with_features(&mem, config(), offered - Features::MMIO);
     probe_attach(&mut h, 1, 8);
+    // Without F_MMIO negotiated a MAP without MAP_F_MMIO breaks nothing.
+    assert_eq!(h.status(&bytes(&map(1, 0x10_0000, 0x10_0fff, 0, RW))), OK);
+    assert!(report(&h).is_clean(), "{}", report(&h));
     let m = map(1, 0, 0xfff, 0, MapFlags::READ | MapFlags::MMIO);
     h.status(&bytes(&m));
     only(&h, Statement::R(19), &bytes(&m));
@@ -556,6 +560,35 @@ fn report_format_counts_and_bounded_first_offender() {
         lines[2].starts_with("checker: R9 1 01000000 65000000 08000000"),
         "{text}"
     );
+}
+
+#[test]
+fn a_first_offender_longer_than_recorded_is_cut_and_marked() {
+    let mem = mem();
+    let mut h = Harness::new(&mem, config());
+    // An ATTACH with 100 readable bytes (I1): 80 of them kept, the line says so with `...`.
+    let mut long = bytes(&attach(1, 8, 0));
+    long.resize(100, 0xab);
+    h.request(&long, 4);
+    let r = report(&h);
+    let v = r
+        .get(Statement::RequestShape)
+        .expect("an over-long ATTACH breaks I1");
+    assert_eq!(v.first.len, 100);
+    assert_eq!(v.first.bytes, long[..MAX_RECORDED_BYTES]);
+    assert_eq!(
+        v.first.why,
+        "ATTACH device-readable part is 100 bytes, not 20"
+    );
+    let text = r.to_string();
+    assert!(text.contains(" abababab ... ("), "{text}");
+    // Within the bound: no mark.
+    let mut h = Harness::new(&mem, config());
+    let mut bad = bytes(&attach(1, 8, 0));
+    bad[0] = 9;
+    h.request(&bad, 4);
+    let text = report(&h).to_string();
+    assert!(!text.contains("..."), "{text}");
 }
 
 #[test]

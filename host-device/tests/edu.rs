@@ -67,6 +67,30 @@ fn registers_and_ids() {
 }
 
 #[test]
+fn register_accesses_of_another_size_are_ignored() {
+    // edu.rst: 4-byte accesses below 0x80, 4- or 8-byte ones from 0x80 on.
+    let bed = bed();
+    let mut e = edu(&bed);
+    w32(&mut e, 4, 1);
+    e.bar_write(0, 4, &0xffffu16.to_le_bytes());
+    assert_eq!(r32(&mut e, 4), !1, "2-byte write to the liveness register");
+    w64(&mut e, 4, 0x55);
+    assert_eq!(r32(&mut e, 4), !1, "8-byte write below 0x80");
+    w32(&mut e, 8, 5);
+    w64(&mut e, 8, 3);
+    assert_eq!(
+        r32(&mut e, 8),
+        120,
+        "8-byte write to the factorial register"
+    );
+    // From 0x80 on, 8 bytes are fine.
+    w64(&mut e, 0x80, 0x1234_5678_9abc);
+    let mut b = [0u8; 8];
+    e.bar_read(0, 0x80, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 0x1234_5678_9abc);
+}
+
+#[test]
 fn dma_through_a_mapping_and_faults() {
     let bed = bed();
     let mut drv = bed.driver().unwrap();

@@ -240,6 +240,9 @@ fn event_used_len_and_flood() {
     assert_eq!(h.eq_used(0).1, 3, "the lie");
     assert_eq!(h.eq_used(1).1, 24);
     assert_eq!(h.dev.pending_faults(), 0);
+    // The lied-about report counts as delivered (the driver was told of it), and as injected.
+    let c = h.dev.counters();
+    assert_eq!((c.faults_delivered, c.faults_injected), (2, 1));
 
     let mem = common::mem();
     let plan = FaultPlan::new().with(

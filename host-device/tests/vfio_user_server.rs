@@ -296,6 +296,52 @@ fn memfd_with_flags(size: u64, flags: libc::c_uint) -> File {
 }
 
 #[test]
+fn the_server_counts_what_it_serves() {
+    let dir = temp_dir();
+    let path = dir.0.join("edu.sock");
+    let listener = Listener::bind(&path).unwrap();
+    let config = DeviceConfig::builder()
+        .endpoints([8])
+        .boot_bypass(true)
+        .build()
+        .unwrap();
+    let iommu = IommuDevice::new_shared(config, GuestMemoryMmap::new()).unwrap();
+    let mut server = FunctionServer::with_limits(Edu::new(iommu, 8), Limits::default());
+    let counters = server.counters().clone();
+    let thread = std::thread::spawn(move || server.run(&listener));
+    let mut srv = Served {
+        path,
+        thread: Some(thread),
+        _dir: dir,
+    };
+    let mut c = Client::connect(&srv.path);
+    assert!(c.version().ok());
+    assert_eq!(c.read_ok(0, 0, 4), IDENT.to_le_bytes());
+    assert_eq!(c.read_ok(0, 4, 4).len(), 4);
+    c.bar_w(0x04, &7u32.to_le_bytes());
+    let ram = memfd(RAM);
+    assert!(c.dma_map(0, GPA, RAM, &[ram.as_raw_fd()]).ok());
+    assert!(c.dma_unmap(GPA, RAM).ok());
+    assert!(!c.call(0x7f, &[]).ok(), "an unknown command is refused");
+    drop(c);
+    srv.join().unwrap();
+    let v = counters.get();
+    assert_eq!(
+        (
+            v.messages,
+            v.region_reads,
+            v.region_writes,
+            v.dma_maps,
+            v.dma_unmaps,
+            v.error_replies,
+            v.connections
+        ),
+        (7, 2, 1, 1, 1, 1, 1),
+        "{v:?}"
+    );
+}
+
+#[test]
 fn version_device_region_and_irq_info() {
     let mut srv = serve_edu(Limits::default());
     let mut c = Client::connect(&srv.path);
