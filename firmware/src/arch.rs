@@ -54,22 +54,33 @@ pub fn current_el() -> u64 {
 ///   clear, so IRQs, FIQs and SErrors are taken at EL1;
 /// - CNTHCTL_EL2 = EL1PCTEN | EL1PCEN: EL1 may use the physical counter and timer
 ///   (`crate::tick`); CNTVOFF_EL2 = 0: virtual time is physical time (`crate::gic::wait_for`);
-/// - CPTR_EL2 = its RES1 bits only: FP/SIMD not trapped;
+/// - CPTR_EL2 = 0x33ff (its RES1 bits on a CPU without SVE/SME; with them, bits 8 and 12 set
+///   keep SVE/SME trapped, which the firmware does not use): FP/SIMD not trapped;
 /// - VPIDR_EL2/VMPIDR_EL2 = MIDR_EL1/MPIDR_EL1: EL1 reads the real IDs;
 /// - with a GICv3 CPU interface (ID_AA64PFR0_EL1.GIC ≠ 0), ICC_SRE_EL2.{SRE, Enable} set: EL1
 ///   may use the system-register interface (`arm-gic`'s GICv3 driver does).
 ///
-/// Called first thing in `main`, with nothing set up that depends on the exception level.
-/// Every exception level the firmware can be entered at on `-M virt` is 1 or 2 (QEMU enters an
-/// ELF at EL2 only with `virtualization=on` and `secure=off`); at EL3 it does nothing either.
-pub fn leave_el2() -> u64 {
+/// Every exception level the firmware can be entered at on `-M virt` is 1, 2 or 3 (QEMU enters
+/// an ELF at EL2 with `virtualization=on` and `secure=off`, at EL3 with `secure=on`); at EL3 it
+/// does nothing either. VBAR_EL2 is not set: nothing traps to EL2 after this (no HVC is made:
+/// QEMU's PSCI conduit is SMC with `virtualization=on`), and a trap would hang until the
+/// runner's timeout.
+///
+/// # Safety
+///
+/// Called once, first thing in `main`, with aarch64-rt's `el1` entry code having set up the
+/// EL1&0 regime (an identity map covering the image and the stack as Normal memory) and
+/// VBAR_EL1, and with nothing set up that depends on the exception level. PSTATE.DAIF is all
+/// masked afterwards, whatever it was.
+pub unsafe fn leave_el2() -> u64 {
     let entered = current_el();
     if entered != 2 {
         return entered;
     }
-    // SAFETY: runs at EL2 (checked above), where every register written is accessible; the
-    // ICC_SRE_EL2 access is made only when ID_AA64PFR0_EL1 reports the GICv3 system-register
-    // interface (else it would be UNDEFINED). The `eret` continues at label 1 of this block at
+    // SAFETY: the caller's contract (see `# Safety`) gives EL1 a translation regime and vector
+    // that cover this code and its stack. Runs at EL2 (checked above), where every register
+    // written is accessible; the ICC_SRE_EL2 access is made only when ID_AA64PFR0_EL1 reports
+    // the GICv3 system-register interface (else it would be UNDEFINED). The `eret` continues at label 1 of this block at
     // EL1h with the same general-purpose registers and the same SP value (written to SP_EL1),
     // so to the compiler the block is a plain sequence that clobbers x9; memory is untouched
     // (the stack is not used in between) and the code's mapping does not change: EL2's regime

@@ -70,6 +70,7 @@ fn read(dtb: &[u8]) -> Result<TimerIntids, &'static str> {
                 .map(u32::from_be_bytes)
                 .ok_or("timer: fewer than 3 interrupts entries")
         };
+        cell(2)?; // the flags cell: the entry must be whole
         match (cell(0)?, cell(1)?) {
             (1, n @ 0..=15) => Ok(16 + n),
             (1, _) => Err("timer: PPI number above 15"),

@@ -51,7 +51,9 @@ entry!(main, BOOT_STACK_PAGES);
 const SETUP_FAILURE: i32 = 4;
 
 fn main(x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
-    let entered_el = arch::leave_el2();
+    // SAFETY: first thing in `main`: aarch64-rt's `el1` entry code set up EL1's identity map
+    // (`mmu`) and VBAR_EL1, and nothing here depends on the exception level yet.
+    let entered_el = unsafe { arch::leave_el2() };
     let start = timer::now_ticks();
     dtb::set_boot_argument(x0);
     let dtb = dtb::dtb();

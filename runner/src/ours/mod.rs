@@ -255,7 +255,7 @@ fn remaining(deadline: Instant, config: &RunConfig, output: &str) -> Result<Dura
 /// Checks, without building or starting anything, that `config` can run against our device:
 /// the layout of its devices, no QEMU PCI device among the extra arguments, a QEMU that has
 /// `vfio-user-pci`. Returns the layout. [`run_ours`] checks the same first; the runner calls
-/// this before it builds the server, so a refused configuration costs no build.
+/// this before it builds the server, so a refused configuration costs no server build.
 ///
 /// # Errors
 ///
